@@ -1,0 +1,40 @@
+/*
+ * crypto.h - hashing, MACs and randomness via mbedTLS.
+ */
+#ifndef CMN_CRYPTO_H
+#define CMN_CRYPTO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define CMN_SHA256_LEN 32
+#define CMN_SHA256_HEX_LEN 64
+
+/** Incremental SHA-256. The state is opaque storage big enough for mbedTLS's context. */
+typedef struct {
+    _Alignas(8) unsigned char state[256];
+} cmn_sha256_ctx_t;
+
+void cmn_sha256_init(cmn_sha256_ctx_t *c);
+void cmn_sha256_update(cmn_sha256_ctx_t *c, const void *p, size_t n);
+void cmn_sha256_final(cmn_sha256_ctx_t *c, uint8_t out[CMN_SHA256_LEN]);
+
+void cmn_sha256(const void *p, size_t n, uint8_t out[CMN_SHA256_LEN]);
+/** Hashes a file's whole content. 0 or -errno. Blocking: not on a loop thread. */
+int cmn_sha256_file(const char *path, uint8_t out[CMN_SHA256_LEN], uint64_t *size);
+
+void cmn_hmac_sha256(const void *key, size_t keylen, const void *msg, size_t msglen,
+                     uint8_t out[CMN_SHA256_LEN]);
+
+/** Fills buf with cryptographically secure random bytes. 0 or CMN_ECRYPTO. */
+int cmn_random(void *buf, size_t n);
+
+/** Lower-case hex; out must hold 2*n+1 bytes. */
+void cmn_hex(const uint8_t *in, size_t n, char *out);
+/** Parses exactly 2*n hex digits. 0 or CMN_EPARSE. */
+int cmn_unhex(const char *hex, uint8_t *out, size_t n);
+
+/** Constant-time comparison; returns 0 when equal. */
+int cmn_memeq_ct(const void *a, const void *b, size_t n);
+
+#endif /* CMN_CRYPTO_H */

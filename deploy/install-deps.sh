@@ -1,0 +1,40 @@
+#!/bin/sh
+# Installs every Debian package that building, running and testing Yunying
+# needs, then the web app's npm dependencies from the committed lock file.
+# Idempotent: packages already present are skipped, npm ci runs only when
+# node_modules is missing or older than the lock file.
+set -eu
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+
+PKGS="build-essential pkg-config g++ make ca-certificates openssl curl
+ libuv1-dev libmbedtls-dev libsqlite3-dev sqlite3 libcurl4-openssl-dev
+ libjansson-dev libcharls-dev libdcmtk-dev dcmtk node-llhttp
+ libcmocka-dev python3 python3-pydicom python3-numpy
+ chromium iproute2"
+
+missing=""
+for p in $PKGS; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed'; then
+        missing="$missing $p"
+    fi
+done
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    missing="$missing nodejs npm"
+fi
+
+if [ -n "$missing" ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    echo "install-deps: installing:$missing"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+fi
+
+web="$top/cloud/web"
+if [ -f "$web/package-lock.json" ]; then
+    if [ ! -d "$web/node_modules" ] || [ "$web/package-lock.json" -nt "$web/node_modules" ]; then
+        echo "install-deps: npm ci in cloud/web"
+        (cd "$web" && npm ci --no-audit --no-fund --loglevel=error && touch node_modules)
+    fi
+fi

@@ -1,0 +1,149 @@
+/*
+ * proto.h - the edge <-> cloud protocol, version 1 (see proto/PROTOCOL.md).
+ *
+ * Pure functions: bytes to structs and back, canonical-request signing. No
+ * I/O, no libuv, so both daemons and the fuzzers can call everything here.
+ */
+#ifndef PROTO_PROTO_H
+#define PROTO_PROTO_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define PROTO_VERSION 1
+#define PROTO_UID_MAX 64
+#define PROTO_HEX256 64                       /* hex chars of a SHA-256 */
+#define PROTO_MAX_OBJECT_SIZE (4ULL << 30)    /* 4 GiB: larger objects are refused */
+#define PROTO_MIN_CHUNK (64u << 10)
+#define PROTO_MAX_CHUNK (64u << 20)
+#define PROTO_MAX_CHUNKS 65536u
+
+/* Header names carried by every signed request. */
+#define PROTO_H_VERSION   "X-YY-Version"
+#define PROTO_H_EDGE      "X-YY-Edge"
+#define PROTO_H_TIMESTAMP "X-YY-Timestamp"
+#define PROTO_H_NONCE     "X-YY-Nonce"
+#define PROTO_H_BODY_HASH "X-YY-Content-SHA256"
+#define PROTO_H_SIGNATURE "X-YY-Signature"
+#define PROTO_H_CHUNK_HASH "X-YY-Chunk-SHA256"
+
+#define PROTO_EDGE_ID_MAX 64
+#define PROTO_NONCE_HEX 32
+
+/* ------------------------------------------------------------- objects */
+
+typedef enum {
+    PROTO_KIND_INSTANCE = 1,  /* one DICOM Part 10 file */
+} proto_kind_t;
+
+/** Declaration of an object the edge is about to upload. */
+typedef struct {
+    proto_kind_t kind;
+    char sha256[PROTO_HEX256 + 1];      /* of the whole object, lower-case hex */
+    uint64_t size;                      /* bytes, 1..PROTO_MAX_OBJECT_SIZE */
+    uint32_t chunk_size;                /* proposed; PROTO_MIN_CHUNK..PROTO_MAX_CHUNK */
+    char study_uid[PROTO_UID_MAX + 1];
+    char series_uid[PROTO_UID_MAX + 1];
+    char sop_uid[PROTO_UID_MAX + 1];
+} proto_object_decl_t;
+
+typedef enum {
+    PROTO_OBJ_OPEN = 1,       /* accepting chunks */
+    PROTO_OBJ_COMMITTED = 2,  /* verified and archived */
+} proto_obj_state_t;
+
+/** The cloud's view of an upload: which chunks it holds. */
+typedef struct {
+    char object_id[PROTO_HEX256 + 1];
+    uint32_t chunk_size;                /* as accepted by the cloud */
+    uint32_t nchunks;
+    proto_obj_state_t state;
+    uint8_t *have;                      /* nchunks bytes, 1 = held; owned, proto_object_status_free */
+} proto_object_status_t;
+
+typedef enum {
+    PROTO_COMMIT_STORED = 1,      /* new instance archived */
+    PROTO_COMMIT_DUPLICATE = 2,   /* identical bytes already archived: stored once */
+    PROTO_COMMIT_CONFLICT = 3,    /* same SOP Instance UID, different bytes: kept aside, flagged */
+} proto_commit_result_t;
+
+typedef struct {
+    proto_commit_result_t result;
+    char sop_uid[PROTO_UID_MAX + 1];
+} proto_commit_t;
+
+typedef struct {
+    char code[32];                     /* machine-readable, e.g. "bad_signature" */
+    char message[256];
+} proto_error_t;
+
+/*
+ * Encoders return a malloc'd NUL-terminated JSON text (caller frees) or NULL
+ * on allocation failure. Decoders validate everything (versions, lengths, hex,
+ * UID syntax, bounds) and return 0 or CMN_EPARSE with a reason in err.
+ */
+char *proto_object_decl_encode(const proto_object_decl_t *d);
+int proto_object_decl_decode(const char *json, size_t len, proto_object_decl_t *d,
+                             char *err, size_t errlen);
+
+char *proto_object_status_encode(const proto_object_status_t *s);
+int proto_object_status_decode(const char *json, size_t len, proto_object_status_t *s,
+                               char *err, size_t errlen);
+void proto_object_status_free(proto_object_status_t *s);
+
+char *proto_commit_encode(const proto_commit_t *c);
+int proto_commit_decode(const char *json, size_t len, proto_commit_t *c, char *err, size_t errlen);
+
+char *proto_error_encode(const char *code, const char *message);
+int proto_error_decode(const char *json, size_t len, proto_error_t *e);
+
+/** Number of chunks for size bytes at chunk_size (size > 0). */
+uint32_t proto_chunk_count(uint64_t size, uint32_t chunk_size);
+/** Byte length of chunk i. */
+uint32_t proto_chunk_len(uint64_t size, uint32_t chunk_size, uint32_t i);
+
+/** True for a syntactically valid DICOM UID (digits and dots, <= 64 chars). */
+bool proto_uid_valid(const char *uid);
+/** True for exactly 64 lower-case hex characters. */
+bool proto_hex256_valid(const char *s);
+
+/* ------------------------------------------------------------- signing */
+
+/** The signed parts of one request. */
+typedef struct {
+    const char *method;                 /* "PUT" */
+    const char *path;                   /* "/api/v1/objects/ab../chunks/0" */
+    const char *query;                  /* raw query without '?', "" or NULL if none */
+    const char *edge_id;
+    int64_t timestamp;                  /* unix seconds */
+    const char *nonce;                  /* PROTO_NONCE_HEX hex chars */
+    const char *body_sha256;            /* hex of the body's SHA-256 (of "" when empty) */
+} proto_req_t;
+
+/**
+ * Builds the canonical request: method, path, query with parameters sorted
+ * by name then value, edge id, timestamp, nonce and body hash, one per line.
+ * Returns malloc'd text or NULL.
+ */
+char *proto_canonical_request(const proto_req_t *r);
+
+/** Signature = lower-case hex HMAC-SHA256(secret, canonical request). out: 65 bytes. 0 or error. */
+int proto_sign(const uint8_t *secret, size_t secretlen, const proto_req_t *r,
+               char out[PROTO_HEX256 + 1]);
+
+typedef enum {
+    PROTO_SIG_OK = 0,
+    PROTO_SIG_MALFORMED = 1,            /* missing or malformed header values */
+    PROTO_SIG_STALE = 2,                /* timestamp outside now +/- max_skew */
+    PROTO_SIG_BAD = 3,                  /* signature does not match */
+} proto_sig_check_t;
+
+/**
+ * Checks a signature (constant-time compare) and the timestamp against now.
+ * Nonce reuse is the caller's to check (it needs shared storage).
+ */
+proto_sig_check_t proto_verify(const uint8_t *secret, size_t secretlen, const proto_req_t *r,
+                               const char *signature, int64_t now, int64_t max_skew);
+
+#endif /* PROTO_PROTO_H */
