@@ -1,0 +1,493 @@
+"""Shared helpers for Yunying's integration tests.
+
+Starts the real yunying-cloud and yunying-edge binaries from $YY_BUILD on
+127.0.0.1 with free ports in a private temporary directory, waits for their
+readiness lines (never sleeps as synchronisation), talks to them with DCMTK's
+tools and plain HTTP, and stops exactly the processes it started, by PID.
+
+Each test script registers tests with @test and calls run(); the last line
+it prints is "N passed, N failed" (read by tests/run-all.sh).
+"""
+import http.cookiejar
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+TOP = os.environ.get("YY_TOP") or os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BUILD = os.environ.get("YY_BUILD") or os.path.join(TOP, "build", "asan")
+CLOUD_BIN = os.path.join(BUILD, "yunying-cloud")
+EDGE_BIN = os.path.join(BUILD, "yunying-edge")
+GEN = os.path.join(TOP, "tests", "data", "gen_studies.py")
+
+# ASan: report leaks and UB as failures; DCMTK's own allocations at exit are not ours.
+os.environ.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=66")
+os.environ.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+
+_tests = []
+
+
+def test(fn):
+    _tests.append(fn)
+    return fn
+
+
+def run():
+    passed = failed = 0
+    only = sys.argv[1:]
+    for fn in _tests:
+        if only and fn.__name__ not in only:
+            continue
+        t0 = time.monotonic()
+        try:
+            fn()
+            passed += 1
+            print(f"ok   {fn.__name__} ({time.monotonic() - t0:.1f}s)", flush=True)
+        except Exception:
+            failed += 1
+            print(f"FAIL {fn.__name__}", flush=True)
+            traceback.print_exc()
+            sys.stdout.flush()
+    _cleanup_all()
+    print(f"{passed} passed, {failed} failed", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+def check(cond, msg="check failed"):
+    if not cond:
+        raise AssertionError(msg)
+
+
+def eq(a, b, what=""):
+    if a != b:
+        raise AssertionError(f"{what}: {a!r} != {b!r}")
+
+
+def wait_until(pred, timeout=30.0, what="condition", interval=0.05):
+    """Polls pred() until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+_procs = []
+_dirs = []
+
+
+def tempdir(prefix="yy-it-"):
+    d = tempfile.mkdtemp(prefix=prefix)
+    _dirs.append(d)
+    return d
+
+
+def _cleanup_all():
+    for p in list(_procs):
+        p.stop()
+    for d in _dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Daemon:
+    """One started process, with its output captured to a log file."""
+
+    def __init__(self, argv, ready_prefix, log_path, env=None, timeout=60):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log,
+                                     env=env or os.environ.copy(), start_new_session=True)
+        _procs.append(self)
+        self.ready_line = self._wait_ready(ready_prefix, timeout)
+
+    def _wait_ready(self, prefix, timeout):
+        deadline = time.monotonic() + timeout
+        buf = b""
+        fd = self.proc.stdout.fileno()
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([fd], [], [], 0.2)
+            if r:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                buf += chunk
+                self.log.write(chunk)
+                self.log.flush()
+                for line in buf.decode(errors="replace").splitlines():
+                    if line.startswith(prefix):
+                        self._drain_stdout()
+                        return line
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        raise AssertionError(f"{prefix} not ready; log:\n{self.tail()}")
+
+    def _drain_stdout(self):
+        # Keep reading stdout in the background so the daemon never blocks on a full pipe.
+        import threading
+
+        def pump(f, log):
+            for chunk in iter(lambda: f.read1(4096), b""):
+                log.write(chunk)
+                log.flush()
+        threading.Thread(target=pump, args=(self.proc.stdout, self.log), daemon=True).start()
+
+    def tail(self, n=60):
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        """Stops this process (by PID) and returns its exit code."""
+        if self in _procs:
+            _procs.remove(self)
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+    def kill9(self):
+        return self.stop(signal.SIGKILL)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+    return path
+
+
+class Cloud:
+    """A yunying-cloud with a fresh index/archive, one edge and one user."""
+
+    USER = "doctor"
+    PASSWORD = "Yy-test-pass-1"
+
+    def __init__(self, root=None, edge_id="edge-test", extra=None):
+        self.dir = root or tempdir("yy-cloud-")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = {
+            "log": {"level": "info"},
+            "http": {"bind": "127.0.0.1", "port": self.port,
+                     "web_root": os.path.join(TOP, "cloud", "web", "dist")},
+            "index": {"path": os.path.join(self.dir, "index.db")},
+            "archive": {"dir": os.path.join(self.dir, "archive")},
+            "ingest": {"staging_dir": os.path.join(self.dir, "staging")},
+        }
+        for sec, kv in (extra or {}).items():
+            cfg.setdefault(sec, {}).update(kv)
+        self.config = write_json(os.path.join(self.dir, "cloud.json"), cfg)
+        self.edge_id = edge_id
+        self.secret = self.admin("edge-add", "--id", edge_id).strip().splitlines()[-1]
+        check(len(self.secret) == 64, f"edge-add printed {self.secret!r}")
+        self.admin("user-add", "--user", self.USER, "--password", self.PASSWORD, "--role", "doctor")
+        self.daemon = None
+        self.start()
+
+    def admin(self, *args):
+        r = subprocess.run([CLOUD_BIN, args[0], "--config", self.config, *args[1:]],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise AssertionError(f"yunying-cloud {args}: rc={r.returncode}\n{r.stdout}\n{r.stderr}")
+        return r.stdout
+
+    def start(self):
+        self.daemon = Daemon([CLOUD_BIN, "--config", self.config], "yunying-cloud: listening",
+                             os.path.join(self.dir, f"cloud-{time.monotonic_ns()}.log"))
+
+    def stop(self):
+        return self.daemon.stop()
+
+    def session(self):
+        return HttpSession(self.url, self.USER, self.PASSWORD)
+
+
+class Edge:
+    """A yunying-edge uploading to cloud (or to cloud_url)."""
+
+    def __init__(self, cloud=None, cloud_url=None, ae="YY_EDGE", root=None, extra=None,
+                 secret=None, edge_id=None):
+        self.dir = root or tempdir("yy-edge-")
+        self.ae = ae
+        self.port = free_port()
+        secret_file = os.path.join(self.dir, "edge.secret")
+        with open(secret_file, "w") as f:
+            f.write((secret or cloud.secret) + "\n")
+        os.chmod(secret_file, 0o600)
+        cfg = {
+            "log": {"level": "info"},
+            "scp": {"ae_title": ae, "bind": "127.0.0.1", "port": self.port},
+            "spool": {"dir": os.path.join(self.dir, "spool")},
+            "upload": {"cloud_url": cloud_url or cloud.url,
+                       "edge_id": edge_id or cloud.edge_id, "secret_file": secret_file,
+                       "retry_min_ms": 100, "retry_max_ms": 2000},
+        }
+        for sec, kv in (extra or {}).items():
+            cfg.setdefault(sec, {}).update(kv)
+        self.config = write_json(os.path.join(self.dir, "edge.json"), cfg)
+        self.daemon = None
+        self.start()
+
+    def start(self):
+        self.daemon = Daemon([EDGE_BIN, "--config", self.config], "yunying-edge: listening",
+                             os.path.join(self.dir, f"edge-{time.monotonic_ns()}.log"))
+
+    def stop(self):
+        return self.daemon.stop()
+
+
+def dcmtk_env():
+    env = os.environ.copy()
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def echoscu(ae, port, timeout=30):
+    return subprocess.run(["echoscu", "-to", "10", "-aec", ae, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
+
+
+def storescu(ae, port, files, extra=(), timeout=300):
+    return subprocess.run(["storescu", "-to", "30", "-aec", ae, *extra, "127.0.0.1", str(port),
+                           *files], capture_output=True, text=True, env=dcmtk_env(),
+                          timeout=timeout)
+
+
+def generate(outdir, *args):
+    """Runs the test-data generator; returns the parsed manifests by study directory."""
+    r = subprocess.run([sys.executable, GEN, outdir, *args], capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode != 0:
+        raise AssertionError(f"gen_studies failed: {r.stderr}")
+    manifests = {}
+    for root, _, files in os.walk(outdir):
+        if "manifest.json" in files:
+            with open(os.path.join(root, "manifest.json")) as f:
+                manifests[root] = json.load(f)
+    return manifests
+
+
+class HttpError(Exception):
+    def __init__(self, status, body, headers):
+        super().__init__(f"HTTP {status}: {body[:300]!r}")
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+class HttpSession:
+    """A logged-in browser-like session (cookie jar)."""
+
+    def __init__(self, base, user=None, password=None):
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+        if user:
+            st, _, body = self.request("POST", "/api/v1/login",
+                                       json.dumps({"username": user, "password": password}).encode(),
+                                       {"Content-Type": "application/json"})
+            check(st == 200, f"login failed: {st} {body!r}")
+
+    def request(self, method, path, body=None, headers=None, timeout=60):
+        req = urllib.request.Request(self.base + path, data=body, method=method,
+                                     headers=headers or {})
+        try:
+            with self.opener.open(req, timeout=timeout) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    def get(self, path, headers=None, expect=200):
+        st, h, body = self.request("GET", path, headers=headers)
+        if expect is not None and st != expect:
+            raise HttpError(st, body, h)
+        return h, body
+
+    def get_json(self, path, expect=200):
+        h, body = self.get(path, expect=expect)
+        return json.loads(body) if body else None
+
+
+def parse_multipart(content_type, body):
+    """Splits a multipart/related body into a list of (headers dict, bytes)."""
+    params = {}
+    for part in content_type.split(";")[1:]:
+        if "=" in part:
+            k, v = part.strip().split("=", 1)
+            params[k.lower()] = v.strip('"')
+    boundary = params["boundary"].encode()
+    parts = []
+    delim = b"--" + boundary
+    pieces = body.split(delim)
+    check(pieces[-1].startswith(b"--"), "multipart body lacks the closing delimiter")
+    for piece in pieces[1:-1]:
+        check(piece.startswith(b"\r\n"), "part does not start with CRLF")
+        head, _, data = piece[2:].partition(b"\r\n\r\n")
+        check(data.endswith(b"\r\n"), "part does not end with CRLF")
+        hdrs = {}
+        for line in head.decode().split("\r\n"):
+            if ":" in line:
+                k, v = line.split(":", 1)
+                hdrs[k.strip().lower()] = v.strip()
+        parts.append((hdrs, data[:-2]))
+    return parts
+
+
+def tag_value(ds_json, tag):
+    """First Value of a tag in a DICOM JSON object, or None."""
+    el = ds_json.get(tag)
+    if not el or "Value" not in el or not el["Value"]:
+        return None
+    return el["Value"][0]
+
+
+# ---------------------------------------------------------------------------
+# A minimal raw DICOM SCU (PS3.8 upper layer by hand), for sending what
+# DCMTK's storescu refuses to send: truncated and garbage datasets. Only the
+# test needs it; products talk through DCMTK.
+
+import struct
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _uid(u):
+    b = u.encode()
+    return b + (b"\0" if len(b) % 2 else b"")
+
+
+def _item(t, payload):
+    return struct.pack(">BBH", t, 0, len(payload)) + payload
+
+
+def _elem_le(group, elem, value):
+    if isinstance(value, int):
+        value = struct.pack("<H", value)
+    elif isinstance(value, str):
+        value = _uid(value)
+    return struct.pack("<HHI", group, elem, len(value)) + value
+
+
+class RawAssociationRejected(Exception):
+    pass
+
+
+class RawScu:
+    def __init__(self, port, called_ae, calling_ae="RAWSCU", sop_class=CT_STORAGE, ts=IMPLICIT_LE):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sop_class = sop_class
+        items = _item(0x10, b"1.2.840.10008.3.1.1.1")
+        pc = struct.pack(">BBBB", 1, 0, 0, 0) + _item(0x30, sop_class.encode()) + _item(0x40, ts.encode())
+        items += _item(0x20, pc)
+        items += _item(0x50, _item(0x51, struct.pack(">I", 65536)) + _item(0x52, b"1.2.826.0.1.3680043.9.7433.1"))
+        body = struct.pack(">HH", 1, 0) + called_ae.ljust(16).encode() + calling_ae.ljust(16).encode() + b"\0" * 32 + items
+        self.sock.sendall(struct.pack(">BBI", 1, 0, len(body)) + body)
+        t, payload = self._read_pdu()
+        if t != 2:
+            raise RawAssociationRejected(f"association not accepted (PDU type {t})")
+        # Check the presentation context result (0 = acceptance).
+        off = 68
+        self.accepted = False
+        while off < len(payload):
+            it, _, ln = struct.unpack(">BBH", payload[off:off + 4])
+            if it == 0x21 and payload[off + 6] == 0:
+                self.accepted = True
+            off += 4 + ln
+
+    def _recv(self, n):
+        b = b""
+        while len(b) < n:
+            c = self.sock.recv(n - len(b))
+            if not c:
+                raise ConnectionError("peer closed the connection")
+            b += c
+        return b
+
+    def _read_pdu(self):
+        t, _, ln = struct.unpack(">BBI", self._recv(6))
+        return t, self._recv(ln)
+
+    def _pdata(self, ctrl, data):
+        pdv = struct.pack(">IBB", len(data) + 2, 1, ctrl) + data
+        self.sock.sendall(struct.pack(">BBI", 4, 0, len(pdv)) + pdv)
+
+    def c_store(self, sop_uid, dataset_bytes, msg_id=1):
+        """Sends one C-STORE; returns the response status (int), or None if the peer aborted."""
+        cmd = (_elem_le(0, 0x0002, self.sop_class) + _elem_le(0, 0x0100, 0x0001) +
+               _elem_le(0, 0x0110, msg_id) + _elem_le(0, 0x0700, 0) + _elem_le(0, 0x0800, 0) +
+               _elem_le(0, 0x1000, sop_uid))
+        cmd = _elem_le(0, 0x0000, struct.pack("<I", len(cmd))) + cmd
+        try:
+            self._pdata(0x03, cmd)
+            step = 16000
+            for i in range(0, max(len(dataset_bytes), 1), step):
+                last = i + step >= len(dataset_bytes)
+                self._pdata(0x02 if last else 0x00, dataset_bytes[i:i + step])
+            while True:
+                t, payload = self._read_pdu()
+                if t in (6, 7):          # release-rp / abort
+                    return None
+                if t != 4:
+                    continue
+                data = payload[6:]
+                off = 0
+                while off + 8 <= len(data):
+                    g, e, ln = struct.unpack("<HHI", data[off:off + 8])
+                    if (g, e) == (0, 0x0900):
+                        return struct.unpack("<H", data[off + 8:off + 10])[0]
+                    off += 8 + ln
+        except (ConnectionError, OSError, struct.error):
+            return None
+
+    def release(self):
+        try:
+            self.sock.sendall(struct.pack(">BBIHH", 5, 0, 4, 0, 0))
+            self._read_pdu()
+        except (ConnectionError, OSError, struct.error):
+            pass
+        self.sock.close()
+
+
+def dataset_bytes_implicit(path):
+    """The dataset of a Part 10 file re-encoded as Implicit VR Little Endian, without meta."""
+    import io
+    import pydicom
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = IMPLICIT_LE
+    buf = io.BytesIO()
+    ds.is_little_endian = True
+    ds.is_implicit_VR = True
+    pydicom.filewriter.write_dataset(buf, ds)
+    return buf.getvalue()
