@@ -40,7 +40,7 @@ run_integration() {
     for t in $(ls "$top"/tests/integration/test_*.py 2>/dev/null | sort); do
         name=$(basename "$t" .py)
         out="$log_dir/integration-$name.log"
-        YY_TOP="$top" YY_BUILD="$build" python3 "$t" >"$out" 2>&1
+        YY_TOP="$top" YY_BUILD="$build" /usr/bin/python3 "$t" >"$out" 2>&1
         rc=$?
         last=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out" | tail -n1)
         p=$(echo "$last" | sed -n 's/^\([0-9]*\) passed.*/\1/p'); p=${p:-0}

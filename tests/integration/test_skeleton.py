@@ -13,7 +13,7 @@ import urllib.parse
 import numpy as np
 import pydicom
 
-from yyharness import (CLOUD_BIN, EDGE_BIN, Cloud, Edge, RawScu, RawAssociationRejected, check,
+from yyharness import (manifest_files, CLOUD_BIN, EDGE_BIN, Cloud, Edge, RawScu, RawAssociationRejected, check,
                        dataset_bytes_implicit, echoscu, eq, generate, parse_multipart, run, storescu,
                        tag_value, tempdir, test, wait_until, write_json)
 
@@ -36,11 +36,6 @@ def env():
     _env.update(cloud=cloud, edge=edge, ct=list(ct.values())[0], mr=list(mr.values())[0],
                 session=cloud.session())
     return _env
-
-
-def manifest_files(m):
-    return [f["path"] if os.path.isabs(f["path"]) else os.path.join(m["dir"], f["path"])
-            for f in m["files"]]
 
 
 def study_count(session, study_uid):
@@ -133,7 +128,7 @@ def qido_finds_study_by_each_key():
     r = storescu(e["edge"].ae, e["edge"].port, manifest_files(mr))
     eq(r.returncode, 0, f"storescu MR: {r.stderr[-1000:]}")
     s = e["session"]
-    wait_until(lambda: study_count(s, mr["study_uid"]) == len(mr["files"]), timeout=120,
+    wait_until(lambda: study_count(s, mr["study_uid"]) == len(manifest_files(mr)), timeout=120,
                what="MR study indexed")
     ct_uid, mr_uid = e["ct"]["study_uid"], mr["study_uid"]
     if study_count(s, ct_uid) != 100:

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from yyharness import TOP, Cloud, Edge, generate, storescu, tag_value, tempdir, wait_until, _cleanup_all
+from yyharness import manifest_files, TOP, Cloud, Edge, generate, storescu, tag_value, tempdir, wait_until, _cleanup_all
 
 
 def main():
@@ -18,8 +18,7 @@ def main():
         m = list(generate(data, "--only", "ct", "--ct-slices", "30", "--patient-id", "E2E0001",
                           "--patient-name", "王^五", "--study-date", "20260501",
                           "--accession", "E2E-ACC", "--seed", "5").values())[0]
-        files = [f["path"] if os.path.isabs(f["path"]) else os.path.join(m["dir"], f["path"])
-                 for f in m["files"]]
+        files = manifest_files(m)
         cloud = Cloud()
         edge = Edge(cloud)
         r = storescu(edge.ae, edge.port, files)

@@ -293,8 +293,15 @@ def generate(outdir, *args):
     for root, _, files in os.walk(outdir):
         if "manifest.json" in files:
             with open(os.path.join(root, "manifest.json")) as f:
-                manifests[root] = json.load(f)
+                m = json.load(f)
+            m["_dir"] = root
+            manifests[root] = m
     return manifests
+
+
+def manifest_files(m):
+    """Absolute paths of every instance file a generator manifest lists, in order."""
+    return [os.path.join(m["_dir"], inst["file"]) for se in m["series"] for inst in se["instances"]]
 
 
 class HttpError(Exception):

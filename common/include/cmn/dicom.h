@@ -45,8 +45,9 @@ typedef struct {
     int number_of_frames;        /* 1 when absent */
     int bits_allocated, bits_stored, pixel_representation, samples_per_pixel;
     char photometric[17];
-    /* where the pixel data value sits in the file, for native (uncompressed)
-     * transfer syntaxes; both 0 when not native or absent */
+    /* where the pixel data value sits in the file, for native little-endian
+     * transfer syntaxes (Implicit/Explicit VR LE); both 0 when absent,
+     * encapsulated, deflated or big endian (bytes would need swapping) */
     uint64_t pixel_offset;
     uint64_t pixel_length;
 } cmn_dicom_info_t;
