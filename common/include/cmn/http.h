@@ -22,7 +22,7 @@
  * handlers run on the loop thread and must not block. Either way the handler
  * returns with the response complete; the server sends it from the loop.
  *
- * All functions except the cmn_http_req_*/cmn_http_resp_* accessors must be
+ * All functions except the cmn_http_req_xxx and cmn_http_resp_xxx accessors must be
  * called on the loop thread.
  *
  * CLIENT
