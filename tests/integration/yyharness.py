@@ -489,12 +489,18 @@ class RawScu:
 
 def dataset_bytes_implicit(path):
     """The dataset of a Part 10 file re-encoded as Implicit VR Little Endian, without meta."""
-    import io
     import pydicom
-    ds = pydicom.dcmread(path)
-    ds.file_meta.TransferSyntaxUID = IMPLICIT_LE
-    buf = io.BytesIO()
+    return dataset_to_implicit(pydicom.dcmread(path))
+
+
+def dataset_to_implicit(ds):
+    """Encodes a pydicom dataset as Implicit VR Little Endian bytes (no meta)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    buf = DicomBytesIO()
+    buf.is_little_endian = True
+    buf.is_implicit_VR = True
     ds.is_little_endian = True
     ds.is_implicit_VR = True
-    pydicom.filewriter.write_dataset(buf, ds)
+    write_dataset(buf, ds)
     return buf.getvalue()

@@ -1,0 +1,473 @@
+#!/usr/bin/python3
+"""test_edge_scp.py - yunying-edge's DICOM side and spool, with DCMTK as the peer.
+
+Runs the real yunying-edge from $YY_BUILD. Most tests point the uploader at a
+closed port (nothing is uploaded, rows stay in the spool); the last ones use
+a real yunying-cloud. Bad input (garbage data sets, UID mismatches) is sent
+by a minimal DICOM SCU written here, because storescu refuses to send it.
+
+Tags: needs-dcmtk. Prints "N passed, N failed" last.
+"""
+import glob
+import os
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import yyharness as h  # noqa: E402
+
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+DUMMY_SECRET = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+_data = {}
+
+
+def data():
+    """Generated studies (once per run): a 20-slice CT, a DX, an XA and the odd corpus."""
+    if not _data:
+        out = h.tempdir("yy-edge-data-")
+        h.generate(out, "--only", "ct,dr,xa,corpus", "--ct-slices", "20", "--quiet")
+        _data["ct"] = sorted(glob.glob(os.path.join(out, "ct_*", "*.dcm")))
+        _data["dr"] = sorted(glob.glob(os.path.join(out, "dr_*", "*.dcm")))
+        _data["xa"] = sorted(glob.glob(os.path.join(out, "xa_*", "*.dcm")))
+        _data["corpus"] = sorted(glob.glob(os.path.join(out, "corpus", "*.dcm")))
+        _data["dir"] = out
+        h.check(len(_data["ct"]) == 20, f"expected 20 CT files, got {len(_data['ct'])}")
+    return _data
+
+
+def offline_edge(**extra):
+    """An edge whose cloud is a closed port: received instances stay spooled."""
+    return h.Edge(cloud_url=f"http://127.0.0.1:{h.free_port()}", secret=DUMMY_SECRET,
+                  edge_id="edge-offline", ae="YY_EDGE", extra=extra or None)
+
+
+def rows(edge):
+    db = os.path.join(edge.dir, "spool", "spool.db")
+    con = sqlite3.connect(db, timeout=10)
+    try:
+        return con.execute("SELECT id, sop_uid, study_uid, series_uid, sha256, size, path, state,"
+                           " attempts, last_error FROM instances ORDER BY id").fetchall()
+    finally:
+        con.close()
+
+
+def tmp_files(edge):
+    return os.listdir(os.path.join(edge.dir, "spool", "tmp"))
+
+
+def sop_uid_of(path):
+    import pydicom
+    return pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+
+
+# ---------------------------------------------------------------- raw SCU
+
+def _item(t, payload):
+    return struct.pack(">BBH", t, 0, len(payload)) + payload
+
+
+def _elem(group, elem, value):
+    if isinstance(value, int):
+        v = struct.pack("<H", value)
+    else:
+        v = value.encode() if isinstance(value, str) else value
+        if len(v) % 2:
+            v += b"\0"
+    return struct.pack("<HHI", group, elem, len(v)) + v
+
+
+def _command(sop_class, sop_uid, msg_id=1):
+    body = (_elem(0, 0x0002, sop_class) + _elem(0, 0x0100, 0x0001) + _elem(0, 0x0110, msg_id)
+            + _elem(0, 0x0700, 0) + _elem(0, 0x0800, 0x0000) + _elem(0, 0x1000, sop_uid))
+    return struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+class RawSCU:
+    """Just enough of PS3.8 to send one C-STORE with arbitrary data set bytes."""
+
+    def __init__(self, port, called_ae="YY_EDGE", ts=EXPLICIT_LE, sop_class=CT_STORAGE):
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pc = (struct.pack(">BBBB", 1, 0, 0, 0) + _item(0x30, sop_class.encode())
+              + _item(0x40, ts.encode()))
+        user = _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.3.4.5.6.7")
+        body = (struct.pack(">HH", 1, 0) + called_ae.ljust(16).encode()
+                + b"RAWSCU".ljust(16) + b"\0" * 32
+                + _item(0x10, b"1.2.840.10008.3.1.1.1") + _item(0x20, pc) + _item(0x50, user))
+        self._send_pdu(0x01, body)
+        t, payload = self._recv_pdu()
+        if t != 0x02:
+            raise AssertionError(f"association not accepted (PDU type {t:#x})")
+        self.pcid = self._accepted_pc(payload)
+
+    def _send_pdu(self, t, body):
+        self.s.sendall(struct.pack(">BBI", t, 0, len(body)) + body)
+
+    def _recv_exact(self, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = self.s.recv(n - len(buf))
+            if not chunk:
+                raise AssertionError("connection closed by the SCP")
+            buf += chunk
+        return buf
+
+    def _recv_pdu(self):
+        t, _, n = struct.unpack(">BBI", self._recv_exact(6))
+        return t, self._recv_exact(n)
+
+    @staticmethod
+    def _accepted_pc(payload):
+        i = 68
+        while i + 4 <= len(payload):
+            t, _, n = struct.unpack(">BBH", payload[i:i + 4])
+            if t == 0x21 and payload[i + 6] == 0:
+                return payload[i + 4]
+            i += 4 + n
+        raise AssertionError("presentation context not accepted")
+
+    def _pdata(self, data, command, maxlen=16000):
+        frags = [data[i:i + maxlen] for i in range(0, len(data), maxlen)] or [b""]
+        for k, frag in enumerate(frags):
+            ctrl = (1 if command else 0) | (2 if k == len(frags) - 1 else 0)
+            pdv = struct.pack(">IBB", len(frag) + 2, self.pcid, ctrl) + frag
+            self._send_pdu(0x04, pdv)
+
+    def store(self, sop_uid, dataset, sop_class=CT_STORAGE):
+        """Sends one C-STORE-RQ; returns the response status."""
+        self._pdata(_command(sop_class, sop_uid), True)
+        self._pdata(dataset, False)
+        cmd = b""
+        while True:
+            t, payload = self._recv_pdu()
+            if t != 0x04:
+                raise AssertionError(f"expected P-DATA, got PDU type {t:#x}")
+            i = 0
+            last = False
+            while i < len(payload):
+                n, = struct.unpack(">I", payload[i:i + 4])
+                cmd += payload[i + 6:i + 4 + n]
+                last = bool(payload[i + 5] & 2)
+                i += 4 + n
+            if last:
+                break
+        i = 0
+        while i + 8 <= len(cmd):
+            g, e, n = struct.unpack("<HHI", cmd[i:i + 8])
+            if (g, e) == (0, 0x0900):
+                return struct.unpack("<H", cmd[i + 8:i + 10])[0]
+            i += 8 + n
+        raise AssertionError("no status in C-STORE-RSP")
+
+    def release(self):
+        try:
+            self._send_pdu(0x05, b"\0" * 4)
+            self._recv_pdu()
+        finally:
+            self.s.close()
+
+
+def dataset_bytes(path, ts=EXPLICIT_LE):
+    """The data set of a Part 10 file (no meta header), encoded in ts."""
+    import io
+    import pydicom
+    from pydicom.filewriter import write_dataset
+    ds = pydicom.dcmread(path)
+    buf = io.BytesIO()
+    fp = pydicom.filebase.DicomFileLike(buf)
+    fp.is_little_endian = True
+    fp.is_implicit_VR = ts == IMPLICIT_LE
+    write_dataset(fp, ds)
+    return buf.getvalue()
+
+
+def is_failure(status):
+    return (status & 0xF000) in (0xA000, 0xC000)
+
+
+# ---------------------------------------------------------------- tests
+
+@h.test
+def bad_config_names_the_key():
+    d = h.tempdir()
+    cases = [
+        ({"scp": {"ae_titel": "X"}}, "scp.ae_titel"),
+        ({"scp": {"port": 70000}}, "scp.port"),
+        ({"scp": {"ae_title": "A" * 17}}, "scp.ae_title"),
+        ({"spool": {"min_free_mb": -1}}, "spool.min_free_mb"),
+        ({"upload": {"cloud_url": "ftp://x", "edge_id": "e", "secret_file": "/dev/null"}},
+         "upload.cloud_url"),
+        ({"upload": {"cloud_url": "http://x", "edge_id": "e", "secret_file": "/nonexistent"}},
+         "upload.secret_file"),
+        ({"bogus": {}}, "bogus"),
+    ]
+    for cfg, key in cases:
+        path = h.write_json(os.path.join(d, "bad.json"), cfg)
+        r = subprocess.run([h.EDGE_BIN, "--config", path], capture_output=True, text=True,
+                           timeout=30)
+        h.check(r.returncode != 0, f"{cfg}: exit 0")
+        h.check(key in r.stderr, f"{cfg}: message does not name {key}: {r.stderr!r}")
+        h.check("config:" in r.stderr, f"{cfg}: {r.stderr!r}")
+    good = h.write_json(os.path.join(d, "good.json"), {"spool": {"dir": os.path.join(d, "s")}})
+    r = subprocess.run([h.EDGE_BIN, "--config", good, "--check-config"], capture_output=True,
+                       text=True, timeout=30)
+    h.eq(r.returncode, 0, f"--check-config: {r.stderr}")
+    r = subprocess.run([h.EDGE_BIN, "--config", good, "--dump-config"], capture_output=True,
+                       text=True, timeout=30)
+    h.eq(r.returncode, 0, "--dump-config")
+    import json
+    dumped = json.loads(r.stdout)
+    h.eq(dumped["scp"]["ae_title"], "YUNYING", "default AE title")
+    h.eq(dumped["spool"]["dir"], os.path.join(d, "s"), "spool.dir")
+
+
+@h.test
+def echo_and_wrong_called_ae():
+    e = offline_edge()
+    r = h.echoscu("YY_EDGE", e.port)
+    h.eq(r.returncode, 0, f"echoscu: {r.stderr}")
+    r = h.echoscu("NOT_OUR_AE", e.port)
+    h.check(r.returncode != 0, "association with a wrong called AE was accepted")
+    h.check("Called AE Title Not Recognized" in r.stderr, r.stderr)
+    r = h.echoscu("YY_EDGE", e.port)
+    h.eq(r.returncode, 0, "echo after a rejection")
+    h.eq(e.stop(), 0, "edge exit code")
+
+
+@h.test
+def store_ct_is_spooled_durably():
+    d = data()
+    e = offline_edge()
+    r = h.storescu("YY_EDGE", e.port, d["ct"])
+    h.eq(r.returncode, 0, f"storescu: {r.stderr}")
+    got = rows(e)
+    h.eq(len(got), len(d["ct"]), "rows")
+    want = {sop_uid_of(p) for p in d["ct"]}
+    h.eq({row[1] for row in got}, want, "SOP UIDs")
+    import hashlib
+    import pydicom
+    for (_id, sop, study, series, sha, size, path, state, _a, _e) in got:
+        h.check(state in ("PENDING", "UPLOADING"), state)
+        with open(path, "rb") as f:
+            blob = f.read()
+        h.eq(hashlib.sha256(blob).hexdigest(), sha, "file hash")
+        h.eq(len(blob), size, "file size")
+        ds = pydicom.dcmread(path)
+        h.eq(ds.SOPInstanceUID, sop, "stored SOP UID")
+        h.eq(ds.StudyInstanceUID, study, "study UID")
+        h.eq(ds.SeriesInstanceUID, series, "series UID")
+    # pixel data identical to what was sent
+    src = {sop_uid_of(p): p for p in d["ct"]}
+    for row in got[:3]:
+        a = pydicom.dcmread(row[6]).PixelData
+        b = pydicom.dcmread(src[row[1]]).PixelData
+        h.check(a == b, f"pixel data differs for {row[1]}")
+    h.eq(tmp_files(e), [], "tmp/ after stores")
+    h.eq(e.stop(), 0, "edge exit code (ASan clean)")
+
+
+@h.test
+def other_modalities_and_transfer_syntaxes():
+    d = data()
+    e = offline_edge()
+    r = h.storescu("YY_EDGE", e.port, d["dr"] + d["xa"])
+    h.eq(r.returncode, 0, f"storescu DX/XA: {r.stderr}")
+    # Implicit VR LE, and files compressed by DCMTK sent as they are.
+    r = h.storescu("YY_EDGE", e.port, d["ct"][:1], extra=("-xi",))
+    h.eq(r.returncode, 0, f"storescu implicit: {r.stderr}")
+    tmp = h.tempdir()
+    sent = {}
+    for tool, opt, ts, src in (("dcmcjpls", "-xt", "1.2.840.10008.1.2.4.80", d["ct"][1]),
+                               ("dcmcrle", "-xr", "1.2.840.10008.1.2.5", d["ct"][2]),
+                               ("dcmcjpeg", "-xs", "1.2.840.10008.1.2.4.70", d["ct"][3])):
+        out = os.path.join(tmp, tool + ".dcm")
+        subprocess.run([tool, src, out], check=True, capture_output=True, timeout=120)
+        r = h.storescu("YY_EDGE", e.port, [out], extra=("-R", opt))
+        h.eq(r.returncode, 0, f"storescu {tool}: {r.stderr}")
+        sent[ts] = out
+    r = h.storescu("YY_EDGE", e.port, d["ct"][4:5], extra=("-R", "-xd"))
+    h.eq(r.returncode, 0, f"storescu deflate: {r.stderr}")
+    sent["1.2.840.10008.1.2.1.99"] = d["ct"][4]
+    got = rows(e)
+    h.eq(len(got), len(d["dr"]) + len(d["xa"]) + 5, "rows")
+    import pydicom
+    tss = {str(pydicom.dcmread(row[6], stop_before_pixels=True).file_meta.TransferSyntaxUID)
+           for row in got}
+    for ts in list(sent) + [IMPLICIT_LE]:
+        h.check(ts in tss, f"{ts} not kept as received: {tss}")
+    # compressed pixel data arrives byte for byte
+    by_sop = {row[1]: row[6] for row in got}
+    for ts in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"):
+        a = pydicom.dcmread(sent[ts])
+        b = pydicom.dcmread(by_sop[a.SOPInstanceUID])
+        h.check(a.PixelData == b.PixelData, f"{ts}: pixel data changed")
+    h.eq(e.stop(), 0, "edge exit code (ASan clean)")
+
+
+@h.test
+def missing_study_uid_is_refused_and_scp_keeps_serving():
+    import pydicom
+    d = data()
+    e = offline_edge()
+    bad = os.path.join(h.tempdir(), "nostudy.dcm")
+    ds = pydicom.dcmread(d["ct"][0])
+    del ds.StudyInstanceUID
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(bad)
+    r = h.storescu("YY_EDGE", e.port, [bad], extra=("-v",))
+    h.check(r.returncode != 0, f"no failure reported: {r.stderr}")
+    h.check("cannotunderstand" in r.stderr.lower(), f"not C000: {r.stderr}")
+    h.eq(rows(e), [], "rows after a refused instance")
+    h.eq(tmp_files(e), [], "tmp/")
+    r = h.storescu("YY_EDGE", e.port, d["ct"][:1])
+    h.eq(r.returncode, 0, "store after refusal")
+    h.eq(len(rows(e)), 1, "rows")
+    h.eq(e.stop(), 0, "edge exit code (ASan clean)")
+
+
+@h.test
+def garbage_truncated_and_mismatched_data_sets():
+    d = data()
+    e = offline_edge()
+    good = dataset_bytes(d["ct"][0])
+    sop = sop_uid_of(d["ct"][0])
+    scu = RawSCU(e.port)
+    try:
+        st = scu.store("1.2.3.4.5.1", bytes(range(256)) * 16)
+        h.check(is_failure(st), f"garbage: status {st:#06x}")
+        st = scu.store(sop, good[:len(good) // 4 * 2])
+        h.check(is_failure(st), f"truncated: status {st:#06x}")
+        st = scu.store("1.2.3.4.5.2", good)
+        h.eq(st, 0xA900, "SOP Instance UID differs from the request")
+        st = scu.store(sop, good)      # the same association still works
+        h.eq(st, 0x0000, "good data set after bad ones")
+    finally:
+        scu.release()
+    got = rows(e)
+    h.eq([r[1] for r in got], [sop], "only the good instance is spooled")
+    h.eq(tmp_files(e), [], "tmp/")
+    h.eq(h.echoscu("YY_EDGE", e.port).returncode, 0, "echo after bad input")
+    h.eq(e.stop(), 0, "edge exit code (ASan clean)")
+
+
+@h.test
+def corpus_of_odd_files_never_breaks_the_scp():
+    d = data()
+    e = offline_edge()
+    # storescu skips files it cannot send; whatever arrives is stored or refused.
+    # One run per transfer syntax family, so compressed files travel as they are.
+    for opt in ("-xe", "-xy", "-xx", "-xr", "-xs", "-xv", "-xw", "-xt"):
+        h.storescu("YY_EDGE", e.port, d["corpus"], extra=("--no-halt", "-R", opt), timeout=600)
+        h.check(e.daemon.alive(), f"edge died on the corpus ({opt})")
+    h.check(e.daemon.alive(), "edge died on the corpus")
+    h.eq(h.echoscu("YY_EDGE", e.port).returncode, 0, "echo after corpus")
+    h.eq(tmp_files(e), [], "tmp/")
+    got = rows(e)
+    h.check(len(got) >= 40, f"only {len(got)} corpus files stored")
+    for row in got:
+        h.check(os.path.exists(row[6]), f"row without file: {row}")
+    h.eq(e.stop(), 0, "clean exit")
+
+
+@h.test
+def spool_full_answers_out_of_resources():
+    d = data()
+    e = offline_edge(spool={"min_free_mb": 1 << 30})   # 1 PiB: never available
+    r = h.storescu("YY_EDGE", e.port, d["ct"][:2], extra=("-v",))
+    h.check(r.returncode != 0, "storescu succeeded on a full spool")
+    h.check("outofresources" in r.stderr.lower(), f"no A700: {r.stderr}")
+    h.eq(rows(e), [], "rows while full")
+    h.eq(tmp_files(e), [], "tmp/ while full")
+    h.eq(h.echoscu("YY_EDGE", e.port).returncode, 0, "echo while full")
+    h.eq(e.stop(), 0, "edge exit code (ASan clean)")
+
+
+@h.test
+def concurrent_associations():
+    d = data()
+    e = offline_edge(scp={"max_associations": 4})
+    results = []
+
+    def send(files):
+        results.append(h.storescu("YY_EDGE", e.port, files))
+
+    parts = [d["ct"][i::4] for i in range(4)]
+    threads = [threading.Thread(target=send, args=(p,)) for p in parts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        h.eq(r.returncode, 0, f"storescu: {r.stderr}")
+    h.eq(sorted(r[1] for r in rows(e)), sorted(sop_uid_of(p) for p in d["ct"]), "SOP UIDs")
+    h.eq(e.stop(), 0, "edge exit code (ASan clean)")
+
+
+@h.test
+def failed_uploads_back_off_and_recover_after_restart():
+    if not os.path.exists(h.CLOUD_BIN):
+        raise AssertionError(f"{h.CLOUD_BIN} not built")
+    d = data()
+    cloud = h.Cloud()
+    e = h.Edge(cloud_url=f"http://127.0.0.1:{h.free_port()}", secret=cloud.secret,
+               edge_id=cloud.edge_id, ae="YY_EDGE")
+    r = h.storescu("YY_EDGE", e.port, d["ct"][:5])
+    h.eq(r.returncode, 0, r.stderr)
+    h.wait_until(lambda: all(row[8] >= 1 and row[9] for row in rows(e)), timeout=30,
+                 what="failed attempts recorded")
+    h.eq(e.stop(), 0, "edge exit code")
+    # Simulate a crash mid-upload, then point the edge at the real cloud.
+    con = sqlite3.connect(os.path.join(e.dir, "spool", "spool.db"))
+    con.execute("UPDATE instances SET state='UPLOADING'")
+    con.commit()
+    con.close()
+    import json
+    with open(e.config) as f:
+        cfg = json.load(f)
+    cfg["upload"]["cloud_url"] = cloud.url
+    cfg["upload"]["retry_min_ms"] = 10
+    cfg["upload"]["retry_max_ms"] = 200
+    h.write_json(e.config, cfg)
+    e.start()
+    h.wait_until(lambda: [row[7] for row in rows(e)] == ["DONE"] * 5, timeout=60,
+                 what="all DONE after restart")
+    # Re-sending the same instances: uploaded again; the cloud stores them once.
+    r = h.storescu("YY_EDGE", e.port, d["ct"][:5])
+    h.eq(r.returncode, 0, r.stderr)
+    h.wait_until(lambda: [row[7] for row in rows(e)] == ["DONE"] * 10, timeout=60,
+                 what="duplicates DONE")
+    for row in rows(e):
+        h.check(os.path.exists(row[6]), "spooled file kept after DONE")
+    h.eq(e.stop(), 0, "edge exit code")
+    cloud.stop()
+
+
+@h.test
+def upload_with_bad_secret_is_retried_not_done():
+    if not os.path.exists(h.CLOUD_BIN):
+        raise AssertionError(f"{h.CLOUD_BIN} not built")
+    d = data()
+    cloud = h.Cloud()
+    e = h.Edge(cloud=cloud, secret=DUMMY_SECRET, ae="YY_EDGE")
+    r = h.storescu("YY_EDGE", e.port, d["ct"][:1])
+    h.eq(r.returncode, 0, r.stderr)
+    h.wait_until(lambda: rows(e)[0][8] >= 2, timeout=30, what="two failed attempts")
+    row = rows(e)[0]
+    h.check(row[7] in ("PENDING", "UPLOADING"), row[7])
+    h.check("401" in (row[9] or "") or "403" in (row[9] or ""), f"last_error: {row[9]}")
+    log = e.daemon.tail(500)
+    h.check(DUMMY_SECRET not in log, "secret in the log")
+    h.eq(e.stop(), 0, "edge exit code (ASan clean)")
+    cloud.stop()
+
+
+if __name__ == "__main__":
+    h.run()
