@@ -637,6 +637,34 @@ def static_files_spa_and_traversal():
 
 
 @test
+def parallel_uploads_all_land():
+    e = upload_all()
+    import threading
+    blobs = [variant(f, ".77")[1] for f in e["studies"]["mr"]["files"]]
+    results, errors = [], []
+
+    def worker(items):
+        try:
+            ed = Edge(e["cloud"])
+            for b in items:
+                results.append(ed.upload(b, chunk_size=CHUNK)["result"])
+        except Exception as ex:  # reported below
+            errors.append(repr(ex))
+
+    threads = [threading.Thread(target=worker, args=(blobs[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    eq(errors, [], "errors in parallel uploads")
+    eq(sorted(results), ["stored"] * len(blobs), "all stored")
+    ds = pydicom.dcmread(io.BytesIO(blobs[0]))
+    inst = qido(e["session"], path=f"/dicomweb/studies/{ds.StudyInstanceUID}/series/"
+                f"{ds.SeriesInstanceUID}/instances")
+    eq(len(inst), len(blobs), "instances of the parallel study")
+
+
+@test
 def graceful_shutdown_and_restart():
     e = upload_all()
     c = e["cloud"]

@@ -1,0 +1,521 @@
+/*
+ * index.c - the cloud's SQLite index (embedded default; PostgreSQL later).
+ *
+ * Tables:
+ *   patients   one row per Patient ID (issuer not modelled yet)
+ *   studies    study attributes; ModalitiesInStudy is derived from series
+ *   series     series attributes
+ *   instances  instance attributes, archive file (path, size, sha256), the
+ *              native pixel data byte range and the instance's DICOM JSON
+ *              (PS3.18 F) so series metadata is a concatenation of rows
+ *   conflicts  same SOP Instance UID with different bytes, kept aside
+ *   edges      edge identities and their secrets (stored plainly for now;
+ *              encryption at rest is a later issue)
+ *   nonces     (edge, nonce) seen within the skew window: replay protection
+ *   uploads    one row per declared object; chunks: the chunks held
+ *   users, sessions (hash of the token only), audit (append-only)
+ *
+ * Connections: SQLite connections are not shared between threads at the
+ * same time. A small pool hands a connection to one handler thread at a time;
+ * each is opened on first use and closed at shutdown.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "cmn/crypto.h"
+#include "cmn/db.h"
+#include "cmn/errors.h"
+#include "cmn/log.h"
+#include "internal.h"
+
+const cmn_conf_opt_t cloud__index_opts[] = {
+    CMN_CONF_OPT_STR(cloud_index_conf_t, path, "var/cloud/index.db",
+                     "SQLite index database file (created if missing)"),
+};
+const size_t cloud__index_nopts = CMN_ARRAY_SIZE(cloud__index_opts);
+
+static const char *const migrations[] = {
+    /* 1: initial schema */
+    "CREATE TABLE patients ("
+    "  pk INTEGER PRIMARY KEY,"
+    "  patient_id TEXT NOT NULL UNIQUE,"
+    "  name TEXT NOT NULL DEFAULT '',"
+    "  birth_date TEXT NOT NULL DEFAULT '',"
+    "  sex TEXT NOT NULL DEFAULT '');"
+    "CREATE INDEX patients_name ON patients(name COLLATE NOCASE);"
+    "CREATE TABLE studies ("
+    "  study_uid TEXT PRIMARY KEY,"
+    "  patient_pk INTEGER NOT NULL REFERENCES patients(pk),"
+    "  study_date TEXT NOT NULL DEFAULT '',"
+    "  study_time TEXT NOT NULL DEFAULT '',"
+    "  accession TEXT NOT NULL DEFAULT '',"
+    "  study_id TEXT NOT NULL DEFAULT '',"
+    "  description TEXT NOT NULL DEFAULT '',"
+    "  referring TEXT NOT NULL DEFAULT '',"
+    "  created INTEGER NOT NULL);"
+    "CREATE INDEX studies_patient ON studies(patient_pk);"
+    "CREATE INDEX studies_date ON studies(study_date);"
+    "CREATE INDEX studies_accession ON studies(accession);"
+    "CREATE TABLE series ("
+    "  series_uid TEXT PRIMARY KEY,"
+    "  study_uid TEXT NOT NULL REFERENCES studies(study_uid),"
+    "  modality TEXT NOT NULL DEFAULT '',"
+    "  series_number INTEGER,"
+    "  description TEXT NOT NULL DEFAULT '',"
+    "  body_part TEXT NOT NULL DEFAULT '');"
+    "CREATE INDEX series_study ON series(study_uid);"
+    "CREATE INDEX series_modality ON series(modality);"
+    "CREATE TABLE instances ("
+    "  sop_uid TEXT PRIMARY KEY,"
+    "  series_uid TEXT NOT NULL REFERENCES series(series_uid),"
+    "  study_uid TEXT NOT NULL,"
+    "  sop_class_uid TEXT NOT NULL DEFAULT '',"
+    "  instance_number INTEGER,"
+    "  transfer_syntax TEXT NOT NULL DEFAULT '',"
+    "  rows INTEGER, columns INTEGER, frames INTEGER,"
+    "  bits_allocated INTEGER, samples_per_pixel INTEGER,"
+    "  path TEXT NOT NULL,"
+    "  size INTEGER NOT NULL,"
+    "  sha256 TEXT NOT NULL,"
+    "  pixel_offset INTEGER NOT NULL DEFAULT 0,"
+    "  pixel_length INTEGER NOT NULL DEFAULT 0,"
+    "  json TEXT NOT NULL,"
+    "  created INTEGER NOT NULL);"
+    "CREATE INDEX instances_series ON instances(series_uid, instance_number);"
+    "CREATE INDEX instances_study ON instances(study_uid);"
+    "CREATE TABLE conflicts ("
+    "  id INTEGER PRIMARY KEY,"
+    "  sop_uid TEXT NOT NULL,"
+    "  sha256 TEXT NOT NULL,"
+    "  path TEXT NOT NULL,"
+    "  edge_id TEXT NOT NULL,"
+    "  created INTEGER NOT NULL,"
+    "  UNIQUE(sop_uid, sha256));"
+    "CREATE TABLE edges ("
+    "  id TEXT PRIMARY KEY,"
+    "  secret TEXT NOT NULL,"        /* hex; TODO: encrypt at rest */
+    "  enabled INTEGER NOT NULL DEFAULT 1,"
+    "  created INTEGER NOT NULL);"
+    "CREATE TABLE nonces ("
+    "  edge_id TEXT NOT NULL,"
+    "  nonce TEXT NOT NULL,"
+    "  ts INTEGER NOT NULL,"
+    "  PRIMARY KEY(edge_id, nonce)) WITHOUT ROWID;"
+    "CREATE INDEX nonces_ts ON nonces(ts);"
+    "CREATE TABLE uploads ("
+    "  object_id TEXT PRIMARY KEY,"
+    "  edge_id TEXT NOT NULL,"
+    "  decl TEXT NOT NULL,"
+    "  sha256 TEXT NOT NULL,"
+    "  size INTEGER NOT NULL,"
+    "  chunk_size INTEGER NOT NULL,"
+    "  nchunks INTEGER NOT NULL,"
+    "  state TEXT NOT NULL,"          /* open | committed | rejected */
+    "  result TEXT,"                  /* stored | duplicate | conflict */
+    "  sop_uid TEXT NOT NULL,"
+    "  created INTEGER NOT NULL,"
+    "  updated INTEGER NOT NULL);"
+    "CREATE TABLE chunks ("
+    "  object_id TEXT NOT NULL REFERENCES uploads(object_id) ON DELETE CASCADE,"
+    "  idx INTEGER NOT NULL,"
+    "  sha256 TEXT NOT NULL,"
+    "  PRIMARY KEY(object_id, idx)) WITHOUT ROWID;"
+    "CREATE TABLE users ("
+    "  username TEXT PRIMARY KEY,"
+    "  pwhash TEXT NOT NULL,"
+    "  role TEXT NOT NULL,"
+    "  created INTEGER NOT NULL);"
+    "CREATE TABLE sessions ("
+    "  token_hash TEXT PRIMARY KEY,"
+    "  username TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,"
+    "  created INTEGER NOT NULL,"
+    "  expires INTEGER NOT NULL);"
+    "CREATE INDEX sessions_expires ON sessions(expires);"
+    "CREATE TABLE audit ("
+    "  id INTEGER PRIMARY KEY,"
+    "  ts INTEGER NOT NULL,"
+    "  username TEXT NOT NULL,"
+    "  action TEXT NOT NULL,"
+    "  study_uid TEXT NOT NULL DEFAULT '',"
+    "  peer TEXT NOT NULL DEFAULT '');"
+    "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit"
+    "  BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;"
+    "CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit"
+    "  BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;",
+};
+
+/* ------------------------------------------------------------------- pool */
+
+#define POOL_MAX 32
+
+static struct {
+    pthread_mutex_t lock;
+    char *path;                  /* owned */
+    sqlite3 *idle[POOL_MAX];     /* connections not in use */
+    int nidle;
+    int nopen;                   /* total opened, idle or borrowed */
+} pool = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
+int64_t cloud_now(void)
+{
+    return (int64_t)time(NULL);
+}
+
+int cloud_index_init(const char *path)
+{
+    sqlite3 *db;
+    int rc;
+
+    rc = cmn_db_open(path, CMN_DB_SYNC_FULL, &db);
+    if (rc < 0)
+        return rc;
+    rc = cmn_db_migrate(db, migrations, (int)CMN_ARRAY_SIZE(migrations));
+    if (rc < 0) {
+        cmn_db_close(db);
+        return rc;
+    }
+    pthread_mutex_lock(&pool.lock);
+    free(pool.path);
+    pool.path = cmn_xstrdup(path);
+    pool.idle[pool.nidle++] = db;
+    pool.nopen++;
+    pthread_mutex_unlock(&pool.lock);
+    return 0;
+}
+
+void cloud_index_shutdown(void)
+{
+    pthread_mutex_lock(&pool.lock);
+    while (pool.nidle > 0) {
+        cmn_db_close(pool.idle[--pool.nidle]);
+        pool.nopen--;
+    }
+    if (pool.nopen != 0)
+        CMN_LOG_W("index", "shutdown with borrowed connections n=%d", pool.nopen);
+    pool.nopen = 0;
+    free(pool.path);
+    pool.path = NULL;
+    pthread_mutex_unlock(&pool.lock);
+}
+
+sqlite3 *cloud_index_get(void)
+{
+    sqlite3 *db = NULL;
+    char *path;
+
+    pthread_mutex_lock(&pool.lock);
+    if (pool.nidle > 0) {
+        db = pool.idle[--pool.nidle];
+        pthread_mutex_unlock(&pool.lock);
+        return db;
+    }
+    path = pool.path ? cmn_xstrdup(pool.path) : NULL;
+    pthread_mutex_unlock(&pool.lock);
+    if (!path)
+        return NULL;
+    if (cmn_db_open(path, CMN_DB_SYNC_FULL, &db) < 0)
+        db = NULL;
+    free(path);
+    if (db) {
+        pthread_mutex_lock(&pool.lock);
+        pool.nopen++;
+        pthread_mutex_unlock(&pool.lock);
+    }
+    return db;
+}
+
+void cloud_index_put(sqlite3 *db)
+{
+    if (!db)
+        return;
+    /* A handler that failed mid-transaction must not leak it to the next user. */
+    if (!sqlite3_get_autocommit(db))
+        cloud_index_rollback(db);
+    pthread_mutex_lock(&pool.lock);
+    if (pool.nidle < POOL_MAX) {
+        pool.idle[pool.nidle++] = db;
+        db = NULL;
+    } else {
+        pool.nopen--;
+    }
+    pthread_mutex_unlock(&pool.lock);
+    if (db)
+        cmn_db_close(db);
+}
+
+int cloud_index_begin(sqlite3 *db)
+{
+    return cmn_db_exec(db, "BEGIN IMMEDIATE");
+}
+
+int cloud_index_commit(sqlite3 *db)
+{
+    return cmn_db_exec(db, "COMMIT");
+}
+
+void cloud_index_rollback(sqlite3 *db)
+{
+    if (!sqlite3_get_autocommit(db))
+        (void)cmn_db_exec(db, "ROLLBACK");
+}
+
+/* ---------------------------------------------------------------- queries */
+
+static void bind_text(sqlite3_stmt *st, int i, const char *s)
+{
+    sqlite3_bind_text(st, i, s ? s : "", -1, SQLITE_TRANSIENT);
+}
+
+static void bind_opt_int(sqlite3_stmt *st, int i, int v)
+{
+    if (v < 0)
+        sqlite3_bind_null(st, i);
+    else
+        sqlite3_bind_int(st, i, v);
+}
+
+static int step_done(sqlite3 *db, sqlite3_stmt *st, const char *what)
+{
+    int rc = sqlite3_step(st);
+
+    if (rc != SQLITE_DONE && rc != SQLITE_ROW) {
+        CMN_LOG_E("index", "%s: %s", what, sqlite3_errmsg(db));
+        return CMN_EDB;
+    }
+    return 0;
+}
+
+int cloud_index_find_instance(sqlite3 *db, const char *sop_uid, cloud_instance_ref_t *out)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    if (cmn_db_prepare(db, "SELECT sha256, path, size FROM instances WHERE sop_uid = ?", &st) < 0)
+        return CMN_EDB;
+    bind_text(st, 1, sop_uid);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        snprintf(out->sha256, sizeof(out->sha256), "%s", (const char *)sqlite3_column_text(st, 0));
+        snprintf(out->path, sizeof(out->path), "%s", (const char *)sqlite3_column_text(st, 1));
+        out->size = (uint64_t)sqlite3_column_int64(st, 2);
+        rc = 0;
+    } else if (rc == SQLITE_DONE) {
+        rc = CMN_ENOTFOUND;
+    } else {
+        CMN_LOG_E("index", "find instance: %s", sqlite3_errmsg(db));
+        rc = CMN_EDB;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+static int upsert_patient(sqlite3 *db, const cmn_dicom_info_t *in, sqlite3_int64 *pk)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    /* The latest instance's demographics win (corrections arrive later). */
+    if (cmn_db_prepare(db,
+                       "INSERT INTO patients(patient_id, name, birth_date, sex) VALUES(?,?,?,?)"
+                       " ON CONFLICT(patient_id) DO UPDATE SET name = excluded.name,"
+                       " birth_date = excluded.birth_date, sex = excluded.sex"
+                       " RETURNING pk",
+                       &st) < 0)
+        return CMN_EDB;
+    bind_text(st, 1, in->patient_id);
+    bind_text(st, 2, in->patient_name);
+    bind_text(st, 3, in->patient_birth_date);
+    bind_text(st, 4, in->patient_sex);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        *pk = sqlite3_column_int64(st, 0);
+        rc = 0;
+    } else {
+        CMN_LOG_E("index", "patient upsert: %s", sqlite3_errmsg(db));
+        rc = CMN_EDB;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+int cloud_index_add_instance(sqlite3 *db, const cmn_dicom_info_t *in, const char *path,
+                             uint64_t size, const char *sha256, const char *json)
+{
+    sqlite3_stmt *st = NULL;
+    sqlite3_int64 ppk;
+    int rc;
+
+    rc = upsert_patient(db, in, &ppk);
+    if (rc < 0)
+        return rc;
+
+    rc = CMN_EDB;
+    if (cmn_db_prepare(db,
+                       "INSERT INTO studies(study_uid, patient_pk, study_date, study_time,"
+                       " accession, study_id, description, referring, created)"
+                       " VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(study_uid) DO UPDATE SET"
+                       " patient_pk = excluded.patient_pk, study_date = excluded.study_date,"
+                       " study_time = excluded.study_time, accession = excluded.accession,"
+                       " study_id = excluded.study_id, description = excluded.description,"
+                       " referring = excluded.referring",
+                       &st) < 0)
+        return CMN_EDB;
+    bind_text(st, 1, in->study_uid);
+    sqlite3_bind_int64(st, 2, ppk);
+    bind_text(st, 3, in->study_date);
+    bind_text(st, 4, in->study_time);
+    bind_text(st, 5, in->accession);
+    bind_text(st, 6, in->study_id);
+    bind_text(st, 7, in->study_description);
+    bind_text(st, 8, in->referring_physician);
+    sqlite3_bind_int64(st, 9, cloud_now());
+    if (step_done(db, st, "study upsert") < 0)
+        goto out;
+    sqlite3_finalize(st);
+    st = NULL;
+
+    if (cmn_db_prepare(db,
+                       "INSERT INTO series(series_uid, study_uid, modality, series_number,"
+                       " description, body_part) VALUES(?,?,?,?,?,?)"
+                       " ON CONFLICT(series_uid) DO UPDATE SET modality = excluded.modality,"
+                       " series_number = excluded.series_number,"
+                       " description = excluded.description, body_part = excluded.body_part",
+                       &st) < 0)
+        goto out;
+    bind_text(st, 1, in->series_uid);
+    bind_text(st, 2, in->study_uid);
+    bind_text(st, 3, in->modality);
+    bind_opt_int(st, 4, in->series_number);
+    bind_text(st, 5, in->series_description);
+    bind_text(st, 6, in->body_part);
+    if (step_done(db, st, "series upsert") < 0)
+        goto out;
+    sqlite3_finalize(st);
+    st = NULL;
+
+    if (cmn_db_prepare(db,
+                       "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid,"
+                       " instance_number, transfer_syntax, rows, columns, frames,"
+                       " bits_allocated, samples_per_pixel, path, size, sha256,"
+                       " pixel_offset, pixel_length, json, created)"
+                       " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                       &st) < 0)
+        goto out;
+    bind_text(st, 1, in->sop_uid);
+    bind_text(st, 2, in->series_uid);
+    bind_text(st, 3, in->study_uid);
+    bind_text(st, 4, in->sop_class_uid);
+    bind_opt_int(st, 5, in->instance_number);
+    bind_text(st, 6, in->transfer_syntax);
+    sqlite3_bind_int(st, 7, in->rows);
+    sqlite3_bind_int(st, 8, in->columns);
+    sqlite3_bind_int(st, 9, in->number_of_frames > 0 ? in->number_of_frames : 1);
+    sqlite3_bind_int(st, 10, in->bits_allocated);
+    sqlite3_bind_int(st, 11, in->samples_per_pixel);
+    bind_text(st, 12, path);
+    sqlite3_bind_int64(st, 13, (sqlite3_int64)size);
+    bind_text(st, 14, sha256);
+    sqlite3_bind_int64(st, 15, (sqlite3_int64)in->pixel_offset);
+    sqlite3_bind_int64(st, 16, (sqlite3_int64)in->pixel_length);
+    bind_text(st, 17, json);
+    sqlite3_bind_int64(st, 18, cloud_now());
+    if (step_done(db, st, "instance insert") < 0)
+        goto out;
+    rc = 0;
+out:
+    sqlite3_finalize(st);
+    return rc;
+}
+
+int cloud_index_add_conflict(sqlite3 *db, const char *sop_uid, const char *sha256,
+                             const char *path, const char *edge_id)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    if (cmn_db_prepare(db,
+                       "INSERT OR IGNORE INTO conflicts(sop_uid, sha256, path, edge_id, created)"
+                       " VALUES(?,?,?,?,?)",
+                       &st) < 0)
+        return CMN_EDB;
+    bind_text(st, 1, sop_uid);
+    bind_text(st, 2, sha256);
+    bind_text(st, 3, path);
+    bind_text(st, 4, edge_id);
+    sqlite3_bind_int64(st, 5, cloud_now());
+    rc = step_done(db, st, "conflict insert");
+    sqlite3_finalize(st);
+    return rc;
+}
+
+void cloud_index_audit(sqlite3 *db, const char *user, const char *action,
+                       const char *study_uid, const char *peer)
+{
+    sqlite3_stmt *st;
+
+    if (cmn_db_prepare(db,
+                       "INSERT INTO audit(ts, username, action, study_uid, peer)"
+                       " VALUES(?,?,?,?,?)",
+                       &st) < 0)
+        return;
+    sqlite3_bind_int64(st, 1, cloud_now());
+    bind_text(st, 2, user);
+    bind_text(st, 3, action);
+    bind_text(st, 4, study_uid);
+    bind_text(st, 5, peer);
+    (void)step_done(db, st, "audit insert");
+    sqlite3_finalize(st);
+}
+
+int cloud_index_edge_add(sqlite3 *db, const char *edge_id, char secret_hex[65])
+{
+    uint8_t secret[32];
+    sqlite3_stmt *st;
+    int rc;
+
+    if (cmn_random(secret, sizeof(secret)) < 0)
+        return CMN_ECRYPTO;
+    cmn_hex(secret, sizeof(secret), secret_hex);
+    if (cmn_db_prepare(db, "INSERT INTO edges(id, secret, created) VALUES(?,?,?)", &st) < 0)
+        return CMN_EDB;
+    bind_text(st, 1, edge_id);
+    bind_text(st, 2, secret_hex);
+    sqlite3_bind_int64(st, 3, cloud_now());
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_DONE)
+        rc = 0;
+    else if ((rc & 0xff) == SQLITE_CONSTRAINT)
+        rc = CMN_ECONFLICT;
+    else {
+        CMN_LOG_E("index", "edge insert: %s", sqlite3_errmsg(db));
+        rc = CMN_EDB;
+    }
+    sqlite3_finalize(st);
+    memset(secret, 0, sizeof(secret));
+    return rc;
+}
+
+int cloud_index_edge_secret(sqlite3 *db, const char *edge_id, char secret_hex[65])
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    if (cmn_db_prepare(db, "SELECT secret FROM edges WHERE id = ? AND enabled = 1", &st) < 0)
+        return CMN_EDB;
+    bind_text(st, 1, edge_id);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        snprintf(secret_hex, 65, "%s", (const char *)sqlite3_column_text(st, 0));
+        rc = 0;
+    } else if (rc == SQLITE_DONE) {
+        rc = CMN_ENOTFOUND;
+    } else {
+        CMN_LOG_E("index", "edge lookup: %s", sqlite3_errmsg(db));
+        rc = CMN_EDB;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}

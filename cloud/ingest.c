@@ -1,0 +1,862 @@
+/*
+ * ingest.c - the edge upload protocol, version 1 (see proto/proto.h).
+ *
+ *   POST /api/v1/objects                  declare (or resume) an object
+ *   PUT  /api/v1/objects/{id}/chunks/{i}  one chunk, with X-YY-Chunk-SHA256
+ *   GET  /api/v1/objects/{id}             which chunks the cloud holds
+ *   POST /api/v1/objects/{id}/commit      verify, parse, archive, index
+ *
+ * Every request is signed by the edge (proto_verify with the edge's secret,
+ * timestamp within ingest.max_skew_s); a nonce can be used once per edge (the
+ * PRIMARY KEY of the nonces table decides, so several cloud processes agree).
+ *
+ * An upload is a row in the uploads table; its state only moves forward:
+ *
+ *      declare           all chunks + valid DICOM          re-declare
+ *   ----------> open ------------------------------> committed (stored |
+ *                 |  ^                                          duplicate |
+ *      bad DICOM  v  | re-declare                               conflict)
+ *              rejected
+ *
+ * Chunk files live in ingest.staging_dir/<object_id>/<i>; a chunks row is
+ * added only after its file is durable, so "have" never lists a chunk that a
+ * crash lost. Commit re-checks the state inside a write transaction, which
+ * serialises concurrent commits of the same SOP Instance UID: the archive
+ * file and the index rows appear together or the commit is retried.
+ *
+ * The HMAC key of an edge is the 32 bytes whose hex form edge-add printed
+ * (the edge decodes its secret file the same way).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cmn/crypto.h"
+#include "cmn/db.h"
+#include "cmn/dicom.h"
+#include "cmn/errors.h"
+#include "cmn/log.h"
+#include "proto/proto.h"
+#include "internal.h"
+
+const cmn_conf_opt_t cloud__ingest_opts[] = {
+    CMN_CONF_OPT_STR(cloud_ingest_conf_t, staging_dir, "var/cloud/staging",
+                     "directory for partial uploads (same file system as archive.dir)"),
+    CMN_CONF_OPT_INT(cloud_ingest_conf_t, max_skew_s, 300, 5, 86400,
+                     "accepted clock difference of signed edge requests, seconds"),
+};
+const size_t cloud__ingest_nopts = CMN_ARRAY_SIZE(cloud__ingest_opts);
+
+#define OBJECTS_PATH "/api/v1/objects"
+
+/** What a verified request carries besides its body. */
+typedef struct {
+    char edge_id[PROTO_EDGE_ID_MAX + 1];
+    char body_sha256[PROTO_HEX256 + 1];    /* computed from the received body */
+    const char *peer;
+} signed_req_t;
+
+typedef struct {
+    char object_id[PROTO_HEX256 + 1];
+    char edge_id[PROTO_EDGE_ID_MAX + 1];
+    char sha256[PROTO_HEX256 + 1];
+    char sop_uid[PROTO_UID_MAX + 1];
+    char state[16];
+    char result[16];
+    uint64_t size;
+    uint32_t chunk_size;
+    uint32_t nchunks;
+    char *decl;                            /* JSON text; malloc'd */
+} upload_t;
+
+static void reject(cmn_http_resp_t *resp, const signed_req_t *sr, int status, const char *code,
+                   const char *msg)
+{
+    CMN_LOG_W("ingest", "rejected status=%d code=%s reason=\"%s\" edge=%s peer=%s", status, code,
+              msg, sr && sr->edge_id[0] ? sr->edge_id : "-", sr ? sr->peer : "-");
+    cloud_resp_error(resp, status, code, msg);
+}
+
+/* ------------------------------------------------------------ signatures */
+
+static int body_hash(const cmn_http_req_t *req, char out[PROTO_HEX256 + 1])
+{
+    uint8_t h[CMN_SHA256_LEN];
+
+    if (req->body_file) {
+        uint64_t n;
+        int rc = cmn_sha256_file(req->body_file, h, &n);
+        if (rc < 0)
+            return rc;
+    } else {
+        cmn_sha256(req->body ? req->body : "", req->body ? req->body_len : 0, h);
+    }
+    cmn_hex(h, sizeof(h), out);
+    return 0;
+}
+
+static bool parse_i64(const char *s, int64_t *out)
+{
+    char *end;
+    long long v;
+
+    if (!s || !*s)
+        return false;
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (errno || *end)
+        return false;
+    *out = v;
+    return true;
+}
+
+static void nonce_cleanup(sqlite3 *db, int64_t now)
+{
+    static _Atomic int64_t last;
+    int64_t prev = atomic_load(&last);
+    sqlite3_stmt *st;
+
+    if (now - prev < 60 || !atomic_compare_exchange_strong(&last, &prev, now))
+        return;
+    if (cmn_db_prepare(db, "DELETE FROM nonces WHERE ts < ?", &st) < 0)
+        return;
+    sqlite3_bind_int64(st, 1, now - 2 * cloud_conf->ingest.max_skew_s - 60);
+    (void)sqlite3_step(st);
+    sqlite3_finalize(st);
+}
+
+/* 0 when the nonce is fresh, CMN_EAUTH when seen, CMN_EDB. */
+static int nonce_claim(sqlite3 *db, const char *edge, const char *nonce, int64_t ts)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    if (cmn_db_prepare(db, "INSERT INTO nonces(edge_id, nonce, ts) VALUES(?,?,?)", &st) < 0)
+        return CMN_EDB;
+    sqlite3_bind_text(st, 1, edge, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, nonce, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, ts);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc == SQLITE_DONE)
+        return 0;
+    if ((rc & 0xff) == SQLITE_CONSTRAINT)
+        return CMN_EAUTH;
+    CMN_LOG_E("ingest", "nonce insert: %s", sqlite3_errmsg(db));
+    return CMN_EDB;
+}
+
+/* true when the request is authentic; else the response is written. */
+static bool verify_request(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+                           signed_req_t *sr)
+{
+    const char *ver = cmn_http_req_header(req, PROTO_H_VERSION);
+    const char *edge = cmn_http_req_header(req, PROTO_H_EDGE);
+    const char *ts_s = cmn_http_req_header(req, PROTO_H_TIMESTAMP);
+    const char *nonce = cmn_http_req_header(req, PROTO_H_NONCE);
+    const char *bh = cmn_http_req_header(req, PROTO_H_BODY_HASH);
+    const char *sig = cmn_http_req_header(req, PROTO_H_SIGNATURE);
+    char secret_hex[65];
+    uint8_t key[32];
+    int64_t ts, now = cloud_now();
+    proto_sig_check_t chk;
+    proto_req_t r;
+    int rc;
+
+    memset(sr, 0, sizeof(*sr));
+    sr->peer = req->peer;
+    if (!ver || strcmp(ver, "1") != 0) {
+        reject(resp, sr, 400, "unsupported_version", "X-YY-Version must be 1");
+        return false;
+    }
+    if (!edge || !ts_s || !nonce || !bh || !sig || strlen(edge) == 0 ||
+        strlen(edge) > PROTO_EDGE_ID_MAX || !parse_i64(ts_s, &ts)) {
+        reject(resp, sr, 401, "unauthorized", "missing or malformed signature headers");
+        return false;
+    }
+    snprintf(sr->edge_id, sizeof(sr->edge_id), "%s", edge);
+    if (body_hash(req, sr->body_sha256) < 0) {
+        reject(resp, sr, 500, "internal", "cannot hash the request body");
+        return false;
+    }
+    if (strcasecmp(bh, sr->body_sha256) != 0) {
+        reject(resp, sr, 401, "unauthorized", "X-YY-Content-SHA256 does not match the body");
+        return false;
+    }
+    rc = cloud_index_edge_secret(db, edge, secret_hex);
+    if (rc == CMN_ENOTFOUND) {
+        reject(resp, sr, 401, "unauthorized", "unknown or disabled edge");
+        return false;
+    }
+    if (rc < 0 || cmn_unhex(secret_hex, key, sizeof(key)) < 0) {
+        memset(secret_hex, 0, sizeof(secret_hex));
+        reject(resp, sr, 500, "internal", "edge secret unavailable");
+        return false;
+    }
+    r = (proto_req_t){
+        .method = req->method,
+        .path = req->path,
+        .query = req->query,
+        .edge_id = edge,
+        .timestamp = ts,
+        .nonce = nonce,
+        .body_sha256 = sr->body_sha256,
+    };
+    chk = proto_verify(key, sizeof(key), &r, sig, now, cloud_conf->ingest.max_skew_s);
+    memset(key, 0, sizeof(key));
+    memset(secret_hex, 0, sizeof(secret_hex));
+    switch (chk) {
+    case PROTO_SIG_OK:
+        break;
+    case PROTO_SIG_STALE:
+        reject(resp, sr, 401, "unauthorized", "timestamp outside the accepted window");
+        return false;
+    case PROTO_SIG_MALFORMED:
+        reject(resp, sr, 401, "unauthorized", "malformed signature headers");
+        return false;
+    default:
+        reject(resp, sr, 401, "unauthorized", "signature does not match");
+        return false;
+    }
+    nonce_cleanup(db, now);
+    rc = nonce_claim(db, edge, nonce, ts);
+    if (rc == CMN_EAUTH) {
+        reject(resp, sr, 401, "unauthorized", "nonce already used");
+        return false;
+    }
+    if (rc < 0) {
+        reject(resp, sr, 503, "unavailable", "index unavailable");
+        return false;
+    }
+    return true;
+}
+
+/* --------------------------------------------------------------- uploads */
+
+static void upload_free(upload_t *u)
+{
+    free(u->decl);
+    u->decl = NULL;
+}
+
+static void col_copy(sqlite3_stmt *st, int i, char *out, size_t outlen)
+{
+    const unsigned char *s = sqlite3_column_text(st, i);
+    snprintf(out, outlen, "%s", s ? (const char *)s : "");
+}
+
+/* 0, CMN_ENOTFOUND, CMN_EDB. Objects are named by their hash, so any
+ * authenticated edge may continue an upload (edge_id is the first declarer). */
+static int upload_load(sqlite3 *db, const char *object_id, upload_t *u)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    memset(u, 0, sizeof(*u));
+    if (cmn_db_prepare(db,
+                       "SELECT edge_id, sha256, size, chunk_size, nchunks, state,"
+                       " coalesce(result, ''), sop_uid, decl FROM uploads WHERE object_id = ?",
+                       &st) < 0)
+        return CMN_EDB;
+    sqlite3_bind_text(st, 1, object_id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        snprintf(u->object_id, sizeof(u->object_id), "%s", object_id);
+        col_copy(st, 0, u->edge_id, sizeof(u->edge_id));
+        col_copy(st, 1, u->sha256, sizeof(u->sha256));
+        u->size = (uint64_t)sqlite3_column_int64(st, 2);
+        u->chunk_size = (uint32_t)sqlite3_column_int64(st, 3);
+        u->nchunks = (uint32_t)sqlite3_column_int64(st, 4);
+        col_copy(st, 5, u->state, sizeof(u->state));
+        col_copy(st, 6, u->result, sizeof(u->result));
+        col_copy(st, 7, u->sop_uid, sizeof(u->sop_uid));
+        u->decl = cmn_xstrdup((const char *)sqlite3_column_text(st, 8));
+        rc = 0;
+    } else if (rc == SQLITE_DONE) {
+        rc = CMN_ENOTFOUND;
+    } else {
+        CMN_LOG_E("ingest", "upload load: %s", sqlite3_errmsg(db));
+        rc = CMN_EDB;
+    }
+    sqlite3_finalize(st);
+    if (rc < 0)
+        upload_free(u);
+    return rc;
+}
+
+static int staging_dir(const char *object_id, char *out, size_t outlen)
+{
+    int n = snprintf(out, outlen, "%s/%s", cloud_conf->ingest.staging_dir, object_id);
+    return (n < 0 || (size_t)n >= outlen) ? -ENAMETOOLONG : 0;
+}
+
+/* Removes an object's staging files (best effort). */
+static void staging_remove(const upload_t *u)
+{
+    char dir[4096], p[4200];
+
+    if (staging_dir(u->object_id, dir, sizeof(dir)) < 0)
+        return;
+    for (uint32_t i = 0; i < u->nchunks; i++) {
+        snprintf(p, sizeof(p), "%s/%" PRIu32, dir, i);
+        unlink(p);
+    }
+    rmdir(dir);
+}
+
+static void status_respond(sqlite3 *db, cmn_http_resp_t *resp, const upload_t *u)
+{
+    proto_object_status_t s;
+    sqlite3_stmt *st;
+    char *json;
+
+    memset(&s, 0, sizeof(s));
+    snprintf(s.object_id, sizeof(s.object_id), "%s", u->object_id);
+    s.chunk_size = u->chunk_size;
+    s.nchunks = u->nchunks;
+    s.state = strcmp(u->state, "committed") == 0 ? PROTO_OBJ_COMMITTED : PROTO_OBJ_OPEN;
+    s.have = cmn_xcalloc(u->nchunks ? u->nchunks : 1, 1);
+    if (s.state == PROTO_OBJ_COMMITTED) {
+        memset(s.have, 1, u->nchunks);
+    } else if (cmn_db_prepare(db, "SELECT idx FROM chunks WHERE object_id = ?", &st) == 0) {
+        sqlite3_bind_text(st, 1, u->object_id, -1, SQLITE_STATIC);
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            sqlite3_int64 i = sqlite3_column_int64(st, 0);
+            if (i >= 0 && i < (sqlite3_int64)u->nchunks)
+                s.have[i] = 1;
+        }
+        sqlite3_finalize(st);
+    }
+    json = proto_object_status_encode(&s);
+    free(s.have);
+    cloud_resp_json_take(resp, 200, "application/json", json);
+}
+
+/* ---------------------------------------------------------------- declare */
+
+
+static void handle_declare(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+                           const signed_req_t *sr)
+{
+    proto_object_decl_t d;
+    char err[256], id[65];
+    sqlite3_stmt *st;
+    upload_t u;
+    int rc;
+
+    if (!req->body || proto_object_decl_decode(req->body, req->body_len, &d, err, sizeof(err)) < 0) {
+        reject(resp, sr, 400, "bad_request", req->body ? err : "declaration expected");
+        return;
+    }
+    /* The object id is the object's SHA-256 (PROTOCOL.md): the same bytes
+     * from any edge resume the same upload, with the chunk size accepted
+     * first. */
+    snprintf(id, sizeof(id), "%s", d.sha256);
+    if (cmn_db_prepare(db,
+                       "INSERT INTO uploads(object_id, edge_id, decl, sha256, size, chunk_size,"
+                       " nchunks, state, sop_uid, created, updated)"
+                       " VALUES(?,?,?,?,?,?,?,'open',?,?,?)"
+                       " ON CONFLICT(object_id) DO UPDATE SET state = 'open', updated = ?"
+                       " WHERE state = 'rejected'",
+                       &st) < 0) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, sr->edge_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, req->body, (int)req->body_len, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, d.sha256, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 5, (sqlite3_int64)d.size);
+    sqlite3_bind_int64(st, 6, d.chunk_size);
+    sqlite3_bind_int64(st, 7, proto_chunk_count(d.size, d.chunk_size));
+    sqlite3_bind_text(st, 8, d.sop_uid, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 9, cloud_now());
+    sqlite3_bind_int64(st, 10, cloud_now());
+    sqlite3_bind_int64(st, 11, cloud_now());
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        CMN_LOG_E("ingest", "declare: %s", sqlite3_errmsg(db));
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    rc = upload_load(db, id, &u);
+    if (rc < 0) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    CMN_LOG_D("ingest", "declared object=%.16s edge=%s sop=%s size=%" PRIu64 " state=%s", id,
+              sr->edge_id, d.sop_uid, d.size, u.state);
+    status_respond(db, resp, &u);
+    upload_free(&u);
+}
+
+/* ------------------------------------------------------------------ chunk */
+
+/* Makes the received body durable at dst (temp + fsync + rename). */
+static int store_body(const cmn_http_req_t *req, const char *dst)
+{
+    char tmp[4300], dir[4096];
+    const char *slash;
+    int fd, rc;
+
+    if (!req->body_file)
+        return cloud_write_file_atomic(dst, req->body, req->body_len);
+
+    /* A large body is already in a temp file: link it (same file system) so
+     * the server's removal of its name does not touch ours. */
+    snprintf(tmp, sizeof(tmp), "%s.tmp.%ld", dst, (long)gettid());
+    unlink(tmp);
+    if (link(req->body_file, tmp) < 0) {
+        int e = errno;
+        FILE *in;
+        char *buf;
+        size_t n;
+
+        if (e != EXDEV && e != EPERM && e != EMLINK)
+            return -e;
+        in = fopen(req->body_file, "rb");
+        if (!in)
+            return -errno;
+        fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+        if (fd < 0) {
+            rc = -errno;
+            fclose(in);
+            return rc;
+        }
+        buf = cmn_xmalloc(1 << 16);
+        rc = 0;
+        while ((n = fread(buf, 1, 1 << 16, in)) > 0) {
+            if (write(fd, buf, n) != (ssize_t)n) {
+                rc = -EIO;
+                break;
+            }
+        }
+        free(buf);
+        fclose(in);
+        close(fd);
+        if (rc < 0) {
+            unlink(tmp);
+            return rc;
+        }
+    }
+    fd = open(tmp, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || fsync(fd) < 0) {
+        rc = -errno;
+        if (fd >= 0)
+            close(fd);
+        unlink(tmp);
+        return rc;
+    }
+    close(fd);
+    if (rename(tmp, dst) < 0) {
+        rc = -errno;
+        unlink(tmp);
+        return rc;
+    }
+    slash = strrchr(dst, '/');
+    snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - dst) : 1, slash ? dst : ".");
+    return cloud_fsync_dir(dir);
+}
+
+static void handle_chunk(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+                         const signed_req_t *sr, const char *id, const char *idx_s)
+{
+    const char *ch = cmn_http_req_header(req, PROTO_H_CHUNK_HASH);
+    char dir[4096], path[4200];
+    sqlite3_stmt *st;
+    int64_t idx;
+    upload_t u;
+    int rc;
+
+    rc = upload_load(db, id, &u);
+    if (rc == CMN_ENOTFOUND) {
+        reject(resp, sr, 404, "not_found", "no such object");
+        return;
+    }
+    if (rc < 0) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    if (strcmp(u.state, "committed") == 0) {   /* a late re-send: harmless */
+        cmn_http_resp_status(resp, 204);
+        goto out;
+    }
+    if (strcmp(u.state, "open") != 0) {
+        reject(resp, sr, 404, "not_found", "object is not accepting chunks; declare it again");
+        goto out;
+    }
+    if (!parse_i64(idx_s, &idx) || idx < 0 || idx >= (int64_t)u.nchunks) {
+        reject(resp, sr, 400, "bad_chunk", "chunk index out of range");
+        goto out;
+    }
+    if (req->body_len != proto_chunk_len(u.size, u.chunk_size, (uint32_t)idx)) {
+        reject(resp, sr, 400, "bad_chunk", "chunk length does not match the declaration");
+        goto out;
+    }
+    if (!ch || strcasecmp(ch, sr->body_sha256) != 0) {
+        reject(resp, sr, 400, "bad_chunk", "X-YY-Chunk-SHA256 does not match the chunk");
+        goto out;
+    }
+    if (staging_dir(id, dir, sizeof(dir)) < 0 || cloud_mkdirs(dir) < 0) {
+        cloud_resp_error(resp, 507, "no_space", "cannot create the staging directory");
+        goto out;
+    }
+    snprintf(path, sizeof(path), "%s/%" PRId64, dir, idx);
+    rc = store_body(req, path);
+    if (rc < 0) {
+        CMN_LOG_E("ingest", "chunk write object=%.16s i=%" PRId64 ": %s", id, idx,
+                  cmn_strerror(rc));
+        cloud_resp_error(resp, rc == -ENOSPC ? 507 : 500, "storage", "cannot store the chunk");
+        goto out;
+    }
+    if (cmn_db_prepare(db, "INSERT OR REPLACE INTO chunks(object_id, idx, sha256) VALUES(?,?,?)",
+                       &st) < 0) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        goto out;
+    }
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, idx);
+    sqlite3_bind_text(st, 3, sr->body_sha256, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        CMN_LOG_E("ingest", "chunk row: %s", sqlite3_errmsg(db));
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        goto out;
+    }
+    cmn_http_resp_status(resp, 204);
+out:
+    upload_free(&u);
+}
+
+/* ----------------------------------------------------------------- commit */
+
+static void commit_respond(cmn_http_resp_t *resp, const char *result, const char *sop_uid)
+{
+    proto_commit_t c;
+
+    memset(&c, 0, sizeof(c));
+    c.result = strcmp(result, "duplicate") == 0  ? PROTO_COMMIT_DUPLICATE
+               : strcmp(result, "conflict") == 0 ? PROTO_COMMIT_CONFLICT
+                                                 : PROTO_COMMIT_STORED;
+    snprintf(c.sop_uid, sizeof(c.sop_uid), "%s", sop_uid);
+    cloud_resp_json_take(resp, 200, "application/json", proto_commit_encode(&c));
+}
+
+/* Concatenates the chunks into out_path, hashing; 0, -errno. */
+static int assemble(const upload_t *u, const char *out_path, char sha_hex[65], uint64_t *size)
+{
+    char dir[4096], p[4200];
+    cmn_sha256_ctx_t ctx;
+    uint8_t h[CMN_SHA256_LEN];
+    char *buf;
+    int out, rc = 0;
+
+    if (staging_dir(u->object_id, dir, sizeof(dir)) < 0)
+        return -ENAMETOOLONG;
+    out = open(out_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    if (out < 0)
+        return -errno;
+    buf = cmn_xmalloc(1 << 16);
+    cmn_sha256_init(&ctx);
+    *size = 0;
+    for (uint32_t i = 0; i < u->nchunks && rc == 0; i++) {
+        int in;
+        ssize_t n;
+
+        snprintf(p, sizeof(p), "%s/%" PRIu32, dir, i);
+        in = open(p, O_RDONLY | O_CLOEXEC);
+        if (in < 0) {
+            rc = -errno;
+            break;
+        }
+        while ((n = read(in, buf, 1 << 16)) > 0) {
+            cmn_sha256_update(&ctx, buf, (size_t)n);
+            if (write(out, buf, (size_t)n) != n) {
+                rc = errno ? -errno : -EIO;
+                break;
+            }
+            *size += (uint64_t)n;
+        }
+        if (n < 0)
+            rc = -errno;
+        close(in);
+    }
+    free(buf);
+    cmn_sha256_final(&ctx, h);
+    cmn_hex(h, sizeof(h), sha_hex);
+    if (rc == 0 && fsync(out) < 0)
+        rc = -errno;
+    close(out);
+    if (rc < 0)
+        unlink(out_path);
+    return rc;
+}
+
+static int upload_set(sqlite3 *db, const char *id, const char *state, const char *result)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    if (cmn_db_prepare(db, "UPDATE uploads SET state = ?, result = ?, updated = ? WHERE object_id = ?",
+                       &st) < 0)
+        return CMN_EDB;
+    sqlite3_bind_text(st, 1, state, -1, SQLITE_STATIC);
+    if (result)
+        sqlite3_bind_text(st, 2, result, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 2);
+    sqlite3_bind_int64(st, 3, cloud_now());
+    sqlite3_bind_text(st, 4, id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st) == SQLITE_DONE ? 0 : CMN_EDB;
+    sqlite3_finalize(st);
+    if (rc == 0) {
+        if (cmn_db_prepare(db, "DELETE FROM chunks WHERE object_id = ?", &st) < 0)
+            return CMN_EDB;
+        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        rc = sqlite3_step(st) == SQLITE_DONE ? 0 : CMN_EDB;
+        sqlite3_finalize(st);
+    }
+    if (rc < 0)
+        CMN_LOG_E("ingest", "upload update: %s", sqlite3_errmsg(db));
+    return rc;
+}
+
+static int count_chunks(sqlite3 *db, const char *id, int64_t *n)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    if (cmn_db_prepare(db, "SELECT count(*) FROM chunks WHERE object_id = ?", &st) < 0)
+        return CMN_EDB;
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    *n = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : -1;
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : CMN_EDB;
+}
+
+static void handle_commit(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+                          const signed_req_t *sr, const char *id)
+{
+    char dir[4096], tmp[4200], dst[4096], sha[65], err[256], prefix[512];
+    cmn_dicom_info_t *info = NULL;
+    cloud_instance_ref_t have;
+    const char *result;
+    char *json = NULL;
+    size_t jsonlen;
+    uint64_t size = 0;
+    int64_t n;
+    upload_t u;
+    int rc;
+
+    (void)req;
+    rc = upload_load(db, id, &u);
+    if (rc == CMN_ENOTFOUND) {
+        reject(resp, sr, 404, "not_found", "no such object");
+        return;
+    }
+    if (rc < 0) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    if (strcmp(u.state, "committed") == 0) {
+        commit_respond(resp, u.result, u.sop_uid);
+        goto out;
+    }
+    if (strcmp(u.state, "open") != 0) {
+        reject(resp, sr, 404, "not_found", "object was rejected; declare it again");
+        goto out;
+    }
+    if (count_chunks(db, id, &n) < 0) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        goto out;
+    }
+    if (n != (int64_t)u.nchunks) {
+        reject(resp, sr, 409, "incomplete", "not all chunks have been received");
+        goto out;
+    }
+
+    staging_dir(id, dir, sizeof(dir));
+    snprintf(tmp, sizeof(tmp), "%s/object.%ld.dcm", dir, (long)gettid());
+    rc = assemble(&u, tmp, sha, &size);
+    if (rc < 0) {
+        CMN_LOG_E("ingest", "assemble object=%.16s: %s", id, cmn_strerror(rc));
+        cloud_resp_error(resp, rc == -ENOSPC ? 507 : 500, "storage", "cannot assemble the object");
+        goto out;
+    }
+    if (size != u.size || strcmp(sha, u.sha256) != 0) {
+        /* Chunks were verified one by one, so this means the declaration
+         * was wrong: start over. */
+        (void)upload_set(db, id, "rejected", NULL);
+        unlink(tmp);
+        staging_remove(&u);
+        reject(resp, sr, 422, "bad_object", "object SHA-256 or size does not match");
+        goto out;
+    }
+
+    info = cmn_xmalloc(sizeof(*info));
+    if (cmn_dicom_read_info(tmp, info, err, sizeof(err)) < 0) {
+        (void)upload_set(db, id, "rejected", NULL);
+        unlink(tmp);
+        staging_remove(&u);
+        CMN_LOG_W("ingest", "not DICOM object=%.16s edge=%s: %s", id, sr->edge_id, err);
+        reject(resp, sr, 422, "bad_object", "the object is not a readable DICOM instance");
+        goto out;
+    }
+    if (strcmp(info->sop_uid, u.sop_uid) != 0) {
+        (void)upload_set(db, id, "rejected", NULL);
+        unlink(tmp);
+        staging_remove(&u);
+        reject(resp, sr, 422, "bad_object", "SOP Instance UID differs from the declaration");
+        goto out;
+    }
+    snprintf(prefix, sizeof(prefix), "/dicomweb/studies/%s/series/%s/instances/%s/bulk",
+             info->study_uid, info->series_uid, info->sop_uid);
+    if (cmn_dicom_to_json(tmp, prefix, &json, &jsonlen, err, sizeof(err)) < 0) {
+        (void)upload_set(db, id, "rejected", NULL);
+        unlink(tmp);
+        staging_remove(&u);
+        CMN_LOG_W("ingest", "json failed object=%.16s: %s", id, err);
+        reject(resp, sr, 422, "bad_object", "the object cannot be converted to DICOM JSON");
+        goto out;
+    }
+
+    /* The write lock serialises commits: the check and the placement below
+     * see a stable index. */
+    if (cloud_index_begin(db) < 0) {
+        unlink(tmp);
+        cloud_resp_error(resp, 503, "unavailable", "index busy");
+        goto out;
+    }
+    upload_free(&u);
+    if (upload_load(db, id, &u) < 0)
+        goto out_rollback;
+    if (strcmp(u.state, "committed") == 0) {   /* a concurrent commit won */
+        cloud_index_rollback(db);
+        unlink(tmp);
+        commit_respond(resp, u.result, u.sop_uid);
+        goto out;
+    }
+    rc = cloud_index_find_instance(db, info->sop_uid, &have);
+    if (rc == 0 && strcmp(have.sha256, sha) == 0) {
+        result = "duplicate";
+        unlink(tmp);
+    } else if (rc == 0) {
+        result = "conflict";
+        if (cloud_archive_conflict_path(info->sop_uid, sha, dst, sizeof(dst)) < 0 ||
+            cloud_archive_place(tmp, dst) < 0 ||
+            cloud_index_add_conflict(db, info->sop_uid, sha, dst, sr->edge_id) < 0)
+            goto out_rollback;
+        CMN_LOG_W("ingest", "conflict sop=%s sha=%.16s kept=%.16s edge=%s", info->sop_uid, sha,
+                  have.sha256, sr->edge_id);
+    } else if (rc == CMN_ENOTFOUND) {
+        result = "stored";
+        if (cloud_archive_path(info->study_uid, info->series_uid, info->sop_uid, dst,
+                               sizeof(dst)) < 0 ||
+            cloud_archive_place(tmp, dst) < 0 ||
+            cloud_index_add_instance(db, info, dst, size, sha, json) < 0)
+            goto out_rollback;
+    } else {
+        goto out_rollback;
+    }
+    if (upload_set(db, id, "committed", result) < 0 || cloud_index_commit(db) < 0)
+        goto out_rollback;
+    staging_remove(&u);
+    CMN_LOG_I("ingest", "commit object=%.16s edge=%s sop=%s result=%s size=%" PRIu64, id,
+              sr->edge_id, info->sop_uid, result, size);
+    commit_respond(resp, result, info->sop_uid);
+    goto out;
+
+out_rollback:
+    cloud_index_rollback(db);
+    unlink(tmp);
+    CMN_LOG_E("ingest", "commit failed object=%.16s edge=%s", id, sr->edge_id);
+    cloud_resp_error(resp, 500, "internal", "commit failed; retry");
+out:
+    free(json);
+    free(info);
+    upload_free(&u);
+}
+
+/* ------------------------------------------------------------------ route */
+
+void cloud_ingest_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
+{
+    const char *rest;
+    char id[PROTO_HEX256 + 1];
+    signed_req_t sr;
+    sqlite3 *db;
+
+    if (strncmp(req->path, OBJECTS_PATH, strlen(OBJECTS_PATH)) != 0) {
+        cloud_resp_error(resp, 404, "not_found", "no such endpoint");
+        return;
+    }
+    rest = req->path + strlen(OBJECTS_PATH);
+    if (*rest && *rest != '/') {
+        cloud_resp_error(resp, 404, "not_found", "no such endpoint");
+        return;
+    }
+    db = cloud_index_get();
+    if (!db) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    if (!verify_request(db, req, resp, &sr))
+        goto out;
+
+    if (*rest == '\0' || strcmp(rest, "/") == 0) {
+        if (strcmp(req->method, "POST") == 0)
+            handle_declare(db, req, resp, &sr);
+        else
+            cloud_resp_error(resp, 405, "method_not_allowed", "use POST");
+        goto out;
+    }
+    rest++;
+    if (strlen(rest) < PROTO_HEX256 || (rest[PROTO_HEX256] && rest[PROTO_HEX256] != '/')) {
+        cloud_resp_error(resp, 404, "not_found", "no such object");
+        goto out;
+    }
+    memcpy(id, rest, PROTO_HEX256);
+    id[PROTO_HEX256] = '\0';
+    if (!proto_hex256_valid(id)) {
+        cloud_resp_error(resp, 404, "not_found", "no such object");
+        goto out;
+    }
+    rest += PROTO_HEX256;
+    if (*rest == '\0') {
+        if (strcmp(req->method, "GET") == 0) {
+            upload_t u;
+            int rc = upload_load(db, id, &u);
+            if (rc == 0)
+                status_respond(db, resp, &u);
+            else if (rc == CMN_ENOTFOUND)
+                cloud_resp_error(resp, 404, "not_found", "no such object");
+            else
+                cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+            upload_free(&u);
+        } else {
+            cloud_resp_error(resp, 405, "method_not_allowed", "use GET");
+        }
+    } else if (strncmp(rest, "/chunks/", 8) == 0) {
+        if (strcmp(req->method, "PUT") == 0)
+            handle_chunk(db, req, resp, &sr, id, rest + 8);
+        else
+            cloud_resp_error(resp, 405, "method_not_allowed", "use PUT");
+    } else if (strcmp(rest, "/commit") == 0) {
+        if (strcmp(req->method, "POST") == 0)
+            handle_commit(db, req, resp, &sr, id);
+        else
+            cloud_resp_error(resp, 405, "method_not_allowed", "use POST");
+    } else {
+        cloud_resp_error(resp, 404, "not_found", "no such endpoint");
+    }
+out:
+    cloud_index_put(db);
+}

@@ -1,0 +1,390 @@
+/*
+ * main.c - yunying-cloud: command line, configuration, start and stop.
+ *
+ *   yunying-cloud [run] --config FILE [--check-config] [--dump-config]
+ *   yunying-cloud edge-add --config FILE --id EDGE_ID     prints the secret
+ *   yunying-cloud user-add --config FILE --user NAME --password PASS
+ *                          [--role doctor|admin]
+ *
+ * Running: one libuv loop serves HTTP; every route handler runs on the libuv
+ * threadpool (SQLite, files, DCMTK), whose size is set here before the loop
+ * starts. When listening, one line goes to stdout:
+ *   yunying-cloud: listening http://<bind>:<port>
+ * SIGTERM/SIGINT stop accepting, wait for handlers in flight, close the
+ * index and exit 0.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <uv.h>
+
+#include "cmn/conf.h"
+#include "cmn/dicom.h"
+#include "cmn/errors.h"
+#include "cmn/http.h"
+#include "cmn/log.h"
+#include "internal.h"
+
+#define THREADPOOL_SIZE "8"   /* handlers are short; 8 keeps 2 cores busy across I/O waits */
+
+static const cmn_conf_opt_t log_opts[] = {
+    CMN_CONF_OPT_STR(cloud_log_conf_t, level, "info", "log level: error, warn, info or debug"),
+};
+
+static const cmn_conf_opt_t http_opts[] = {
+    CMN_CONF_OPT_STR(cloud_http_conf_t, bind, "127.0.0.1", "listen address"),
+    CMN_CONF_OPT_INT(cloud_http_conf_t, port, 8080, 0, 65535,
+                     "listen port (0 = any free port, printed on the ready line)"),
+    CMN_CONF_OPT_STR(cloud_http_conf_t, web_root, "cloud/web/dist",
+                     "directory of the built web application"),
+    CMN_CONF_OPT_INT(cloud_http_conf_t, max_body_mb, 80, 1, 1024,
+                     "largest accepted request body (an upload chunk), MiB"),
+};
+
+static cmn_conf_section_t sections[] = {
+    { "log", log_opts, CMN_ARRAY_SIZE(log_opts), offsetof(cloud_conf_t, log) },
+    { "http", http_opts, CMN_ARRAY_SIZE(http_opts), offsetof(cloud_conf_t, http) },
+    { "index", NULL, 0, offsetof(cloud_conf_t, index) },
+    { "archive", NULL, 0, offsetof(cloud_conf_t, archive) },
+    { "ingest", NULL, 0, offsetof(cloud_conf_t, ingest) },
+};
+
+static cloud_conf_t conf;
+const cloud_conf_t *cloud_conf = &conf;
+
+typedef struct {
+    const char *cmd;             /* "run", "edge-add", "user-add" */
+    const char *config;
+    const char *id, *user, *password, *role;
+    bool check, dump;
+} args_t;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: yunying-cloud [run] --config FILE [--check-config] [--dump-config]\n"
+            "       yunying-cloud edge-add --config FILE --id EDGE_ID\n"
+            "       yunying-cloud user-add --config FILE --user NAME --password PASS"
+            " [--role doctor|admin]\n");
+}
+
+static int parse_args(int argc, char **argv, args_t *a)
+{
+    int i = 1;
+
+    memset(a, 0, sizeof(*a));
+    a->cmd = "run";
+    a->role = "doctor";
+    if (i < argc && argv[i][0] != '-')
+        a->cmd = argv[i++];
+    if (strcmp(a->cmd, "run") != 0 && strcmp(a->cmd, "edge-add") != 0 &&
+        strcmp(a->cmd, "user-add") != 0) {
+        fprintf(stderr, "yunying-cloud: unknown command '%s'\n", a->cmd);
+        return -1;
+    }
+    for (; i < argc; i++) {
+        const char *o = argv[i];
+        const char **dst = NULL;
+
+        if (strcmp(o, "--check-config") == 0) {
+            a->check = true;
+            continue;
+        }
+        if (strcmp(o, "--dump-config") == 0) {
+            a->dump = true;
+            continue;
+        }
+        if (strcmp(o, "-h") == 0 || strcmp(o, "--help") == 0) {
+            usage(stdout);
+            exit(0);
+        }
+        if (strcmp(o, "--config") == 0)
+            dst = &a->config;
+        else if (strcmp(o, "--id") == 0)
+            dst = &a->id;
+        else if (strcmp(o, "--user") == 0)
+            dst = &a->user;
+        else if (strcmp(o, "--password") == 0)
+            dst = &a->password;
+        else if (strcmp(o, "--role") == 0)
+            dst = &a->role;
+        if (!dst || i + 1 >= argc) {
+            fprintf(stderr, "yunying-cloud: %s '%s'\n", dst ? "missing value for" : "unknown option", o);
+            return -1;
+        }
+        *dst = argv[++i];
+    }
+    return 0;
+}
+
+static int load_config(const args_t *a)
+{
+    char err[512];
+
+    sections[2].opts = cloud__index_opts;
+    sections[2].nopts = cloud__index_nopts;
+    sections[3].opts = cloud__archive_opts;
+    sections[3].nopts = cloud__archive_nopts;
+    sections[4].opts = cloud__ingest_opts;
+    sections[4].nopts = cloud__ingest_nopts;
+    cmn_conf_defaults(sections, CMN_ARRAY_SIZE(sections), &conf);
+    if (a->config &&
+        cmn_conf_load(sections, CMN_ARRAY_SIZE(sections), &conf, a->config, err, sizeof(err)) < 0) {
+        fprintf(stderr, "yunying-cloud: config: %s\n", err);
+        return -1;
+    }
+    if (cmn_log_set_level_name(conf.log.level) < 0) {
+        fprintf(stderr, "yunying-cloud: config: %s: log.level: '%s' is not one of error, warn,"
+                        " info, debug\n", a->config ? a->config : "(defaults)", conf.log.level);
+        return -1;
+    }
+    static const struct {
+        const char *key;
+        size_t off;
+    } required[] = {
+        { "http.bind", offsetof(cloud_conf_t, http.bind) },
+        { "http.web_root", offsetof(cloud_conf_t, http.web_root) },
+        { "index.path", offsetof(cloud_conf_t, index.path) },
+        { "archive.dir", offsetof(cloud_conf_t, archive.dir) },
+        { "ingest.staging_dir", offsetof(cloud_conf_t, ingest.staging_dir) },
+    };
+    for (size_t i = 0; i < CMN_ARRAY_SIZE(required); i++) {
+        const char *v = *(char **)((char *)&conf + required[i].off);
+        if (!v || !*v) {
+            fprintf(stderr, "yunying-cloud: config: %s: %s: must not be empty\n",
+                    a->config ? a->config : "(defaults)", required[i].key);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int dirname_mkdirs(const char *file)
+{
+    char dir[4096];
+    const char *slash = strrchr(file, '/');
+
+    if (!slash || slash == file)
+        return 0;
+    snprintf(dir, sizeof(dir), "%.*s", (int)(slash - file), file);
+    return cloud_mkdirs(dir);
+}
+
+static int prepare_storage(void)
+{
+    char tmp[4096];
+    int rc;
+
+    snprintf(tmp, sizeof(tmp), "%s/.tmp", conf.ingest.staging_dir);
+    if ((rc = dirname_mkdirs(conf.index.path)) < 0 || (rc = cloud_mkdirs(conf.archive.dir)) < 0 ||
+        (rc = cloud_mkdirs(conf.ingest.staging_dir)) < 0 || (rc = cloud_mkdirs(tmp)) < 0) {
+        fprintf(stderr, "yunying-cloud: cannot create data directories: %s\n", cmn_strerror(rc));
+        return -1;
+    }
+    if (cloud_index_init(conf.index.path) < 0) {
+        fprintf(stderr, "yunying-cloud: cannot open the index %s\n", conf.index.path);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------- subcommands */
+
+static bool edge_id_valid(const char *id)
+{
+    size_t n = id ? strlen(id) : 0;
+
+    if (n == 0 || n > 64)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = id[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-' || c == '_' || c == '.'))
+            return false;
+    }
+    return true;
+}
+
+static int cmd_edge_add(const args_t *a)
+{
+    char secret[65];
+    sqlite3 *db;
+    int rc;
+
+    if (!edge_id_valid(a->id)) {
+        fprintf(stderr, "yunying-cloud: --id must be 1-64 characters of A-Z a-z 0-9 . _ -\n");
+        return 2;
+    }
+    db = cloud_index_get();
+    rc = db ? cloud_index_edge_add(db, a->id, secret) : CMN_EDB;
+    cloud_index_put(db);
+    if (rc == CMN_ECONFLICT) {
+        fprintf(stderr, "yunying-cloud: edge '%s' already exists\n", a->id);
+        return 1;
+    }
+    if (rc < 0) {
+        fprintf(stderr, "yunying-cloud: edge-add failed: %s\n", cmn_strerror(rc));
+        return 1;
+    }
+    printf("%s\n", secret);
+    memset(secret, 0, sizeof(secret));
+    return 0;
+}
+
+static int cmd_user_add(const args_t *a)
+{
+    sqlite3 *db;
+    int rc;
+
+    if (!a->user || !*a->user || strlen(a->user) > CLOUD_USER_MAX || !a->password ||
+        strlen(a->password) < 4) {
+        fprintf(stderr, "yunying-cloud: user-add needs --user NAME and --password (4+ chars)\n");
+        return 2;
+    }
+    if (strcmp(a->role, "doctor") != 0 && strcmp(a->role, "admin") != 0) {
+        fprintf(stderr, "yunying-cloud: --role must be doctor or admin\n");
+        return 2;
+    }
+    db = cloud_index_get();
+    rc = db ? cloud_auth_user_add(db, a->user, a->password, a->role) : CMN_EDB;
+    cloud_index_put(db);
+    if (rc < 0) {
+        fprintf(stderr, "yunying-cloud: user-add failed: %s\n", cmn_strerror(rc));
+        return 1;
+    }
+    printf("user %s (%s) saved\n", a->user, a->role);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ run */
+
+static struct {
+    uv_loop_t loop;
+    uv_signal_t sigterm;
+    uv_signal_t sigint;
+    cmn_http_server_t *srv;      /* owned; freed by cmn_http_server_close */
+    bool stopping;
+} app;
+
+static void on_server_closed(void *ud)
+{
+    (void)ud;
+    app.srv = NULL;
+    uv_close((uv_handle_t *)&app.sigterm, NULL);
+    uv_close((uv_handle_t *)&app.sigint, NULL);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    (void)h;
+    if (app.stopping)
+        return;
+    app.stopping = true;
+    CMN_LOG_I("cloud", "signal=%d stopping", signum);
+    uv_signal_stop(&app.sigterm);
+    uv_signal_stop(&app.sigint);
+    cmn_http_server_close(app.srv, on_server_closed, NULL);
+}
+
+static int cmd_run(void)
+{
+    char tmp_dir[4096];
+    size_t big = (size_t)conf.http.max_body_mb << 20;
+    const cmn_http_route_t routes[] = {
+        { NULL, "/api/v1/objects", cloud_ingest_handle, NULL, big, true },
+        { NULL, "/api/v1/", cloud_auth_handle, NULL, 64 << 10, true },
+        { NULL, "/dicomweb", cloud_dicomweb_handle, NULL, 64 << 10, true },
+        { NULL, "/wado", cloud_wado_uri_handle, NULL, 64 << 10, true },
+        { NULL, "/", cloud_static_handle, NULL, 64 << 10, true },
+    };
+    cmn_http_server_opts_t opts;
+    int rc;
+
+    if (cmn_dicom_global_init() < 0) {
+        fprintf(stderr, "yunying-cloud: DICOM dictionary not available\n");
+        return 1;
+    }
+    snprintf(tmp_dir, sizeof(tmp_dir), "%s/.tmp", conf.ingest.staging_dir);
+    memset(&opts, 0, sizeof(opts));
+    opts.host = conf.http.bind;
+    opts.port = (int)conf.http.port;
+    opts.tmp_dir = tmp_dir;   /* same file system as staging: chunks are linked, not copied */
+
+    rc = uv_loop_init(&app.loop);
+    if (rc < 0) {
+        fprintf(stderr, "yunying-cloud: loop: %s\n", uv_strerror(rc));
+        return 1;
+    }
+    rc = cmn_http_server_create(&app.loop, &opts, routes, CMN_ARRAY_SIZE(routes), &app.srv);
+    if (rc < 0) {
+        fprintf(stderr, "yunying-cloud: cannot listen on %s:%lld: %s\n", conf.http.bind,
+                conf.http.port, cmn_strerror(rc));
+        uv_loop_close(&app.loop);
+        return 1;
+    }
+    uv_signal_init(&app.loop, &app.sigterm);
+    uv_signal_init(&app.loop, &app.sigint);
+    uv_signal_start(&app.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&app.sigint, on_signal, SIGINT);
+
+    CMN_LOG_I("cloud", "started port=%d web_root=%s archive=%s threadpool=%s",
+              cmn_http_server_port(app.srv), conf.http.web_root, conf.archive.dir,
+              getenv("UV_THREADPOOL_SIZE"));
+    printf("yunying-cloud: listening http://%s:%d\n", conf.http.bind,
+           cmn_http_server_port(app.srv));
+    fflush(stdout);
+
+    uv_run(&app.loop, UV_RUN_DEFAULT);
+    rc = uv_loop_close(&app.loop);
+    if (rc < 0)
+        CMN_LOG_W("cloud", "loop close: %s", uv_strerror(rc));
+    CMN_LOG_I("cloud", "stopped");
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    args_t a;
+    int rc;
+
+    /* Before anything can start the threadpool; an operator's value wins. */
+    setenv("UV_THREADPOOL_SIZE", THREADPOOL_SIZE, 0);
+    signal(SIGPIPE, SIG_IGN);
+
+    if (parse_args(argc, argv, &a) < 0) {
+        usage(stderr);
+        return 2;
+    }
+    if (load_config(&a) < 0) {
+        cmn_conf_free(sections, CMN_ARRAY_SIZE(sections), &conf);
+        return 1;
+    }
+    if (a.dump)
+        cmn_conf_dump(sections, CMN_ARRAY_SIZE(sections), &conf, stdout);
+    if (a.check) {
+        if (!a.dump)
+            printf("yunying-cloud: config OK\n");
+        cmn_conf_free(sections, CMN_ARRAY_SIZE(sections), &conf);
+        return 0;
+    }
+    if (a.dump) {
+        cmn_conf_free(sections, CMN_ARRAY_SIZE(sections), &conf);
+        return 0;
+    }
+    if (prepare_storage() < 0) {
+        cmn_conf_free(sections, CMN_ARRAY_SIZE(sections), &conf);
+        return 1;
+    }
+    if (strcmp(a.cmd, "edge-add") == 0)
+        rc = cmd_edge_add(&a);
+    else if (strcmp(a.cmd, "user-add") == 0)
+        rc = cmd_user_add(&a);
+    else
+        rc = cmd_run();
+    cloud_index_shutdown();
+    cmn_conf_free(sections, CMN_ARRAY_SIZE(sections), &conf);
+    return rc;
+}

@@ -1,0 +1,139 @@
+/*
+ * static.c - serves the web bundle from http.web_root.
+ *
+ * GET/HEAD only. The URL path is percent-decoded and refused (404) when any
+ * segment is empty of meaning or dangerous (".", "..", hidden names, NUL,
+ * backslash); the resolved file must also lie inside the root after symlinks
+ * are followed. Paths without a file extension that name no file get
+ * index.html (the single-page app routes on the client). Vite's hashed
+ * assets (/assets/...) are cached for a year; everything else is revalidated.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+
+#include "cmn/errors.h"
+#include "cmn/log.h"
+#include "internal.h"
+
+static const struct {
+    const char *ext;
+    const char *type;
+} types[] = {
+    { "html", "text/html; charset=utf-8" },
+    { "js", "text/javascript; charset=utf-8" },
+    { "mjs", "text/javascript; charset=utf-8" },
+    { "css", "text/css; charset=utf-8" },
+    { "json", "application/json" },
+    { "map", "application/json" },
+    { "webmanifest", "application/manifest+json" },
+    { "svg", "image/svg+xml" },
+    { "png", "image/png" },
+    { "jpg", "image/jpeg" },
+    { "jpeg", "image/jpeg" },
+    { "gif", "image/gif" },
+    { "webp", "image/webp" },
+    { "ico", "image/x-icon" },
+    { "wasm", "application/wasm" },
+    { "woff", "font/woff" },
+    { "woff2", "font/woff2" },
+    { "ttf", "font/ttf" },
+    { "txt", "text/plain; charset=utf-8" },
+};
+
+static const char *content_type(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    const char *dot = strrchr(slash ? slash : path, '.');
+
+    if (dot)
+        for (size_t i = 0; i < CMN_ARRAY_SIZE(types); i++)
+            if (strcasecmp(dot + 1, types[i].ext) == 0)
+                return types[i].type;
+    return "application/octet-stream";
+}
+
+static bool path_safe(const char *p)
+{
+    if (*p != '/' || strchr(p, '\\'))
+        return false;
+    for (const char *s = p; *s;) {
+        size_t n;
+
+        while (*s == '/')
+            s++;
+        n = strcspn(s, "/");
+        if (n > 0 && s[0] == '.')
+            return false;   /* ".", "..", and hidden files */
+        s += n;
+    }
+    return true;
+}
+
+static void not_found(cmn_http_resp_t *resp)
+{
+    static const char msg[] = "not found\n";
+    cmn_http_resp_simple(resp, 404, "text/plain; charset=utf-8", msg, sizeof(msg) - 1);
+}
+
+/* Serves root+rel if it is a regular file inside root. 0, or CMN_ENOTFOUND. */
+static int serve(cmn_http_resp_t *resp, const char *root_real, const char *rel, bool immutable)
+{
+    char full[PATH_MAX + 64], real[PATH_MAX];
+    size_t rl = strlen(root_real);
+    struct stat sb;
+
+    if (snprintf(full, sizeof(full), "%s%s", root_real, rel) >= (int)sizeof(full))
+        return CMN_ENOTFOUND;
+    if (!realpath(full, real) || strncmp(real, root_real, rl) != 0 || real[rl] != '/')
+        return CMN_ENOTFOUND;
+    if (stat(real, &sb) < 0 || !S_ISREG(sb.st_mode))
+        return CMN_ENOTFOUND;
+    cmn_http_resp_status(resp, 200);
+    cmn_http_resp_header(resp, "Content-Type", content_type(real));
+    cmn_http_resp_header(resp, "Cache-Control",
+                         immutable ? "public, max-age=31536000, immutable" : "no-cache");
+    cmn_http_resp_header(resp, "X-Content-Type-Options", "nosniff");
+    if (cmn_http_resp_file(resp, real, 0, UINT64_MAX) < 0)
+        return CMN_ENOTFOUND;
+    return 0;
+}
+
+void cloud_static_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
+{
+    char path[2048], root_real[PATH_MAX];
+    const char *last;
+    size_t n;
+
+    if (strcmp(req->method, "GET") != 0 && strcmp(req->method, "HEAD") != 0) {
+        cmn_http_resp_header(resp, "Allow", "GET, HEAD");
+        cmn_http_resp_simple(resp, 405, "text/plain; charset=utf-8", "method not allowed\n", 19);
+        return;
+    }
+    if (strcasestr(req->path, "%00") ||
+        cmn_http_urldecode(req->path, strlen(req->path), path, sizeof(path)) < 0 ||
+        !path_safe(path) || !realpath(cloud_conf->http.web_root, root_real)) {
+        not_found(resp);
+        return;
+    }
+    n = strlen(path);
+    if (path[n - 1] == '/') {
+        if (n + sizeof("index.html") >= sizeof(path)) {
+            not_found(resp);
+            return;
+        }
+        memcpy(path + n, "index.html", sizeof("index.html"));
+    }
+    if (serve(resp, root_real, path, strncmp(path, "/assets/", 8) == 0) == 0)
+        return;
+    /* SPA fallback: client-side routes have no extension; never for the API. */
+    last = strrchr(path, '/');
+    if (!strchr(last, '.') && strncmp(path, "/api/", 5) != 0 &&
+        serve(resp, root_real, "/index.html", false) == 0)
+        return;
+    not_found(resp);
+}
