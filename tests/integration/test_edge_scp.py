@@ -391,6 +391,48 @@ def spool_full_answers_out_of_resources():
 
 
 @h.test
+def disk_full_while_writing_answers_out_of_resources():
+    """A real ENOSPC: the spool is a 3 MiB tmpfs in the edge's own mount namespace."""
+    import shutil
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        print("skip: needs root and unshare(1) for a private tmpfs")
+        return
+    d = data()
+    root = h.tempdir()
+    spool = os.path.join(root, "spool")
+    os.makedirs(spool)
+    port = h.free_port()
+    cfg = h.write_json(os.path.join(root, "edge.json"), {
+        "scp": {"ae_title": "YY_EDGE", "bind": "127.0.0.1", "port": port},
+        "spool": {"dir": spool, "min_free_mb": 0}})
+    argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            f"mount -t tmpfs -o size=3m tmpfs '{spool}' && exec '{h.EDGE_BIN}' --config '{cfg}'"]
+    dmn = h.Daemon(argv, "yunying-edge: listening", os.path.join(root, "edge.log"))
+    view = f"/proc/{dmn.proc.pid}/root{spool}"     # the edge's view of its tmpfs
+
+    def spooled():
+        # SQLite resolves the /proc/PID/root symlink back into our own mount
+        # namespace, so read a copy of the database and its WAL.
+        copy = h.tempdir()
+        for name in ("spool.db", "spool.db-wal"):
+            if os.path.exists(os.path.join(view, name)):
+                shutil.copy(os.path.join(view, name), os.path.join(copy, name))
+        con = sqlite3.connect(os.path.join(copy, "spool.db"), timeout=10)
+        try:
+            return con.execute("SELECT sop_uid FROM instances").fetchall()
+        finally:
+            con.close()
+    r = h.storescu("YY_EDGE", port, d["xa"][:1], extra=("-v",))      # 7.5 MiB > 3 MiB
+    h.check("outofresources" in r.stderr.lower(), f"no A700: {r.stderr}")
+    h.eq(os.listdir(os.path.join(view, "tmp")), [], "half-written file left in tmp/")
+    h.eq(spooled(), [], "rows after ENOSPC")
+    r = h.storescu("YY_EDGE", port, d["ct"][:1])
+    h.eq(r.returncode, 0, f"small instance after ENOSPC: {r.stderr}")
+    h.eq(len(spooled()), 1, "rows")
+    h.eq(dmn.stop(), 0, "edge exit code (ASan clean)")
+
+
+@h.test
 def concurrent_associations():
     d = data()
     e = offline_edge(scp={"max_associations": 4})
