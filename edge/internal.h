@@ -1,0 +1,80 @@
+/*
+ * internal.h - yunying-edge: configuration and the pieces shared between
+ * the edge's modules (main.c, scp.c, spool.c, upload.c).
+ *
+ * Each module declares one configuration table for its own section; main.c
+ * strings them together into the file layout
+ *
+ *     { "log": {...}, "scp": {...}, "spool": {...}, "upload": {...} }
+ *
+ * Strings in the config structs are owned by the config (cmn_conf_free).
+ */
+#ifndef EDGE_INTERNAL_H
+#define EDGE_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cmn/conf.h"
+
+typedef struct {
+    char *level;                 /* "error" | "warn" | "info" | "debug" */
+} edge_conf_log_t;
+
+typedef struct {
+    char *ae_title;              /* our AE title; associations calling another are rejected */
+    char *bind;                  /* IPv4 address to listen on, "0.0.0.0" = all */
+    long long port;              /* TCP port; 0 = pick a free one (tests) */
+    long long max_associations;  /* concurrent associations (worker threads) */
+    long long dimse_timeout_s;   /* idle time inside an association before it is aborted */
+} edge_conf_scp_t;
+
+typedef struct {
+    char *dir;                   /* spool directory: spool.db, objects/, tmp/ */
+    long long min_free_mb;       /* refuse new instances (A700) below this much free space */
+} edge_conf_spool_t;
+
+typedef struct {
+    char *cloud_url;             /* "http(s)://host:port[/prefix]"; "" = upload disabled */
+    char *edge_id;               /* this edge's identity at the cloud */
+    char *secret_file;           /* file holding the shared secret, hex */
+    long long parallel;          /* instances in flight */
+    long long chunk_size;        /* bytes per PUT, proposed to the cloud */
+    long long retry_min_ms;      /* first retry delay */
+    long long retry_max_ms;      /* cap on the retry delay */
+    long long timeout_ms;        /* per HTTP request */
+} edge_conf_upload_t;
+
+typedef struct {
+    edge_conf_log_t log;
+    edge_conf_scp_t scp;
+    edge_conf_spool_t spool;
+    edge_conf_upload_t upload;
+} edge_conf_t;
+
+/* Option tables, one per module (defined in the module's .c file). */
+extern const cmn_conf_opt_t edge__log_opts[];
+extern const size_t edge__log_nopts;
+extern const cmn_conf_opt_t edge__scp_opts[];
+extern const size_t edge__scp_nopts;
+extern const cmn_conf_opt_t edge__spool_opts[];
+extern const size_t edge__spool_nopts;
+extern const cmn_conf_opt_t edge__upload_opts[];
+extern const size_t edge__upload_nopts;
+
+/*
+ * Checks that the tables cannot express (AE title syntax, URL shape,
+ * readable secret, ...). Each returns 0, or CMN_ECONFIG with
+ * "<section.key>: reason" in err.
+ */
+int edge__scp_conf_check(const edge_conf_scp_t *c, char *err, size_t errlen);
+int edge__spool_conf_check(const edge_conf_spool_t *c, char *err, size_t errlen);
+int edge__upload_conf_check(const edge_conf_upload_t *c, char *err, size_t errlen);
+
+/** Monotonic milliseconds (CLOCK_MONOTONIC). */
+uint64_t edge__now_ms(void);
+/** Wall-clock milliseconds since the epoch (stored in the spool). */
+int64_t edge__wall_ms(void);
+
+#endif /* EDGE_INTERNAL_H */

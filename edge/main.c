@@ -1,0 +1,359 @@
+/*
+ * main.c - yunying-edge: command line, configuration, start and stop.
+ *
+ *   yunying-edge --config FILE [--check-config] [--dump-config]
+ *
+ * Start: config (every module's table) -> DCMTK init -> spool (recovery)
+ * -> SCP bound -> upload worker -> SCP listening -> ready line on stdout:
+ *     yunying-edge: listening ae=<AE> port=<port>
+ *
+ * Stop (SIGTERM/SIGINT), edge state:
+ *     RUNNING --signal--> STOPPING_SCP (threadpool: refuse new associations,
+ *     wait for running ones) --> STOPPING_UPLOAD (cancel requests, finish
+ *     threadpool work) --> STOPPED (loop ends, spool closed, exit 0)
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "cmn/conf.h"
+#include "cmn/dicom.h"
+#include "cmn/errors.h"
+#include "cmn/log.h"
+
+#include "internal.h"
+#include "scp.h"
+#include "scp_dcmtk.h"
+#include "spool.h"
+#include "upload.h"
+
+#define SCP_STOP_WAIT_MS 10000
+
+const cmn_conf_opt_t edge__log_opts[] = {
+    CMN_CONF_OPT_STR(edge_conf_log_t, level, "info", "error, warn, info or debug"),
+};
+const size_t edge__log_nopts = CMN_ARRAY_SIZE(edge__log_opts);
+
+static const cmn_conf_section_t *sections(size_t *n)
+{
+    static cmn_conf_section_t secs[4];
+    secs[0] = (cmn_conf_section_t){"log", edge__log_opts, 0, offsetof(edge_conf_t, log)};
+    secs[0].nopts = edge__log_nopts;
+    secs[1] = (cmn_conf_section_t){"scp", edge__scp_opts, 0, offsetof(edge_conf_t, scp)};
+    secs[1].nopts = edge__scp_nopts;
+    secs[2] = (cmn_conf_section_t){"spool", edge__spool_opts, 0, offsetof(edge_conf_t, spool)};
+    secs[2].nopts = edge__spool_nopts;
+    secs[3] = (cmn_conf_section_t){"upload", edge__upload_opts, 0, offsetof(edge_conf_t, upload)};
+    secs[3].nopts = edge__upload_nopts;
+    *n = CMN_ARRAY_SIZE(secs);
+    return secs;
+}
+
+uint64_t edge__now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+int64_t edge__wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+typedef enum {
+    EDGE_RUNNING,
+    EDGE_STOPPING_SCP,
+    EDGE_STOPPING_UPLOAD,
+    EDGE_STOPPED,
+} edge_state_t;
+
+typedef struct {
+    uv_loop_t *loop;
+    edge_state_t state;
+    edge_conf_t conf;
+    edge_spool_t *spool;
+    edge_scp_t *scp;
+    edge_upload_t *upload;           /* NULL when uploading is disabled */
+    edge_store_ctx_t store;
+    uv_signal_t sigterm, sigint;
+    uv_work_t stop_work;
+    int scp_left;                    /* associations still running at the stop deadline */
+    pthread_mutex_t notify_mu;       /* SCP threads vs. closing the uploader */
+    bool notify_open;                /* guarded by notify_mu: upload may be woken */
+} edge_t;
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: yunying-edge --config FILE [--check-config] [--dump-config]\n"
+            "  --config FILE    configuration file (JSON; see docs/edge.md)\n"
+            "  --check-config   validate the configuration and exit\n"
+            "  --dump-config    print the effective configuration (defaults filled in) and exit\n");
+}
+
+/* Loads and validates; prints "config: <file>: <section.key>: reason" on error. */
+static int load_config(edge_conf_t *c, const char *path)
+{
+    size_t nsecs;
+    const cmn_conf_section_t *secs = sections(&nsecs);
+    char err[512];
+    int rc;
+
+    cmn_conf_defaults(secs, nsecs, c);
+    err[0] = '\0';
+    rc = cmn_conf_load(secs, nsecs, c, path, err, sizeof(err));
+    if (rc < 0) {
+        if (strncmp(err, "config:", 7) == 0)
+            fprintf(stderr, "%s\n", err);
+        else if (strstr(err, path))
+            fprintf(stderr, "config: %s\n", err);
+        else
+            fprintf(stderr, "config: %s: %s\n", path, err[0] ? err : cmn_strerror(rc));
+        return rc;
+    }
+    if (cmn_log_set_level_name(c->log.level) < 0) {
+        fprintf(stderr, "config: %s: log.level: '%s' is not error, warn, info or debug\n", path,
+                c->log.level ? c->log.level : "");
+        return CMN_ECONFIG;
+    }
+    if ((rc = edge__scp_conf_check(&c->scp, err, sizeof(err))) < 0 ||
+        (rc = edge__spool_conf_check(&c->spool, err, sizeof(err))) < 0 ||
+        (rc = edge__upload_conf_check(&c->upload, err, sizeof(err))) < 0) {
+        fprintf(stderr, "config: %s: %s\n", path, err);
+        return rc;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ stop */
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    (void)h;
+}
+
+static void finish_stop(void *ud)
+{
+    edge_t *e = ud;
+    e->upload = NULL;
+    e->state = EDGE_STOPPED;
+    uv_close((uv_handle_t *)&e->sigterm, on_handle_closed);
+    uv_close((uv_handle_t *)&e->sigint, on_handle_closed);
+}
+
+static void stop_scp_work(uv_work_t *w)
+{
+    edge_t *e = container_of(w, edge_t, stop_work);
+    e->scp_left = edge_scp_stop(e->scp, SCP_STOP_WAIT_MS);
+}
+
+static void stop_scp_done(uv_work_t *w, int status)
+{
+    edge_t *e = container_of(w, edge_t, stop_work);
+    (void)status;
+    if (e->scp_left > 0)
+        CMN_LOG_W("edge", "%d association(s) still running at stop; their unfinished instances "
+                  "were not acknowledged", e->scp_left);
+    e->state = EDGE_STOPPING_UPLOAD;
+    /* Associations that outlived the deadline must not wake a freed uploader. */
+    pthread_mutex_lock(&e->notify_mu);
+    e->notify_open = false;
+    pthread_mutex_unlock(&e->notify_mu);
+    if (e->upload)
+        edge_upload_close(e->upload, finish_stop, e);
+    else
+        finish_stop(e);
+}
+
+static void on_signal(uv_signal_t *s, int signum)
+{
+    edge_t *e = s->data;
+
+    if (e->state != EDGE_RUNNING) {
+        CMN_LOG_I("edge", "signal %d: already stopping", signum);
+        return;
+    }
+    CMN_LOG_I("edge", "signal %d: stopping", signum);
+    e->state = EDGE_STOPPING_SCP;
+    /* edge_scp_stop blocks (joins the listener, waits for associations). */
+    if (uv_queue_work(e->loop, &e->stop_work, stop_scp_work, stop_scp_done) < 0) {
+        e->scp_left = edge_scp_stop(e->scp, SCP_STOP_WAIT_MS);
+        stop_scp_done(&e->stop_work, 0);
+    }
+}
+
+/* ------------------------------------------------------------ main */
+
+static void stored_notify(void *ud)
+{
+    edge_t *e = ud;
+
+    pthread_mutex_lock(&e->notify_mu);
+    if (e->notify_open && e->upload)
+        edge_upload_wake(e->upload);
+    pthread_mutex_unlock(&e->notify_mu);
+}
+
+static void set_threadpool_size(long long parallel)
+{
+    char buf[16];
+    long long n = parallel + 2;
+    if (n < 4)
+        n = 4;
+    if (n > 32)
+        n = 32;
+    snprintf(buf, sizeof(buf), "%lld", n);
+    setenv("UV_THREADPOOL_SIZE", buf, 0);   /* an operator's setting wins */
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"check-config", no_argument, NULL, 'k'},
+        {"dump-config", no_argument, NULL, 'd'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *config_path = NULL;
+    bool check_only = false, dump = false;
+    edge_t e;
+    size_t nsecs;
+    const cmn_conf_section_t *secs = sections(&nsecs);
+    char err[512];
+    int opt, rc, exit_code = 1;
+
+    while ((opt = getopt_long(argc, argv, "c:h", longopts, NULL)) != -1) {
+        switch (opt) {
+        case 'c': config_path = optarg; break;
+        case 'k': check_only = true; break;
+        case 'd': dump = true; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (!config_path || optind != argc) {
+        usage(stderr);
+        return 2;
+    }
+
+    memset(&e, 0, sizeof(e));
+    pthread_mutex_init(&e.notify_mu, NULL);
+    if (load_config(&e.conf, config_path) < 0)
+        goto out_conf;
+    if (dump) {
+        cmn_conf_dump(secs, nsecs, &e.conf, stdout);
+        fflush(stdout);
+        exit_code = 0;
+        goto out_conf;
+    }
+    if (check_only) {
+        printf("config: %s: OK\n", config_path);
+        exit_code = 0;
+        goto out_conf;
+    }
+
+    signal(SIGPIPE, SIG_IGN);
+    set_threadpool_size(e.conf.upload.parallel);
+    e.loop = uv_default_loop();
+
+    if (cmn_dicom_global_init() < 0) {
+        fprintf(stderr, "yunying-edge: cannot initialise DCMTK (data dictionary missing?)\n");
+        goto out_conf;
+    }
+    rc = edge_spool_open(e.conf.spool.dir, (uint64_t)e.conf.spool.min_free_mb << 20, &e.spool);
+    if (rc < 0) {
+        fprintf(stderr, "yunying-edge: spool %s: %s\n", e.conf.spool.dir, cmn_strerror(rc));
+        goto out_conf;
+    }
+
+    e.store.spool = e.spool;
+    e.store.stored = stored_notify;
+    e.store.stored_ud = &e;
+    edge_scp_opts_t so = {
+        .ae_title = e.conf.scp.ae_title,
+        .bind = e.conf.scp.bind,
+        .port = (int)e.conf.scp.port,
+        .max_associations = (int)e.conf.scp.max_associations,
+        .acse_timeout_s = 30,
+        .dimse_timeout_s = (int)e.conf.scp.dimse_timeout_s,
+        .store_begin = edge__store_begin,
+        .store_end = edge__store_end,
+        .ud = &e.store,
+    };
+    rc = edge_scp_create(&so, &e.scp, err, sizeof(err));
+    if (rc < 0) {
+        fprintf(stderr, "yunying-edge: scp: %s\n", err);
+        goto out_spool;
+    }
+
+    if (e.conf.upload.cloud_url && e.conf.upload.cloud_url[0]) {
+        rc = edge_upload_create(e.loop, &e.conf.upload, e.spool, &e.upload, err, sizeof(err));
+        if (rc < 0) {
+            fprintf(stderr, "yunying-edge: upload: %s\n", err);
+            goto out_scp;
+        }
+    } else {
+        CMN_LOG_W("edge", "upload.cloud_url is empty: instances are spooled but not uploaded");
+    }
+
+    uv_signal_init(e.loop, &e.sigterm);
+    uv_signal_init(e.loop, &e.sigint);
+    e.sigterm.data = e.sigint.data = &e;
+    uv_signal_start(&e.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&e.sigint, on_signal, SIGINT);
+
+    rc = edge_scp_start(e.scp);
+    if (rc < 0) {
+        fprintf(stderr, "yunying-edge: scp: cannot start listener: %s\n", cmn_strerror(rc));
+        e.state = EDGE_STOPPING_SCP;
+        stop_scp_done(&e.stop_work, 0);
+        uv_run(e.loop, UV_RUN_DEFAULT);
+        goto out_scp;
+    }
+    e.state = EDGE_RUNNING;
+    pthread_mutex_lock(&e.notify_mu);
+    e.notify_open = true;
+    pthread_mutex_unlock(&e.notify_mu);
+    CMN_LOG_I("edge", "scp ae=%s bind=%s port=%d sop_classes=%d max_associations=%lld",
+              e.conf.scp.ae_title, e.conf.scp.bind, edge_scp_port(e.scp),
+              edge_scp_num_sop_classes(), e.conf.scp.max_associations);
+    printf("yunying-edge: listening ae=%s port=%d\n", e.conf.scp.ae_title, edge_scp_port(e.scp));
+    fflush(stdout);
+
+    uv_run(e.loop, UV_RUN_DEFAULT);
+    exit_code = 0;
+    {
+        edge_spool_counts_t c;
+        if (edge_spool_counts(e.spool, &c) == 0)
+            CMN_LOG_I("edge", "stopped: pending=%lld uploading=%lld done=%lld failed=%lld",
+                      (long long)c.pending, (long long)c.uploading, (long long)c.done,
+                      (long long)c.failed);
+    }
+
+out_scp:
+    if (edge_scp_stop(e.scp, SCP_STOP_WAIT_MS) > 0 || e.scp_left > 0) {
+        /* Worker threads still use the SCP and the spool: leave both to
+         * the process exit rather than free them under the threads. */
+        goto out_loop;
+    }
+    edge_scp_destroy(e.scp);
+out_spool:
+    edge_spool_close(e.spool);
+out_loop:
+    if (e.loop)
+        uv_loop_close(e.loop);
+out_conf:
+    cmn_conf_free(secs, nsecs, &e.conf);
+    return exit_code;
+}

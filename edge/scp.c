@@ -1,0 +1,167 @@
+/*
+ * scp.c - the C side of the SCP: config table for "scp" and the handling of
+ * each received instance (see scp.h for the sequence and status codes).
+ * Runs on DCMTK worker threads; everything it touches is thread-safe.
+ */
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+
+#include "cmn/dicom.h"
+#include "cmn/errors.h"
+#include "cmn/log.h"
+#include "proto/proto.h"
+
+#include "internal.h"
+#include "scp.h"
+
+/* ------------------------------------------------------------ config */
+
+const cmn_conf_opt_t edge__scp_opts[] = {
+    CMN_CONF_OPT_STR(edge_conf_scp_t, ae_title, "YUNYING",
+                     "our AE title (1-16 characters); associations calling another title are rejected"),
+    CMN_CONF_OPT_STR(edge_conf_scp_t, bind, "0.0.0.0", "IPv4 address to listen on"),
+    CMN_CONF_OPT_INT(edge_conf_scp_t, port, 11112, 0, 65535, "DICOM TCP port (0 = any free port)"),
+    CMN_CONF_OPT_INT(edge_conf_scp_t, max_associations, 16, 1, 200,
+                     "concurrent associations; more are rejected (local limit exceeded)"),
+    CMN_CONF_OPT_INT(edge_conf_scp_t, dimse_timeout_s, 120, 5, 3600,
+                     "seconds an association may stay silent before it is closed"),
+};
+const size_t edge__scp_nopts = CMN_ARRAY_SIZE(edge__scp_opts);
+
+int edge__scp_conf_check(const edge_conf_scp_t *c, char *err, size_t errlen)
+{
+    size_t n = c->ae_title ? strlen(c->ae_title) : 0;
+    struct in_addr a;
+
+    if (n == 0 || n > 16) {
+        snprintf(err, errlen, "scp.ae_title: must be 1 to 16 characters");
+        return CMN_ECONFIG;
+    }
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)c->ae_title[i];
+        if (ch < 0x20 || ch > 0x7e || ch == '\\') {
+            snprintf(err, errlen, "scp.ae_title: only printable ASCII without '\\' is allowed");
+            return CMN_ECONFIG;
+        }
+    }
+    if (c->ae_title[0] == ' ' || c->ae_title[n - 1] == ' ') {
+        snprintf(err, errlen, "scp.ae_title: no leading or trailing spaces");
+        return CMN_ECONFIG;
+    }
+    if (!c->bind || inet_pton(AF_INET, c->bind, &a) != 1) {
+        snprintf(err, errlen, "scp.bind: '%s' is not an IPv4 address", c->bind ? c->bind : "");
+        return CMN_ECONFIG;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ store */
+
+/* Rate limit for the "disk full" warning: a modality sends hundreds of
+ * instances per minute, one line per 10 s is enough. */
+static _Atomic long long last_space_warn;
+
+int edge__store_begin(void *ud, char *path, size_t len)
+{
+    edge_store_ctx_t *ctx = ud;
+
+    if (!edge_spool_has_space(ctx->spool)) {
+        long long now = (long long)(edge__now_ms() / 1000);
+        long long prev = atomic_load(&last_space_warn);
+        if (now - prev >= 10 && atomic_compare_exchange_strong(&last_space_warn, &prev, now))
+            CMN_LOG_W("scp", "spool below spool.min_free_mb: refusing instances with A700");
+        return EDGE_STATUS_OUT_OF_RESOURCES;
+    }
+    if (edge_spool_tmp_path(ctx->spool, path, len) < 0)
+        return EDGE_STATUS_OUT_OF_RESOURCES;
+    return 0;
+}
+
+/* Part 10: 128-byte preamble + "DICM" precede the meta header. */
+#define PART10_PREFIX 132
+
+unsigned edge__store_end(void *ud, const edge_scp_store_t *st)
+{
+    edge_store_ctx_t *ctx = ud;
+    cmn_dicom_info_t *info = NULL;
+    char err[256];
+    char sha[PROTO_HEX256 + 1];
+    struct stat sb;
+    int64_t id = 0;
+    unsigned status;
+    int rc;
+    const char *req_sop = st->sop_instance_uid ? st->sop_instance_uid : "";
+
+    if (st->receive_failed) {
+        unlink(st->tmp_path);
+        if (st->out_of_resources) {
+            CMN_LOG_W("scp", "write of received instance failed sop=%s: A700", req_sop);
+            return EDGE_STATUS_OUT_OF_RESOURCES;
+        }
+        CMN_LOG_W("scp", "receive failed sop=%s calling_ae=%s peer=%s", req_sop,
+                  st->calling_ae, st->peer_ip);
+        return EDGE_STATUS_CANNOT_UNDERSTAND;
+    }
+
+    /* A file shorter than what arrived means a write was lost (buffered
+     * data dropped at close on a full disk). */
+    if (stat(st->tmp_path, &sb) < 0 ||
+        (uint64_t)sb.st_size < st->dataset_bytes + PART10_PREFIX) {
+        CMN_LOG_W("scp", "received file incomplete sop=%s (disk full?): A700", req_sop);
+        status = EDGE_STATUS_OUT_OF_RESOURCES;
+        goto out_unlink;
+    }
+
+    info = cmn_xmalloc(sizeof(*info));
+    rc = cmn_dicom_read_info(st->tmp_path, info, err, sizeof(err));
+    if (rc < 0) {
+        CMN_LOG_W("scp", "invalid instance sop=%s calling_ae=%s: %s: C000", req_sop,
+                  st->calling_ae, err);
+        status = EDGE_STATUS_CANNOT_UNDERSTAND;
+        goto out_unlink;
+    }
+    if (!proto_uid_valid(info->sop_uid) || !proto_uid_valid(info->study_uid) ||
+        !proto_uid_valid(info->series_uid)) {
+        CMN_LOG_W("scp", "invalid UID in instance sop=%s: C000", req_sop);
+        status = EDGE_STATUS_CANNOT_UNDERSTAND;
+        goto out_unlink;
+    }
+    if (strcmp(info->sop_uid, req_sop) != 0 ||
+        (st->sop_class_uid && info->sop_class_uid[0] &&
+         strcmp(info->sop_class_uid, st->sop_class_uid) != 0)) {
+        CMN_LOG_W("scp", "data set does not match request sop=%s dataset_sop=%s: A900", req_sop,
+                  info->sop_uid);
+        status = EDGE_STATUS_DATASET_MISMATCH;
+        goto out_unlink;
+    }
+
+    edge_spool_uids_t uids = {
+        .sop_uid = info->sop_uid,
+        .study_uid = info->study_uid,
+        .series_uid = info->series_uid,
+    };
+    rc = edge_spool_add(ctx->spool, st->tmp_path, &uids, &id, sha);
+    if (rc < 0) {
+        CMN_LOG_W("scp", "spooling failed sop=%s: %s: A700", req_sop, cmn_strerror(rc));
+        free(info);
+        return EDGE_STATUS_OUT_OF_RESOURCES;   /* edge_spool_add removed the temp file */
+    }
+    CMN_LOG_I("scp", "stored sop=%s series=%s sha256=%s size=%lld calling_ae=%s id=%lld",
+              info->sop_uid, info->series_uid, sha, (long long)sb.st_size, st->calling_ae,
+              (long long)id);
+    if (ctx->stored)
+        ctx->stored(ctx->stored_ud);
+    free(info);
+    return EDGE_STATUS_SUCCESS;
+
+out_unlink:
+    unlink(st->tmp_path);
+    free(info);
+    return status;
+}

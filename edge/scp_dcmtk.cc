@@ -1,0 +1,519 @@
+/*
+ * scp_dcmtk.cc - C-ECHO / C-STORE SCP on DCMTK's DcmSCPPool (see scp_dcmtk.h).
+ *
+ * Threads:
+ *   listener  our own loop: poll()s the listening socket (bound to opts.bind,
+ *             which DCMTK 3.6.7 cannot do itself) with a 250 ms timeout so
+ *             edge_scp_stop() is noticed, accept()s, sets TCP_NODELAY and
+ *             hands the connected socket to DCMTK through
+ *             dcmExternalSocketHandle (read only by this thread), which
+ *             reads the A-ASSOCIATE-RQ; then runAssociation() gives it to a
+ *             pool worker, or it is rejected "local limit exceeded".
+ *   workers   one DcmThreadSCP per association (EdgeStoreSCP), detached
+ *             (DCMTK never joins them), deleted by the pool when done.
+ *
+ * Association state, per worker (DcmSCP drives it; we hook in):
+ *
+ *   RQ received --called AE != ours--> rejected (called AE not recognized)
+ *        |      --stopping-----------> refused
+ *        v
+ *   negotiated --C-ECHO--> DcmSCP answers
+ *        |     --C-STORE--> store_begin -> receive to file -> store_end -> response
+ *        v
+ *   released / aborted / DIMSE timeout -> worker thread exits
+ *
+ * Every entry point from DCMTK into our code catches all exceptions.
+ * Only one SCP per process (the workers find it through g_scp, because the
+ * pool constructs them with no arguments).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "dcmtk/config/osconfig.h"
+#include "dcmtk/dcmdata/dcdict.h"
+#include "dcmtk/dcmdata/dcuid.h"
+#include "dcmtk/dcmnet/assoc.h"
+#include "dcmtk/dcmnet/dimse.h"
+#include "dcmtk/dcmnet/dul.h"
+#include "dcmtk/dcmnet/scppool.h"
+#include "dcmtk/dcmnet/scpthrd.h"
+#include "dcmtk/oflog/oflog.h"
+
+#include "scp_dcmtk.h"
+
+/* ------------------------------------------------------------ SOP classes */
+
+/* Storage SOP classes offered. DCMTK knows ~186, a profile holds at most
+ * 128 presentation contexts (Verification takes one): the image modalities
+ * of a hospital PACS plus the objects that travel with them. */
+static const char *const k_storage_classes[] = {
+    /* CT */
+    UID_CTImageStorage, UID_EnhancedCTImageStorage, UID_LegacyConvertedEnhancedCTImageStorage,
+    /* MR */
+    UID_MRImageStorage, UID_EnhancedMRImageStorage, UID_EnhancedMRColorImageStorage,
+    UID_LegacyConvertedEnhancedMRImageStorage, UID_MRSpectroscopyStorage,
+    /* CR, DX / DR, intra-oral */
+    UID_ComputedRadiographyImageStorage, UID_DigitalXRayImageStorageForPresentation,
+    UID_DigitalXRayImageStorageForProcessing, UID_DigitalIntraOralXRayImageStorageForPresentation,
+    UID_DigitalIntraOralXRayImageStorageForProcessing,
+    /* MG, breast tomosynthesis / projection */
+    UID_DigitalMammographyXRayImageStorageForPresentation,
+    UID_DigitalMammographyXRayImageStorageForProcessing, UID_BreastTomosynthesisImageStorage,
+    UID_BreastProjectionXRayImageStorageForPresentation,
+    UID_BreastProjectionXRayImageStorageForProcessing,
+    /* XA, RF */
+    UID_XRayAngiographicImageStorage, UID_EnhancedXAImageStorage,
+    UID_XRayRadiofluoroscopicImageStorage, UID_EnhancedXRFImageStorage,
+    UID_XRay3DAngiographicImageStorage, UID_XRay3DCraniofacialImageStorage,
+    /* US */
+    UID_UltrasoundImageStorage, UID_UltrasoundMultiframeImageStorage, UID_EnhancedUSVolumeStorage,
+    /* SC */
+    UID_SecondaryCaptureImageStorage, UID_MultiframeSingleBitSecondaryCaptureImageStorage,
+    UID_MultiframeGrayscaleByteSecondaryCaptureImageStorage,
+    UID_MultiframeGrayscaleWordSecondaryCaptureImageStorage,
+    UID_MultiframeTrueColorSecondaryCaptureImageStorage,
+    /* NM, PET */
+    UID_NuclearMedicineImageStorage, UID_PositronEmissionTomographyImageStorage,
+    UID_EnhancedPETImageStorage, UID_LegacyConvertedEnhancedPETImageStorage,
+    /* RT */
+    UID_RTImageStorage, UID_RTDoseStorage, UID_RTStructureSetStorage, UID_RTPlanStorage,
+    UID_RTBeamsTreatmentRecordStorage, UID_RTIonPlanStorage,
+    /* endoscopy, photography, ophthalmology, pathology */
+    UID_VLEndoscopicImageStorage, UID_VideoEndoscopicImageStorage, UID_VLMicroscopicImageStorage,
+    UID_VLSlideCoordinatesMicroscopicImageStorage, UID_VLPhotographicImageStorage,
+    UID_VideoPhotographicImageStorage, UID_OphthalmicPhotography8BitImageStorage,
+    UID_OphthalmicPhotography16BitImageStorage, UID_OphthalmicTomographyImageStorage,
+    UID_VLWholeSlideMicroscopyImageStorage, UID_DermoscopicPhotographyImageStorage,
+    /* presentation states, key objects, SR, dose, segmentation, registration */
+    UID_GrayscaleSoftcopyPresentationStateStorage, UID_ColorSoftcopyPresentationStateStorage,
+    UID_PseudoColorSoftcopyPresentationStateStorage, UID_BlendingSoftcopyPresentationStateStorage,
+    UID_XAXRFGrayscaleSoftcopyPresentationStateStorage, UID_KeyObjectSelectionDocumentStorage,
+    UID_BasicTextSRStorage, UID_EnhancedSRStorage, UID_ComprehensiveSRStorage,
+    UID_Comprehensive3DSRStorage, UID_MammographyCADSRStorage, UID_ChestCADSRStorage,
+    UID_XRayRadiationDoseSRStorage, UID_EnhancedXRayRadiationDoseSRStorage,
+    UID_RadiopharmaceuticalRadiationDoseSRStorage, UID_PatientRadiationDoseSRStorage,
+    UID_SegmentationStorage, UID_SpatialRegistrationStorage, UID_SpatialFiducialsStorage,
+    UID_DeformableSpatialRegistrationStorage, UID_RawDataStorage, UID_ParametricMapStorage,
+    /* encapsulated documents, ECG */
+    UID_EncapsulatedPDFStorage, UID_EncapsulatedCDAStorage, UID_TwelveLeadECGWaveformStorage,
+    UID_GeneralECGWaveformStorage,
+};
+
+/* Transfer syntaxes, in order of preference: when one presentation context
+ * proposes several, we take the first of ours. Lossless compressed first
+ * (fewer bytes, still pixel-exact), then uncompressed, lossy last so that a
+ * context offering lossy plus uncompressed never gets lossy. */
+static const char *const k_transfer_syntaxes[] = {
+    UID_JPEGLSLosslessTransferSyntax,
+    UID_JPEG2000LosslessOnlyTransferSyntax,
+    UID_JPEGProcess14SV1TransferSyntax,
+    UID_JPEGProcess14TransferSyntax,
+    UID_RLELosslessTransferSyntax,
+    UID_LittleEndianExplicitTransferSyntax,
+    UID_LittleEndianImplicitTransferSyntax,
+    UID_DeflatedExplicitVRLittleEndianTransferSyntax,
+    UID_JPEGLSLossyTransferSyntax,
+    UID_JPEG2000TransferSyntax,
+    UID_JPEGProcess1TransferSyntax,
+    UID_JPEGProcess2_4TransferSyntax,
+};
+
+/* ------------------------------------------------------------ state */
+
+struct edge_scp {
+    edge_scp_opts_t opts;        /* strings below are our copies */
+    std::string ae_title;
+    std::string bind;
+    int port;                    /* bound port */
+    int listen_fd;               /* owned */
+    pthread_t listener;
+    bool started;
+    bool stopped;
+    std::atomic<bool> stopping;
+    class EdgePool *pool;        /* owned; leaked if workers outlive stop */
+};
+
+static edge_scp *g_scp;          /* the one SCP of this process */
+
+static std::string trim(const OFString &s)
+{
+    std::string r(s.c_str());
+    while (!r.empty() && r.back() == ' ')
+        r.pop_back();
+    size_t i = 0;
+    while (i < r.size() && r[i] == ' ')
+        i++;
+    return r.substr(i);
+}
+
+/* ------------------------------------------------------------ worker */
+
+class EdgeStoreSCP : public DcmThreadSCP
+{
+public:
+    EdgeStoreSCP() : m_received(0) {}
+
+    virtual OFCondition run(T_ASC_Association *assoc)
+    {
+        /* DcmSCPPool never joins its threads: without this each association
+         * leaks a stack mapping (c-stack.md). */
+        pthread_detach(pthread_self());
+        try {
+            return DcmThreadSCP::run(assoc);
+        } catch (...) {
+            fprintf(stderr, "yunying-edge: scp: exception in association, dropped\n");
+            return EC_IllegalCall;
+        }
+    }
+
+protected:
+    virtual OFBool checkCalledAETitleAccepted(const OFString &calledAE)
+    {
+        edge_scp *s = g_scp;
+        return s && trim(calledAE) == s->ae_title;
+    }
+
+    virtual void notifyAssociationRequest(const T_ASC_Parameters &params,
+                                          DcmSCPActionType &desiredAction)
+    {
+        (void)params;
+        if (g_scp && g_scp->stopping.load())
+            desiredAction = DCMSCP_ACTION_REFUSE_ASSOCIATION;
+    }
+
+    virtual void notifyRECEIVEProgress(const unsigned long byteCount)
+    {
+        m_received = byteCount;
+    }
+
+    virtual OFCondition handleIncomingCommand(T_DIMSE_Message *msg,
+                                              const DcmPresentationContextInfo &presInfo)
+    {
+        try {
+            if (msg->CommandField == DIMSE_C_STORE_RQ)
+                return handleStore(msg->msg.CStoreRQ, presInfo);
+            return DcmThreadSCP::handleIncomingCommand(msg, presInfo);
+        } catch (...) {
+            fprintf(stderr, "yunying-edge: scp: exception while handling a command\n");
+            return EC_IllegalCall;
+        }
+    }
+
+private:
+    OFCondition handleStore(T_DIMSE_C_StoreRQ &req, const DcmPresentationContextInfo &presInfo)
+    {
+        edge_scp *s = g_scp;
+        const T_ASC_PresentationContextID presID = presInfo.presentationContextID;
+        char path[4096];
+        OFCondition cond;
+        edge_scp_store_t st;
+        unsigned status;
+
+        path[0] = '\0';
+        int rc = s->opts.store_begin(s->opts.ud, path, sizeof(path));
+        if (rc != 0) {
+            /* Refused before receiving (no space): read and drop the data set
+             * so the association stays in step, then answer A700. */
+            cond = receiveSTORERequest(req, presID, OFString("/dev/null"));
+            if (cond.bad())
+                return cond;
+            return sendSTOREResponse(presID, req, EDGE_STATUS_OUT_OF_RESOURCES);
+        }
+
+        m_received = 0;
+        cond = receiveSTORERequest(req, presID, OFString(path));
+
+        OFString calling = getPeerAETitle();
+        OFString peer = getPeerIP();
+        memset(&st, 0, sizeof(st));
+        st.tmp_path = path;
+        st.dataset_bytes = m_received;
+        st.sop_class_uid = req.AffectedSOPClassUID;
+        st.sop_instance_uid = req.AffectedSOPInstanceUID;
+        st.calling_ae = calling.c_str();
+        st.peer_ip = peer.c_str();
+        if (cond.bad()) {
+            st.receive_failed = 1;
+            /* DIMSE read the rest of the data set and gave up on the file:
+             * the association is still usable. */
+            if (cond.module() == OFM_dcmnet && cond.code() == DIMSEC_OUTOFRESOURCES)
+                st.out_of_resources = 1;
+        }
+        status = s->opts.store_end(s->opts.ud, &st);
+        if (cond.bad() && !st.out_of_resources)
+            return cond;   /* network failure: DcmSCP ends the association */
+        return sendSTOREResponse(presID, req, (Uint16)status);
+    }
+
+    unsigned long m_received;    /* data set bytes received so far (progress callback) */
+};
+
+/* ------------------------------------------------------------ pool */
+
+class EdgePool : public DcmSCPPool<EdgeStoreSCP>
+{
+public:
+    explicit EdgePool(edge_scp *s) : m_scp(s) {}
+
+    /* Our own listen loop (see the file header): the stock one binds to
+     * INADDR_ANY and cannot report readiness or stop promptly. */
+    virtual OFCondition listen()
+    {
+        DcmSharedSCPConfig shared(getConfig());
+        T_ASC_Network *net = NULL;
+        OFCondition cond;
+
+        /* With an external socket set, DCMTK creates no listening socket. */
+        dcmExternalSocketHandle.set(m_scp->listen_fd);
+        cond = ASC_initializeNetwork(NET_ACCEPTOR, m_scp->port, m_scp->opts.acse_timeout_s, &net);
+        dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
+        if (cond.bad())
+            return cond;
+
+        while (!m_scp->stopping.load()) {
+            struct pollfd pfd = {m_scp->listen_fd, POLLIN, 0};
+            int n = poll(&pfd, 1, 250);
+            if (n <= 0)
+                continue;
+            int fd = accept4(m_scp->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+            if (fd < 0) {
+                if (errno == EMFILE || errno == ENFILE || errno == ENOMEM)
+                    usleep(100 * 1000);
+                continue;
+            }
+            if (fd == 0) {
+                /* DCMTK treats an external socket 0 as "none". */
+                int nfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+                close(fd);
+                if (nfd < 0)
+                    continue;
+                fd = nfd;
+            }
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+
+            T_ASC_Association *assoc = NULL;
+            dcmExternalSocketHandle.set(fd);
+            cond = ASC_receiveAssociation(net, &assoc, getConfig().getMaxReceivePDULength(), NULL,
+                                          NULL, OFFalse, DUL_BLOCK, 0);
+            dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
+            if (cond.good()) {
+                cond = runAssociation(assoc, shared);
+                if (cond.bad()) {
+                    rejectAssociation(assoc, cond == NET_EC_SCPBusy
+                                                 ? ASC_REASON_SP_PRES_LOCALLIMITEXCEEDED
+                                                 : ASC_REASON_SP_PRES_TEMPORARYCONGESTION);
+                    dropAndDestroyAssociation(assoc);
+                }
+            } else if (assoc) {
+                dropAndDestroyAssociation(assoc);
+            } else {
+                close(fd);
+            }
+        }
+        ASC_dropNetwork(&net);
+        return EC_Normal;
+    }
+
+private:
+    edge_scp *m_scp;
+};
+
+static void *listener_main(void *arg)
+{
+    edge_scp *s = (edge_scp *)arg;
+    try {
+        OFCondition cond = s->pool->listen();
+        if (cond.bad())
+            fprintf(stderr, "yunying-edge: scp: listener failed: %s\n", cond.text());
+    } catch (...) {
+        fprintf(stderr, "yunying-edge: scp: exception in listener\n");
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------ C API */
+
+extern "C" int edge_scp_num_sop_classes(void)
+{
+    return (int)(sizeof(k_storage_classes) / sizeof(k_storage_classes[0]));
+}
+
+static int bind_socket(edge_scp *s, char *err, size_t errlen)
+{
+    struct sockaddr_in sa;
+    socklen_t salen = sizeof(sa);
+    int one = 1;
+
+    memset(&sa, 0, sizeof(sa));
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)s->opts.port);
+    if (inet_pton(AF_INET, s->bind.c_str(), &sa.sin_addr) != 1) {
+        snprintf(err, errlen, "scp.bind: '%s' is not an IPv4 address", s->bind.c_str());
+        return -EINVAL;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        int e = errno;
+        snprintf(err, errlen, "socket: %s", strerror(e));
+        return -e;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 64) < 0 ||
+        getsockname(fd, (struct sockaddr *)&sa, &salen) < 0) {
+        int e = errno;
+        snprintf(err, errlen, "cannot listen on %s:%d: %s", s->bind.c_str(), s->opts.port,
+                 strerror(e));
+        close(fd);
+        return -e;
+    }
+    s->listen_fd = fd;
+    s->port = ntohs(sa.sin_port);
+    return 0;
+}
+
+extern "C" int edge_scp_create(const edge_scp_opts_t *opts, edge_scp_t **out, char *err,
+                               size_t errlen)
+{
+    *out = NULL;
+    if (g_scp) {
+        snprintf(err, errlen, "only one SCP per process");
+        return -EBUSY;
+    }
+    edge_scp *s = NULL;
+    try {
+        if (!dcmDataDict.isDictionaryLoaded()) {
+            snprintf(err, errlen, "DCMTK data dictionary not loaded (DCMDICTPATH?)");
+            return -ENOENT;
+        }
+        s = new edge_scp();
+        s->opts = *opts;
+        s->ae_title = opts->ae_title;
+        s->bind = opts->bind ? opts->bind : "0.0.0.0";
+        s->opts.ae_title = NULL;
+        s->opts.bind = NULL;
+        s->listen_fd = -1;
+        s->started = s->stopped = false;
+        s->stopping.store(false);
+        s->pool = NULL;
+
+        int rc = bind_socket(s, err, errlen);
+        if (rc < 0) {
+            delete s;
+            return rc;
+        }
+
+        s->pool = new EdgePool(s);
+        DcmSCPConfig &cfg = s->pool->getConfig();
+        cfg.setAETitle(s->ae_title.c_str());
+        cfg.setPort((Uint16)s->port);
+        cfg.setRespondWithCalledAETitle(OFTrue);
+        cfg.setHostLookupEnabled(OFFalse);
+        cfg.setProgressNotificationMode(OFTrue);
+        cfg.setMaxReceivePDULength(ASC_MAXIMUMPDUSIZE);
+        cfg.setACSETimeout((Uint32)opts->acse_timeout_s);
+        cfg.setDIMSEBlockingMode(DIMSE_NONBLOCKING);
+        cfg.setDIMSETimeout((Uint32)opts->dimse_timeout_s);
+        cfg.setConnectionBlockingMode(DUL_NOBLOCK);
+        cfg.setConnectionTimeout(1);
+        s->pool->setMaxThreads((Uint16)opts->max_associations);
+
+        OFList<OFString> ts;
+        for (const char *t : k_transfer_syntaxes)
+            ts.push_back(t);
+        OFList<OFString> ts_echo;
+        ts_echo.push_back(UID_LittleEndianExplicitTransferSyntax);
+        ts_echo.push_back(UID_LittleEndianImplicitTransferSyntax);
+        OFCondition cond = cfg.addPresentationContext(UID_VerificationSOPClass, ts_echo);
+        for (const char *c : k_storage_classes) {
+            if (cond.bad())
+                break;
+            cond = cfg.addPresentationContext(c, ts);
+        }
+        if (cond.bad()) {
+            snprintf(err, errlen, "presentation contexts: %s", cond.text());
+            close(s->listen_fd);
+            delete s->pool;
+            delete s;
+            return -EINVAL;
+        }
+    } catch (...) {
+        snprintf(err, errlen, "exception while configuring the SCP");
+        if (s) {
+            if (s->listen_fd >= 0)
+                close(s->listen_fd);
+            delete s->pool;
+            delete s;
+        }
+        return -ENOMEM;
+    }
+    g_scp = s;
+    *out = s;
+    return 0;
+}
+
+extern "C" int edge_scp_port(const edge_scp_t *scp)
+{
+    return scp->port;
+}
+
+extern "C" int edge_scp_start(edge_scp_t *scp)
+{
+    int rc = pthread_create(&scp->listener, NULL, listener_main, scp);
+    if (rc != 0)
+        return -rc;
+    scp->started = true;
+    return 0;
+}
+
+extern "C" int edge_scp_stop(edge_scp_t *scp, int wait_ms)
+{
+    size_t busy = 0;
+
+    if (!scp || scp->stopped)
+        return 0;
+    scp->stopping.store(true);
+    if (scp->started)
+        pthread_join(scp->listener, NULL);
+    scp->stopped = true;
+    try {
+        for (int waited = 0;; waited += 20) {
+            busy = scp->pool->numThreads(OFTrue);
+            if (busy == 0 || waited >= wait_ms)
+                break;
+            usleep(20 * 1000);
+        }
+    } catch (...) {
+        busy = 1;
+    }
+    if (busy > 0)
+        scp->pool = NULL;    /* workers still hold it: leak it, the process is exiting */
+    return (int)busy;
+}
+
+extern "C" void edge_scp_destroy(edge_scp_t *scp)
+{
+    if (!scp)
+        return;
+    if (scp->listen_fd >= 0)
+        close(scp->listen_fd);
+    try {
+        delete scp->pool;
+    } catch (...) {
+    }
+    if (g_scp == scp)
+        g_scp = NULL;
+    delete scp;
+}
