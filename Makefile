@@ -61,8 +61,9 @@ UNIT_BIN   := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/unit/%)
 
 WEB_DIR    := cloud/web
 WEB_STAMP  := $(WEB_DIR)/dist/index.html
-WEB_SRC    := $(shell find $(WEB_DIR)/src $(WEB_DIR)/index.html $(WEB_DIR)/package.json \
-                $(WEB_DIR)/vite.config.ts -type f 2>/dev/null)
+WEB_SRC    := $(shell find $(WEB_DIR)/src $(WEB_DIR)/public $(WEB_DIR)/index.html \
+                $(WEB_DIR)/package.json $(WEB_DIR)/vite.config.ts $(WEB_DIR)/tsconfig.json \
+                -type f 2>/dev/null)
 
 .PHONY: all bins web run test check bench deps clean format
 all: bins web

@@ -31,10 +31,13 @@ if [ -n "$missing" ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
 fi
 
-web="$top/cloud/web"
-if [ -f "$web/package-lock.json" ]; then
-    if [ ! -d "$web/node_modules" ] || [ "$web/package-lock.json" -nt "$web/node_modules" ]; then
-        echo "install-deps: npm ci in cloud/web"
-        (cd "$web" && npm ci --no-audit --no-fund --loglevel=error && touch node_modules)
+# npm packages: the web app (cloud/web) and the browser tests (tests/e2e),
+# each from its committed lock file.
+for dir in "$top/cloud/web" "$top/tests/e2e"; do
+    if [ -f "$dir/package-lock.json" ]; then
+        if [ ! -d "$dir/node_modules" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules" ]; then
+            echo "install-deps: npm ci in ${dir#"$top"/}"
+            (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error && touch node_modules)
+        fi
     fi
-fi
+done

@@ -32,7 +32,7 @@ def main():
         wait_until(indexed, timeout=120, what="study indexed")
         env = os.environ.copy()
         env.update(YY_CLOUD_URL=cloud.url, YY_USER=cloud.USER, YY_PASSWORD=cloud.PASSWORD,
-                   YY_STUDY_UID=m["study_uid"], YY_PATIENT_ID="E2E0001",
+                   YY_E2E_STUDY_UID=m["study_uid"], YY_PATIENT_ID="E2E0001",
                    YY_IMAGE_COUNT=str(len(files)))
         spec = os.path.join(TOP, "tests", "e2e", "viewer.spec.mjs")
         p = subprocess.run(["node", spec], cwd=os.path.join(TOP, "tests", "e2e"), env=env,
