@@ -93,7 +93,14 @@ static int map_curl_error(CURLcode rc, bool overflow)
     case CURLE_SSL_CACERT_BADFILE:
     case CURLE_SSL_ISSUER_ERROR:
     case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
-    case CURLE_SSL_ENGINE_INITFAILED: return CMN_ECRYPTO;
+    case CURLE_SSL_ENGINE_INITFAILED:
+    case CURLE_SSL_ENGINE_NOTFOUND:
+    case CURLE_SSL_ENGINE_SETFAILED:
+    case CURLE_SSL_CRL_BADFILE:
+    case CURLE_SSL_SHUTDOWN_FAILED:
+    case CURLE_SSL_INVALIDCERTSTATUS:
+    case CURLE_SSL_CLIENTCERT:
+    case CURLE_USE_SSL_FAILED: return CMN_ECRYPTO;
     case CURLE_UNSUPPORTED_PROTOCOL:
     case CURLE_URL_MALFORMAT: return -EINVAL;
     default: return CMN_EHTTP;
@@ -390,8 +397,27 @@ int cmn_http_client_send(cmn_http_client_t *cl, const cmn_http_client_req_t *req
                      req->connect_timeout_ms > 0 ? req->connect_timeout_ms : DEFAULT_CONNECT_MS);
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+    /* TLS: verification is never optional; TLS 1.2 at least. */
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
+    curl_easy_setopt(e, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
     if (req->ca_file)
         curl_easy_setopt(e, CURLOPT_CAINFO, req->ca_file);
+    if (req->pinned_pubkey &&
+        curl_easy_setopt(e, CURLOPT_PINNEDPUBLICKEY, req->pinned_pubkey) != CURLE_OK) {
+        err = CMN_ECRYPTO;
+        goto out_free;
+    }
+    if (req->client_cert_file) {
+        curl_easy_setopt(e, CURLOPT_SSLCERT, req->client_cert_file);
+        curl_easy_setopt(e, CURLOPT_SSLCERTTYPE, "PEM");
+        curl_easy_setopt(e, CURLOPT_SSLKEY, req->client_key_file ? req->client_key_file
+                                                                 : req->client_cert_file);
+        curl_easy_setopt(e, CURLOPT_SSLKEYTYPE, "PEM");
+    } else if (req->client_key_file) {
+        err = -EINVAL;
+        goto out_free;
+    }
     if (req->max_response)
         curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)req->max_response);
 

@@ -36,6 +36,23 @@
  * its reference; the last one frees the connection (never inside a
  * callback that still touches it afterwards). A blocking handler thus keeps
  * the connection alive after the peer went away; its response is dropped.
+ *
+ * TLS (srv->tls_conf set): c->tls wraps a cmn_tls_t memory BIO between the
+ * socket and the code above, which still sees plaintext in rbuf and still
+ * calls write_bufs()/read_start()/read_stop():
+ *
+ *   uv_read -> tls in-buffer -> handshake / cmn_tls_read -> rbuf -> llhttp
+ *   write_bufs(pieces) -> cmn_tls_write (<= TLS_FLIGHT plaintext per step)
+ *                      -> ciphertext -> uv_write(tls->wreq) -> next step ...
+ *                      -> write_done() once every record of the pieces is written
+ *
+ * c->reading then means "the parser wants input"; tls->sock_reading is the
+ * socket's uv_read state. tls_pump_in() decrypts buffered records while the
+ * parser wants input and starts socket reads only when the buffer is empty,
+ * so the in-buffer never holds more than one read (64 KiB). The handshake
+ * runs in IDLE under the handshake timer. Only one ciphertext write is in
+ * flight (tls->fly); records produced meanwhile (alerts, close_notify) wait
+ * in the session's output buffer. Closing sends close_notify first.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -50,6 +67,7 @@
 #include "cmn/errors.h"
 #include "cmn/http.h"
 #include "cmn/log.h"
+#include "cmn_tls.h"
 
 #define SUBSYS "http"
 
@@ -61,6 +79,9 @@
 #define MAX_WRITE_BUFS  64
 #define LINGER_MS       2000
 #define RESP_HDR_MAX    (64 * 1024)
+#define TLS_FLIGHT      (256 * 1024)  /* plaintext encrypted per ciphertext write */
+#define TLS_RECORD      16384         /* max plaintext per TLS record */
+#define TLS_HANDSHAKE_MS 10000
 
 /* ------------------------------------------------------------------ types */
 
@@ -104,6 +125,23 @@ static const char *const state_names[] = {
 };
 
 typedef struct conn conn_t;
+
+/* TLS state of one connection (allocated only for TLS connections). */
+typedef struct {
+    conn_t *c;
+    cmn_tls_t *sess;             /* owned */
+    bool sock_reading;           /* uv_read_start active */
+    bool pumping;                /* inside tls_pump_in */
+    bool wbusy;                  /* wreq in flight */
+    bool app_write;              /* a write_bufs() is being encrypted and sent (holds a ref) */
+    bool want_shutdown;          /* uv_shutdown once the output has been queued */
+    uv_write_t wreq;
+    cmn_buf_t fly;               /* ciphertext being written (owned) */
+    uv_buf_t src[MAX_WRITE_BUFS]; /* plaintext pieces of the app write (not owned) */
+    size_t nsrc;
+    size_t isrc;                 /* next piece */
+    size_t srcoff;               /* bytes of src[isrc] already encrypted */
+} conn_tls_t;
 
 struct conn {
     uv_tcp_t tcp;
@@ -168,6 +206,8 @@ struct conn {
     uint64_t file_pos;
     uint64_t file_rem;
     char *fbuf;                  /* FILE_CHUNK bytes while sending files (owned) */
+
+    conn_tls_t *tls;             /* NULL = plain HTTP (owned) */
 };
 
 struct cmn_http_server {
@@ -179,6 +219,7 @@ struct cmn_http_server {
     char *host;                   /* owned */
     char *tmp_dir;                /* owned */
     int port;
+    cmn_tls_conf_t *tls_conf;     /* NULL = plain HTTP (owned, shared by connections) */
     conn_t *conns;                /* list of live connections */
     int nconns;
     bool closing;
@@ -199,6 +240,10 @@ static void conn_unref(conn_t *c);
 static void conn_process(conn_t *c, const char *data, size_t len);
 static void send_next(conn_t *c);
 static void response_done(conn_t *c);
+static void tls_read_start(conn_t *c);
+static void tls_read_stop(conn_t *c);
+static int tls_write_bufs(conn_t *c, uv_buf_t *bufs, unsigned n);
+static int tls_flush(conn_t *c);
 
 /* ------------------------------------------------------------ state */
 
@@ -454,6 +499,10 @@ static void conn_ref(conn_t *c)
 
 static void read_stop(conn_t *c)
 {
+    if (c->tls) {
+        tls_read_stop(c);
+        return;
+    }
     if (c->reading) {
         uv_read_stop((uv_stream_t *)&c->tcp);
         c->reading = false;
@@ -465,6 +514,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
 
 static void read_start(conn_t *c)
 {
+    if (c->tls) {
+        tls_read_start(c);
+        return;
+    }
     if (!c->reading && c->state != CONN_CLOSING) {
         int err = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
 
@@ -587,6 +640,7 @@ static void server_maybe_done(cmn_http_server_t *srv)
         void (*done)(void *) = srv->done;
         void *ud = srv->done_ud;
 
+        cmn_tls_conf_destroy(srv->tls_conf);
         free(srv->host);
         free(srv->tmp_dir);
         free(srv);
@@ -604,6 +658,11 @@ static void conn_free(conn_t *c)
     cmn_buf_free(&c->head);
     free(c->hoff);
     free(c->rbuf);
+    if (c->tls) {
+        cmn_tls_destroy(c->tls->sess);
+        cmn_buf_free(&c->tls->fly);
+        free(c->tls);
+    }
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -633,6 +692,14 @@ static void conn_close(conn_t *c)
 {
     if (c->state == CONN_CLOSING)
         return;
+    if (c->tls) {
+        /* Best effort: libuv tries the write at once, uv_close cancels the rest. */
+        c->tls->sock_reading = false;
+        if (cmn_tls_is_established(c->tls->sess) && !c->tls->wbusy) {
+            cmn_tls_close_notify(c->tls->sess);
+            (void)tls_flush(c);
+        }
+    }
     conn_set_state(c, CONN_CLOSING);
     c->reading = false;
     uv_timer_stop(&c->timer);
@@ -652,6 +719,8 @@ static void on_file_close(uv_fs_t *req);
 
 static int write_bufs(conn_t *c, uv_buf_t *bufs, unsigned n)
 {
+    if (c->tls)
+        return tls_write_bufs(c, bufs, n);
     int err = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, bufs, n, on_write);
 
     if (err < 0)
@@ -871,10 +940,10 @@ static void on_file_close(uv_fs_t *req)
     conn_unref(c);
 }
 
-static void on_write(uv_write_t *req, int status)
+/* A write_bufs() finished (plain: its uv_write; TLS: its last record).
+ * Drops the reference write_bufs took. */
+static void write_done(conn_t *c, int status)
 {
-    conn_t *c = container_of(req, conn_t, wreq);
-
     if (c->state == CONN_CLOSING) {
         if (c->file_fd >= 0) {
             conn_fs_close(c, c->file_fd);
@@ -902,6 +971,11 @@ static void on_write(uv_write_t *req, int status)
     conn_unref(c);
 }
 
+static void on_write(uv_write_t *req, int status)
+{
+    write_done(container_of(req, conn_t, wreq), status);
+}
+
 static void on_shutdown(uv_shutdown_t *req, int status)
 {
     conn_t *c = container_of(req, conn_t, sreq);
@@ -914,13 +988,27 @@ static void response_done(conn_t *c)
 {
     if (c->tmp_path)
         spool_release(c);
+    if (c->tls && !c->tls->wbusy) {
+        /* Up to 2 x 256 KiB of record buffers: not kept while idle. */
+        cmn_buf_free(&c->tls->fly);
+        cmn_tls_out_trim(c->tls->sess);
+    }
     if (c->close_after) {
         /* Lingering close: shutdown our side, drain input so the peer reads
          * the response before any RST caused by unread request bytes. */
         conn_set_state(c, CONN_LINGERING);
         request_reset(c);
         c->lo_len = 0;
-        if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, on_shutdown) == 0)
+        if (c->tls) {
+            cmn_tls_close_notify(c->tls->sess);
+            if (tls_flush(c) < 0) {
+                conn_close(c);
+                return;
+            }
+        }
+        if (c->tls && cmn_tls_out_len(c->tls->sess) > 0)
+            c->tls->want_shutdown = true; /* on_tls_write shuts down after the flush */
+        else if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, on_shutdown) == 0)
             conn_ref(c);
         unsigned ms = c->srv->opts.idle_timeout_ms < LINGER_MS ? c->srv->opts.idle_timeout_ms
                                                                : LINGER_MS;
@@ -980,6 +1068,11 @@ static void dispatch(conn_t *c)
         q->body_file = NULL;
     }
     q->body_len = (size_t)c->body_len;
+    if (c->tls) {
+        q->tls = true;
+        q->tls_client_cn = cmn_tls_peer_cn(c->tls->sess);
+        q->tls_client_pubkey_sha256 = cmn_tls_peer_pubkey_sha256(c->tls->sess);
+    }
     if (c->route == NULL) {
         resp_set_error(c, 404);
         start_response(c);
@@ -1243,6 +1336,12 @@ static void send_continue(conn_t *c)
     static char msg[] = "HTTP/1.1 100 Continue\r\n\r\n";
     uv_buf_t b = uv_buf_init(msg, sizeof(msg) - 1);
 
+    if (c->tls) {
+        /* Queued behind nothing: no response is being written while reading. */
+        if (cmn_tls_write(c->tls->sess, msg, sizeof(msg) - 1) == 0)
+            (void)tls_flush(c);
+        return;
+    }
     if (uv_write(&c->creq, (uv_stream_t *)&c->tcp, &b, 1, on_continue_written) == 0)
         conn_ref(c);
 }
@@ -1404,8 +1503,18 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     conn_t *c = h->data;
 
     (void)suggested;
+    if (c->tls) {
+        char *p;
+        size_t room;
+
+        cmn_tls_in_space(c->tls->sess, &p, &room);
+        *buf = uv_buf_init(p, (unsigned)room); /* room 0: on_read gets UV_ENOBUFS */
+        return;
+    }
     *buf = uv_buf_init(c->rbuf, RBUF_SIZE);
 }
+
+static void tls_pump_in(conn_t *c);
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
@@ -1418,6 +1527,11 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         if (nread != UV_EOF)
             CMN_LOG_D(SUBSYS, "peer=%s read: %s", c->req.peer, uv_strerror((int)nread));
         conn_close(c);
+        return;
+    }
+    if (c->tls) {
+        cmn_tls_in_commit(c->tls->sess, (size_t)nread);
+        tls_pump_in(c);
         return;
     }
     switch (c->state) {
@@ -1447,6 +1561,261 @@ static void on_timer(uv_timer_t *t)
     case CONN_LINGERING: conn_close(c); break;
     default: break;
     }
+}
+
+/* ------------------------------------------------------------ TLS */
+
+static void tls_sock_start(conn_t *c)
+{
+    conn_tls_t *t = c->tls;
+
+    if (t->sock_reading || c->state == CONN_CLOSING)
+        return;
+    if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0) {
+        conn_close(c);
+        return;
+    }
+    t->sock_reading = true;
+}
+
+static void tls_read_stop(conn_t *c)
+{
+    conn_tls_t *t = c->tls;
+
+    c->reading = false;
+    if (t->sock_reading) {
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        t->sock_reading = false;
+    }
+}
+
+static void tls_read_start(conn_t *c)
+{
+    if (c->state == CONN_CLOSING)
+        return;
+    c->reading = true;
+    if (!c->tls->pumping)
+        tls_pump_in(c); /* else the running pump sees c->reading */
+}
+
+/* Runs the handshake, then decrypts buffered records into rbuf and feeds
+ * them to the parser while it wants input; starts socket reads once the
+ * buffer is drained. Never re-entered: read_start() from inside only sets
+ * c->reading. */
+static void tls_pump_in(conn_t *c)
+{
+    conn_tls_t *t = c->tls;
+    bool want_sock = false;
+
+    if (t->pumping)
+        return;
+    t->pumping = true;
+    while (c->state != CONN_CLOSING) {
+        if (!cmn_tls_is_established(t->sess)) {
+            int rc = cmn_tls_handshake(t->sess);
+
+            if (tls_flush(c) < 0) {
+                conn_close(c);
+                break;
+            }
+            if (rc == CMN_TLS_AGAIN) {
+                want_sock = true;
+                break;
+            }
+            if (rc < 0) {
+                const char *why = cmn_tls_last_error(t->sess);
+
+                if (strncmp(why, "client certificate", 18) == 0)
+                    CMN_LOG_W(SUBSYS, "peer=%s TLS handshake refused: %s", c->req.peer, why);
+                else
+                    CMN_LOG_D(SUBSYS, "peer=%s TLS handshake failed: %s", c->req.peer, why);
+                conn_close(c);
+                break;
+            }
+            CMN_LOG_D(SUBSYS, "peer=%s TLS established suite=%s client=%s", c->req.peer,
+                      cmn_tls_ciphersuite(t->sess),
+                      cmn_tls_peer_cn(t->sess) ? cmn_tls_peer_cn(t->sess) : "-");
+            timer_arm(c, c->srv->opts.idle_timeout_ms);
+            continue;
+        }
+        if (!c->reading)
+            break;
+        if (c->state != CONN_IDLE && c->state != CONN_READING && c->state != CONN_LINGERING)
+            break;
+        int n = cmn_tls_read(t->sess, c->rbuf, RBUF_SIZE);
+        if (n > 0) {
+            if (c->state != CONN_LINGERING)
+                conn_process(c, c->rbuf, (size_t)n);
+            continue;
+        }
+        if (tls_flush(c) < 0) {
+            conn_close(c);
+            break;
+        }
+        if (n == CMN_TLS_AGAIN) {
+            want_sock = true;
+            break;
+        }
+        if (n == CMN_TLS_CLOSED)
+            CMN_LOG_D(SUBSYS, "peer=%s TLS close_notify", c->req.peer);
+        else
+            CMN_LOG_D(SUBSYS, "peer=%s TLS read: %s", c->req.peer, cmn_tls_last_error(t->sess));
+        conn_close(c);
+        break;
+    }
+    t->pumping = false;
+    if (want_sock && c->state != CONN_CLOSING &&
+        (c->reading || !cmn_tls_is_established(t->sess)))
+        tls_sock_start(c);
+}
+
+static void on_tls_write(uv_write_t *req, int status);
+
+/* Starts writing the session's pending records unless a write is in flight
+ * (on_tls_write calls again). 0 or a uv error. */
+static int tls_flush(conn_t *c)
+{
+    conn_tls_t *t = c->tls;
+
+    if (t->wbusy || cmn_tls_out_len(t->sess) == 0)
+        return 0;
+    cmn_tls_out_take(t->sess, &t->fly);
+    uv_buf_t b = uv_buf_init(t->fly.data, (unsigned)t->fly.len);
+    int err = uv_write(&t->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_tls_write);
+    if (err < 0) {
+        cmn_buf_reset(&t->fly);
+        return err;
+    }
+    t->wbusy = true;
+    conn_ref(c);
+    return 0;
+}
+
+/* Encrypts up to TLS_FLIGHT bytes of the app write's pieces. Small pieces
+ * (status line and headers, short bodies) share records. */
+static int tls_encrypt_some(conn_t *c)
+{
+    conn_tls_t *t = c->tls;
+    size_t budget = TLS_FLIGHT;
+    char stage[TLS_RECORD];
+    size_t staged = 0;
+    int err;
+
+    while (t->isrc < t->nsrc && budget > 0) {
+        const uv_buf_t *b = &t->src[t->isrc];
+        size_t rem = b->len - t->srcoff;
+        size_t n;
+
+        if (rem == 0) {
+            t->isrc++;
+            t->srcoff = 0;
+            continue;
+        }
+        if (staged == 0 && rem >= sizeof(stage)) {
+            n = rem < budget ? rem : budget;
+            err = cmn_tls_write(t->sess, b->base + t->srcoff, n);
+            if (err < 0)
+                return err;
+        } else {
+            n = sizeof(stage) - staged;
+            if (n > rem)
+                n = rem;
+            if (n > budget)
+                n = budget;
+            memcpy(stage + staged, b->base + t->srcoff, n);
+            staged += n;
+            if (staged == sizeof(stage)) {
+                err = cmn_tls_write(t->sess, stage, staged);
+                if (err < 0)
+                    return err;
+                staged = 0;
+            }
+        }
+        t->srcoff += n;
+        budget -= n;
+        if (t->srcoff == b->len) {
+            t->isrc++;
+            t->srcoff = 0;
+        }
+    }
+    if (staged > 0)
+        return cmn_tls_write(t->sess, stage, staged);
+    return 0;
+}
+
+/* write_bufs() for TLS: the pieces must stay valid until write_done(). */
+static int tls_write_bufs(conn_t *c, uv_buf_t *bufs, unsigned n)
+{
+    conn_tls_t *t = c->tls;
+    int err;
+
+    if (CMN_NEVER(t->app_write || n > MAX_WRITE_BUFS))
+        return UV_EINVAL;
+    memcpy(t->src, bufs, n * sizeof(*bufs));
+    t->nsrc = n;
+    t->isrc = 0;
+    t->srcoff = 0;
+    err = tls_encrypt_some(c);
+    if (err == 0)
+        err = tls_flush(c);
+    if (err < 0) {
+        t->nsrc = 0;
+        return err < -10000 ? UV_EPROTO : err; /* callers log uv_strerror */
+    }
+    t->app_write = true;
+    conn_ref(c);
+    timer_arm(c, c->srv->opts.idle_timeout_ms);
+    return 0;
+}
+
+/* Ends the app write with status (its reference is dropped by write_done). */
+static void tls_app_write_done(conn_t *c, int status)
+{
+    c->tls->app_write = false;
+    c->tls->nsrc = 0;
+    write_done(c, status);
+}
+
+static void on_tls_write(uv_write_t *req, int status)
+{
+    conn_tls_t *t = container_of(req, conn_tls_t, wreq);
+    conn_t *c = t->c;
+    int err = 0;
+
+    t->wbusy = false;
+    cmn_buf_reset(&t->fly);
+    if (status < 0 || c->state == CONN_CLOSING) {
+        if (status < 0 && c->state != CONN_CLOSING)
+            CMN_LOG_D(SUBSYS, "peer=%s write: %s", c->req.peer, uv_strerror(status));
+        if (t->app_write)
+            tls_app_write_done(c, status < 0 ? status : UV_ECANCELED);
+        else if (c->state != CONN_CLOSING)
+            conn_close(c);
+        conn_unref(c);
+        return;
+    }
+    if (t->app_write && t->isrc < t->nsrc)
+        err = tls_encrypt_some(c);
+    if (err == 0 && t->app_write && t->isrc >= t->nsrc && cmn_tls_out_len(t->sess) == 0) {
+        /* Every record of the pieces is written: may start the next write. */
+        tls_app_write_done(c, 0);
+    } else if (err == 0) {
+        timer_arm(c, c->srv->opts.idle_timeout_ms);
+    }
+    if (err == 0 && c->state != CONN_CLOSING)
+        err = tls_flush(c);
+    if (err < 0) {
+        CMN_LOG_D(SUBSYS, "peer=%s TLS write failed", c->req.peer);
+        if (t->app_write)
+            tls_app_write_done(c, UV_EPROTO);
+        else
+            conn_close(c);
+    } else if (t->want_shutdown && cmn_tls_out_len(t->sess) == 0 && c->state != CONN_CLOSING) {
+        t->want_shutdown = false;
+        if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, on_shutdown) == 0)
+            conn_ref(c);
+    }
+    conn_unref(c);
 }
 
 /* ------------------------------------------------------------ accept */
@@ -1490,6 +1859,16 @@ static void on_connection(uv_stream_t *ls, int status)
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1);
+    if (srv->tls_conf) {
+        c->tls = cmn_xcalloc(1, sizeof(*c->tls));
+        c->tls->c = c;
+        cmn_buf_init(&c->tls->fly, 0);
+        if (cmn_tls_create(srv->tls_conf, &c->tls->sess) < 0) {
+            CMN_LOG_W(SUBSYS, "TLS session setup failed, refusing a connection");
+            conn_close(c);
+            return;
+        }
+    }
 
     struct sockaddr_storage ss;
     int sl = sizeof(ss);
@@ -1502,7 +1881,7 @@ static void on_connection(uv_stream_t *ls, int status)
 
     llhttp_init(&c->parser, HTTP_REQUEST, &parser_settings);
     c->parser.data = c;
-    timer_arm(c, srv->opts.idle_timeout_ms);
+    timer_arm(c, c->tls ? srv->opts.tls_handshake_timeout_ms : srv->opts.idle_timeout_ms);
     read_start(c);
 }
 
@@ -1555,6 +1934,22 @@ int cmn_http_server_create(uv_loop_t *loop, const cmn_http_server_opts_t *opts,
         srv->opts.request_timeout_ms = 300 * 1000;
     if (srv->opts.max_connections <= 0)
         srv->opts.max_connections = 1024;
+    if (!srv->opts.tls_handshake_timeout_ms)
+        srv->opts.tls_handshake_timeout_ms = TLS_HANDSHAKE_MS;
+    if ((opts->tls_cert_file == NULL) != (opts->tls_key_file == NULL) ||
+        (opts->tls_client_ca_file && opts->tls_cert_file == NULL)) {
+        CMN_LOG_E(SUBSYS, "TLS needs both a certificate and a key file");
+        err = CMN_ECONFIG;
+        goto out_free;
+    }
+    if (opts->tls_cert_file) {
+        err = cmn_tls_conf_create(opts->tls_cert_file, opts->tls_key_file,
+                                  opts->tls_client_ca_file, &srv->tls_conf);
+        if (err < 0)
+            goto out_free;
+    }
+    /* Parsed once; the caller's strings are not kept. */
+    srv->opts.tls_cert_file = srv->opts.tls_key_file = srv->opts.tls_client_ca_file = NULL;
 
     if (strchr(srv->host, ':'))
         err = uv_ip6_addr(srv->host, opts->port, (struct sockaddr_in6 *)&ss);
@@ -1578,7 +1973,8 @@ int cmn_http_server_create(uv_loop_t *loop, const cmn_http_server_opts_t *opts,
         goto out_close;
     srv->port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
                                                 : ((struct sockaddr_in *)&ss)->sin_port);
-    CMN_LOG_D(SUBSYS, "listening on %s:%d", srv->host, srv->port);
+    CMN_LOG_D(SUBSYS, "listening on %s:%d%s", srv->host, srv->port,
+              srv->tls_conf ? " (TLS)" : "");
     *out = srv;
     return 0;
 
@@ -1588,6 +1984,7 @@ out_close:
     uv_close((uv_handle_t *)&srv->listener, on_listener_close);
     return err;
 out_free:
+    cmn_tls_conf_destroy(srv->tls_conf);
     free(srv->host);
     free(srv->tmp_dir);
     free(srv);

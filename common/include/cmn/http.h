@@ -25,6 +25,19 @@
  * All functions except the cmn_http_req_xxx and cmn_http_resp_xxx accessors must be
  * called on the loop thread.
  *
+ * TLS: with opts.tls_cert_file and opts.tls_key_file set, the listener
+ * speaks HTTPS only (TLS 1.2, ECDHE with AES-GCM or ChaCha20-Poly1305, via
+ * mbedTLS; the certificate and key are parsed once, at create). With
+ * opts.tls_client_ca_file set as well, every client must present a
+ * certificate issued by that CA (mutual TLS); the handler sees its subject CN
+ * and public-key hash in req->tls_client_cn / req->tls_client_pubkey_sha256.
+ * A connection that does not complete its handshake within
+ * opts.tls_handshake_timeout_ms, or sends anything that is not TLS, is
+ * closed. Responses are encrypted in steps of at most 256 KiB of plaintext,
+ * each sent before the next is produced, so backpressure works as on plain
+ * connections; connections end with a close_notify alert. Without TLS the
+ * server behaves exactly as before (no extra copies).
+ *
  * CLIENT
  *
  * cmn_http_client_send() starts a request on the loop and calls cb once, on
@@ -61,6 +74,15 @@ typedef struct {
     const char *body_file;       /* temp file holding a large body, else NULL */
     char peer[64];               /* peer address, "127.0.0.1" */
     void *route_ud;              /* the route's ud */
+    bool tls;                    /* the request arrived over TLS */
+    /* Mutual TLS only (opts.tls_client_ca_file), else NULL. Both describe the
+     * client certificate verified during the handshake; they point into the
+     * connection and stay valid until the handler returns. */
+    const char *tls_client_cn;   /* subject CN, printable ASCII ("edge-7") */
+    const char *tls_client_pubkey_sha256; /* lower-case hex SHA-256 of the DER
+                                  * SubjectPublicKeyInfo: what `openssl x509 -pubkey
+                                  * | openssl pkey -pubin -outform der | sha256sum`
+                                  * prints; stable across re-issues with the same key */
 } cmn_http_req_t;
 
 typedef void (*cmn_http_handler_fn)(const cmn_http_req_t *req, cmn_http_resp_t *resp);
@@ -84,11 +106,20 @@ typedef struct {
     unsigned idle_timeout_ms;    /* keep-alive idle; 0 = 60 s */
     unsigned request_timeout_ms; /* headers+body; 0 = 300 s */
     int max_connections;         /* 0 = 1024; beyond it new connections are closed */
+    /* TLS: both NULL = plain HTTP. PEM files, read once by cmn_http_server_create. */
+    const char *tls_cert_file;   /* server certificate chain, leaf first */
+    const char *tls_key_file;    /* its private key (unencrypted PEM) */
+    const char *tls_client_ca_file; /* NULL = no client certificates; else required and
+                                  * verified against this CA bundle */
+    unsigned tls_handshake_timeout_ms; /* 0 = 10 s */
 } cmn_http_server_opts_t;
 
 /**
  * Binds, listens and starts serving on loop. routes must outlive the server.
- * 0 and *out set (destroy with cmn_http_server_close), or a negative error.
+ * 0 and *out set (destroy with cmn_http_server_close), or a negative error:
+ * CMN_ECONFIG when only one of tls_cert_file/tls_key_file is set (or a
+ * client CA without them), CMN_ECRYPTO when a TLS file cannot be used (the
+ * reason is logged), -errno from bind/listen.
  */
 int cmn_http_server_create(uv_loop_t *loop, const cmn_http_server_opts_t *opts,
                            const cmn_http_route_t *routes, size_t nroutes,
@@ -145,7 +176,13 @@ typedef struct {
     long timeout_ms;             /* whole request; 0 = 60 s */
     long connect_timeout_ms;     /* 0 = 10 s */
     size_t max_response;         /* cap on the response body; 0 = 16 MiB */
-    const char *ca_file;         /* TLS: CA bundle to verify the server; NULL = system */
+    /* TLS (https:// URLs). The server certificate and host name are always
+     * verified, and TLS 1.2 is the minimum. Failures give err = CMN_ECRYPTO. */
+    const char *ca_file;         /* CA bundle (PEM) to verify the server; NULL = system store */
+    const char *pinned_pubkey;   /* NULL, or "sha256//<base64>" (several joined by ';'): the
+                                  * server's public key must also match one of them */
+    const char *client_cert_file; /* client certificate (PEM) for mutual TLS, or NULL */
+    const char *client_key_file; /* its private key (PEM); NULL = in client_cert_file */
 } cmn_http_client_req_t;
 
 typedef struct {
