@@ -51,6 +51,9 @@ CLOUD_OBJ  := $(patsubst %.c,$(BUILD)/%.o,$(wildcard cloud/*.c)) \
               $(patsubst %.cc,$(BUILD)/%.o,$(wildcard cloud/*.cc))
 
 LIBCOMMON  := $(BUILD)/libyycommon.a
+# The daemons' modules without main(), so unit tests can link what they use.
+LIBEDGE    := $(BUILD)/libyyedge.a
+LIBCLOUD   := $(BUILD)/libyycloud.a
 LIBPROTO   := $(BUILD)/libyyproto.a
 EDGE_BIN   := $(BUILD)/yunying-edge
 CLOUD_BIN  := $(BUILD)/yunying-cloud
@@ -89,6 +92,14 @@ $(LIBCOMMON): $(COMMON_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
 
+$(LIBEDGE): $(filter-out $(BUILD)/edge/main.o,$(EDGE_OBJ))
+	@rm -f $@
+	ar rcs $@ $^
+
+$(LIBCLOUD): $(filter-out $(BUILD)/cloud/main.o,$(CLOUD_OBJ))
+	@rm -f $@
+	ar rcs $@ $^
+
 $(LIBPROTO): $(PROTO_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
@@ -99,9 +110,13 @@ $(EDGE_BIN): $(EDGE_OBJ) $(LIBPROTO) $(LIBCOMMON)
 $(CLOUD_BIN): $(CLOUD_OBJ) $(LIBPROTO) $(LIBCOMMON)
 	$(CXX) $(LDSAN) -o $@ $(CLOUD_OBJ) $(LIBPROTO) $(LIBCOMMON) $(LDLIBS_ALL)
 
-$(BUILD)/tests/unit/%: tests/unit/%.c $(LIBPROTO) $(LIBCOMMON)
+# A unit test may #include the .c file it tests (to reach static functions);
+# archive members are only pulled in for symbols still undefined, so the
+# included module's own object is never linked twice.
+$(BUILD)/tests/unit/%: tests/unit/%.c $(LIBEDGE) $(LIBCLOUD) $(LIBPROTO) $(LIBCOMMON)
 	@mkdir -p $(@D)
-	$(CXX) -x c $(CFLAGS_ALL) -o $@ $< -x none $(LIBPROTO) $(LIBCOMMON) $(LDSAN) $(LDLIBS_ALL) -lcmocka
+	$(CXX) -x c $(CFLAGS_ALL) -o $@ $< -x none $(LIBEDGE) $(LIBCLOUD) $(LIBPROTO) $(LIBCOMMON) \
+	    $(LDSAN) $(LDLIBS_ALL) -lcmocka
 
 unit-bins: $(UNIT_BIN)
 

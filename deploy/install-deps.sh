@@ -11,7 +11,9 @@ PKGS="build-essential pkg-config g++ make ca-certificates openssl curl
  libuv1-dev libmbedtls-dev libsqlite3-dev sqlite3 libcurl4-openssl-dev
  libjansson-dev libcharls-dev libdcmtk-dev dcmtk node-llhttp
  libcmocka-dev python3 python3-pydicom python3-numpy
- chromium iproute2"
+ chromium iproute2
+ libpq-dev postgresql
+ swift swift-proxy swift-object swift-container swift-account python3-swift memcached"
 
 missing=""
 for p in $PKGS; do
@@ -33,7 +35,7 @@ fi
 
 # npm packages: the web app (cloud/web) and the browser tests (tests/e2e),
 # each from its committed lock file.
-for dir in "$top/cloud/web" "$top/tests/e2e"; do
+for dir in "$top/cloud/web" "$top/tests/e2e" "$top/tests/dicomweb-client"; do
     if [ -f "$dir/package-lock.json" ]; then
         if [ ! -d "$dir/node_modules" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules" ]; then
             echo "install-deps: npm ci in ${dir#"$top"/}"
