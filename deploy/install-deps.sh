@@ -29,8 +29,21 @@ if [ -n "$missing" ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO=sudo
     echo "install-deps: installing:$missing"
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+    # Packages such as postgresql, swift-proxy and memcached start system
+    # services from their install scripts; the tests start private instances
+    # on free ports instead, so keep the packaged services from starting.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+        $SUDO chmod 755 "$policy"
+    fi
+    rc=0
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing ||
+        rc=$?
+    [ -z "$policy" ] || $SUDO rm -f "$policy"
+    [ $rc -eq 0 ] || exit $rc
 fi
 
 # npm packages: the web app (cloud/web) and the browser tests (tests/e2e),
