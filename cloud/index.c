@@ -9,8 +9,12 @@
  *              native pixel data byte range and the instance's DICOM JSON
  *              (PS3.18 F) so series metadata is a concatenation of rows
  *   conflicts  same SOP Instance UID with different bytes, kept aside
- *   edges      edge identities and their secrets (stored plainly for now;
- *              encryption at rest is a later issue)
+ *   edges      edge identities, their secrets (stored plainly for now;
+ *              encryption at rest is a later issue), enabled flag and
+ *              address allow list (CIDR blocks, '' = any address)
+ *   tokens     short-lived signing keys issued to edges (the key is kept:
+ *              the cloud needs it to verify HMACs; same TODO as secrets),
+ *              expiry and revocation checked on every request
  *   nonces     (edge, nonce) seen within the skew window: replay protection
  *   uploads    one row per declared object; chunks: the chunks held
  *   users, sessions (hash of the token only), audit (append-only)
@@ -145,6 +149,41 @@ static const char *const migrations[] = {
     "  BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;"
     "CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit"
     "  BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;",
+
+    /* 2: dynamic tokens and per-edge address allow lists (issue 3) */
+    "ALTER TABLE edges ADD COLUMN allow TEXT NOT NULL DEFAULT '';"  /* CIDR list, '' = any */
+    "CREATE TABLE tokens ("
+    "  token_id TEXT PRIMARY KEY,"
+    "  edge_id TEXT NOT NULL REFERENCES edges(id) ON DELETE CASCADE,"
+    "  key TEXT NOT NULL,"            /* hex HMAC key; TODO: encrypt at rest with the secrets */
+    "  created INTEGER NOT NULL,"
+    "  expires INTEGER NOT NULL,"
+    "  revoked INTEGER NOT NULL DEFAULT 0);"
+    "CREATE INDEX tokens_edge ON tokens(edge_id);"
+    "CREATE INDEX tokens_expires ON tokens(expires);",
+
+    /* 3: SeriesDate/SeriesTime for QIDO, filled from each instance's DICOM JSON by a
+     * trigger (so the insert path stays as it is) and back-filled once here. */
+    "ALTER TABLE series ADD COLUMN series_date TEXT NOT NULL DEFAULT '';"
+    "ALTER TABLE series ADD COLUMN series_time TEXT NOT NULL DEFAULT '';"
+    "UPDATE series SET"
+    "  series_date = coalesce((SELECT json_extract(i.json, '$.\"00080021\".Value[0]')"
+    "    FROM instances i WHERE i.series_uid = series.series_uid LIMIT 1), ''),"
+    "  series_time = coalesce((SELECT json_extract(i.json, '$.\"00080031\".Value[0]')"
+    "    FROM instances i WHERE i.series_uid = series.series_uid LIMIT 1), '');"
+    "CREATE TRIGGER instances_series_dt AFTER INSERT ON instances BEGIN"
+    "  UPDATE series SET"
+    "    series_date = coalesce(json_extract(NEW.json, '$.\"00080021\".Value[0]'), ''),"
+    "    series_time = coalesce(json_extract(NEW.json, '$.\"00080031\".Value[0]'), '')"
+    "  WHERE series_uid = NEW.series_uid; END;",
+
+    /* 4: the viewer's annotations, one JSON document per user and study (issue 5) */
+    "CREATE TABLE annotations ("
+    "  username TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,"
+    "  study_uid TEXT NOT NULL,"
+    "  doc TEXT NOT NULL,"
+    "  updated INTEGER NOT NULL,"
+    "  PRIMARY KEY(username, study_uid));",
 };
 
 /* ------------------------------------------------------------------- pool */
@@ -470,7 +509,8 @@ void cloud_index_audit(sqlite3 *db, const char *user, const char *action,
     sqlite3_finalize(st);
 }
 
-int cloud_index_edge_add(sqlite3 *db, const char *edge_id, char secret_hex[65])
+int cloud_index_edge_add(sqlite3 *db, const char *edge_id, const char *allow,
+                         char secret_hex[65])
 {
     uint8_t secret[32];
     sqlite3_stmt *st;
@@ -479,11 +519,13 @@ int cloud_index_edge_add(sqlite3 *db, const char *edge_id, char secret_hex[65])
     if (cmn_random(secret, sizeof(secret)) < 0)
         return CMN_ECRYPTO;
     cmn_hex(secret, sizeof(secret), secret_hex);
-    if (cmn_db_prepare(db, "INSERT INTO edges(id, secret, created) VALUES(?,?,?)", &st) < 0)
+    if (cmn_db_prepare(db, "INSERT INTO edges(id, secret, allow, created) VALUES(?,?,?,?)",
+                       &st) < 0)
         return CMN_EDB;
     bind_text(st, 1, edge_id);
     bind_text(st, 2, secret_hex);
-    sqlite3_bind_int64(st, 3, cloud_now());
+    bind_text(st, 3, allow);
+    sqlite3_bind_int64(st, 4, cloud_now());
     rc = sqlite3_step(st);
     if (rc == SQLITE_DONE)
         rc = 0;
@@ -498,17 +540,22 @@ int cloud_index_edge_add(sqlite3 *db, const char *edge_id, char secret_hex[65])
     return rc;
 }
 
-int cloud_index_edge_secret(sqlite3 *db, const char *edge_id, char secret_hex[65])
+int cloud_index_edge_get(sqlite3 *db, const char *edge_id, cloud_edge_t *out)
 {
     sqlite3_stmt *st;
     int rc;
 
-    if (cmn_db_prepare(db, "SELECT secret FROM edges WHERE id = ? AND enabled = 1", &st) < 0)
+    memset(out, 0, sizeof(*out));
+    if (cmn_db_prepare(db, "SELECT secret, enabled, allow FROM edges WHERE id = ?", &st) < 0)
         return CMN_EDB;
     bind_text(st, 1, edge_id);
     rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
-        snprintf(secret_hex, 65, "%s", (const char *)sqlite3_column_text(st, 0));
+        const char *sec = (const char *)sqlite3_column_text(st, 0);
+        const char *allow = (const char *)sqlite3_column_text(st, 2);
+        snprintf(out->secret_hex, sizeof(out->secret_hex), "%s", sec ? sec : "");
+        out->enabled = sqlite3_column_int(st, 1) != 0;
+        out->allow = cmn_xstrdup(allow ? allow : "");
         rc = 0;
     } else if (rc == SQLITE_DONE) {
         rc = CMN_ENOTFOUND;
@@ -518,4 +565,147 @@ int cloud_index_edge_secret(sqlite3 *db, const char *edge_id, char secret_hex[65
     }
     sqlite3_finalize(st);
     return rc;
+}
+
+void cloud_edge_clear(cloud_edge_t *e)
+{
+    free(e->allow);
+    memset(e, 0, sizeof(*e));
+}
+
+/* Runs an UPDATE bound to (value?, edge id); 0, CMN_ENOTFOUND, CMN_EDB. */
+static int edge_update(sqlite3 *db, const char *sql, const char *text, const char *edge_id,
+                       int *changed)
+{
+    sqlite3_stmt *st;
+    int rc, i = 1;
+
+    if (cmn_db_prepare(db, sql, &st) < 0)
+        return CMN_EDB;
+    if (text)
+        bind_text(st, i++, text);
+    bind_text(st, i, edge_id);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        CMN_LOG_E("index", "edge update: %s", sqlite3_errmsg(db));
+        return CMN_EDB;
+    }
+    if (changed)
+        *changed = sqlite3_changes(db);
+    return 0;
+}
+
+static int edge_exists(sqlite3 *db, const char *edge_id)
+{
+    cloud_edge_t e;
+    int rc = cloud_index_edge_get(db, edge_id, &e);
+    cloud_edge_clear(&e);
+    return rc;
+}
+
+int cloud_index_edge_set_enabled(sqlite3 *db, const char *edge_id, bool enabled, int *revoked)
+{
+    int rc = edge_exists(db, edge_id);
+
+    if (revoked)
+        *revoked = 0;
+    if (rc < 0)
+        return rc;
+    if (cloud_index_begin(db) < 0)
+        return CMN_EDB;
+    rc = edge_update(db, enabled ? "UPDATE edges SET enabled = 1 WHERE id = ?"
+                                 : "UPDATE edges SET enabled = 0 WHERE id = ?",
+                     NULL, edge_id, NULL);
+    if (rc == 0 && !enabled)
+        rc = edge_update(db, "UPDATE tokens SET revoked = 1 WHERE edge_id = ? AND revoked = 0",
+                         NULL, edge_id, revoked);
+    if (rc < 0 || cloud_index_commit(db) < 0) {
+        cloud_index_rollback(db);
+        return CMN_EDB;
+    }
+    return 0;
+}
+
+int cloud_index_edge_set_allow(sqlite3 *db, const char *edge_id, const char *allow)
+{
+    int rc = edge_exists(db, edge_id);
+
+    if (rc < 0)
+        return rc;
+    return edge_update(db, "UPDATE edges SET allow = ? WHERE id = ?", allow, edge_id, NULL);
+}
+
+/* ----------------------------------------------------------------- tokens */
+
+int cloud_index_token_add(sqlite3 *db, const char *edge_id, const char *token_id,
+                          const char *key_hex, int64_t expires)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    if (cmn_db_prepare(db,
+                       "INSERT INTO tokens(token_id, edge_id, key, created, expires)"
+                       " VALUES(?,?,?,?,?)",
+                       &st) < 0)
+        return CMN_EDB;
+    bind_text(st, 1, token_id);
+    bind_text(st, 2, edge_id);
+    bind_text(st, 3, key_hex);
+    sqlite3_bind_int64(st, 4, cloud_now());
+    sqlite3_bind_int64(st, 5, expires);
+    rc = step_done(db, st, "token insert");
+    sqlite3_finalize(st);
+    return rc;
+}
+
+int cloud_index_token_get(sqlite3 *db, const char *token_id, cloud_token_t *out)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    memset(out, 0, sizeof(*out));
+    if (cmn_db_prepare(db, "SELECT edge_id, key, expires, revoked FROM tokens WHERE token_id = ?",
+                       &st) < 0)
+        return CMN_EDB;
+    bind_text(st, 1, token_id);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        const char *e = (const char *)sqlite3_column_text(st, 0);
+        const char *k = (const char *)sqlite3_column_text(st, 1);
+        snprintf(out->edge_id, sizeof(out->edge_id), "%s", e ? e : "");
+        snprintf(out->key_hex, sizeof(out->key_hex), "%s", k ? k : "");
+        out->expires = sqlite3_column_int64(st, 2);
+        out->revoked = sqlite3_column_int(st, 3) != 0;
+        rc = 0;
+    } else if (rc == SQLITE_DONE) {
+        rc = CMN_ENOTFOUND;
+    } else {
+        CMN_LOG_E("index", "token lookup: %s", sqlite3_errmsg(db));
+        rc = CMN_EDB;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+int cloud_index_tokens_revoke(sqlite3 *db, const char *edge_id, int *n)
+{
+    int rc = edge_exists(db, edge_id);
+
+    *n = 0;
+    if (rc < 0)
+        return rc;
+    return edge_update(db, "UPDATE tokens SET revoked = 1 WHERE edge_id = ? AND revoked = 0",
+                       NULL, edge_id, n);
+}
+
+void cloud_index_tokens_cleanup(sqlite3 *db, int64_t before)
+{
+    sqlite3_stmt *st;
+
+    if (cmn_db_prepare(db, "DELETE FROM tokens WHERE expires < ?", &st) < 0)
+        return;
+    sqlite3_bind_int64(st, 1, before);
+    (void)step_done(db, st, "token cleanup");
+    sqlite3_finalize(st);
 }

@@ -1,14 +1,20 @@
 /*
  * ingest.c - the edge upload protocol, version 1 (see proto/proto.h).
  *
+ *   POST /api/v1/token                    a short-lived signing token (secret-signed)
  *   POST /api/v1/objects                  declare (or resume) an object
  *   PUT  /api/v1/objects/{id}/chunks/{i}  one chunk, with X-YY-Chunk-SHA256
  *   GET  /api/v1/objects/{id}             which chunks the cloud holds
  *   POST /api/v1/objects/{id}/commit      verify, parse, archive, index
  *
- * Every request is signed by the edge (proto_verify with the edge's secret,
- * timestamp within ingest.max_skew_s); a nonce can be used once per edge (the
- * PRIMARY KEY of the nonces table decides, so several cloud processes agree).
+ * Every request is signed by the edge (proto_verify, timestamp within
+ * ingest.max_skew_s): the token request with the edge secret, every other
+ * request with the key of a token it names in X-YY-Token (issued for
+ * ingest.token_ttl_s, revocable; rows in the tokens table, so every cloud
+ * process sees expiry and revocation). A nonce can be used once per edge
+ * (the PRIMARY KEY of the nonces table decides, so several cloud processes
+ * agree). The edge must be enabled and, if it has an address allow list,
+ * the peer address must be inside it (403 otherwise).
  *
  * An upload is a row in the uploads table; its state only moves forward:
  *
@@ -24,8 +30,8 @@
  * serialises concurrent commits of the same SOP Instance UID: the archive
  * file and the index rows appear together or the commit is retried.
  *
- * The HMAC key of an edge is the 32 bytes whose hex form edge-add printed
- * (the edge decodes its secret file the same way).
+ * The HMAC key of the token request is the 32 bytes whose hex form edge-add
+ * printed (the edge decodes its secret file the same way).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -49,6 +55,8 @@ const cmn_conf_opt_t cloud__ingest_opts[] = {
                      "directory for partial uploads (same file system as archive.dir)"),
     CMN_CONF_OPT_INT(cloud_ingest_conf_t, max_skew_s, 300, 5, 86400,
                      "accepted clock difference of signed edge requests, seconds"),
+    CMN_CONF_OPT_INT(cloud_ingest_conf_t, token_ttl_s, 900, 1, 86400,
+                     "lifetime of an edge token (POST /api/v1/token), seconds"),
 };
 const size_t cloud__ingest_nopts = CMN_ARRAY_SIZE(cloud__ingest_opts);
 
@@ -151,7 +159,37 @@ static int nonce_claim(sqlite3 *db, const char *edge, const char *nonce, int64_t
     return CMN_EDB;
 }
 
-/* true when the request is authentic; else the response is written. */
+/* Wipes key material (not optimised away). */
+static void wipe(void *p, size_t n)
+{
+    volatile unsigned char *v = p;
+    while (n--)
+        *v++ = 0;
+}
+
+/* Periodic deletion of long-expired tokens (kept a day so that a late
+ * request still hears "token_expired" rather than "token_unknown"). */
+static void token_cleanup(sqlite3 *db, int64_t now)
+{
+    static _Atomic int64_t last;
+    int64_t prev = atomic_load(&last);
+
+    if (now - prev < 300 || !atomic_compare_exchange_strong(&last, &prev, now))
+        return;
+    cloud_index_tokens_cleanup(db, now - 86400);
+}
+
+/*
+ * true when the request is authentic and allowed; else the response is
+ * written (and the rejection logged, without secrets or signatures).
+ *
+ * Order: headers -> body hash -> edge known -> signing key (the token's, or
+ * the edge secret for POST /api/v1/token only) -> signature and timestamp
+ * -> client certificate CN -> address allow list -> edge enabled -> token
+ * expired/revoked -> nonce. Only a correctly signed request learns whether
+ * the edge is disabled or its token expired; nothing is written before the
+ * nonce is claimed, and nothing at all for a rejected request.
+ */
 static bool verify_request(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                            signed_req_t *sr)
 {
@@ -161,14 +199,20 @@ static bool verify_request(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp
     const char *nonce = cmn_http_req_header(req, PROTO_H_NONCE);
     const char *bh = cmn_http_req_header(req, PROTO_H_BODY_HASH);
     const char *sig = cmn_http_req_header(req, PROTO_H_SIGNATURE);
-    char secret_hex[65];
+    const char *tok_id = cmn_http_req_header(req, PROTO_H_TOKEN);
+    bool is_token_req = strcmp(req->path, PROTO_TOKEN_PATH) == 0;
+    cloud_edge_t ed;
+    cloud_token_t tok;
     uint8_t key[32];
     int64_t ts, now = cloud_now();
     proto_sig_check_t chk;
     proto_req_t r;
+    bool ok = false;
     int rc;
 
     memset(sr, 0, sizeof(*sr));
+    memset(&ed, 0, sizeof(ed));
+    memset(&tok, 0, sizeof(tok));
     sr->peer = req->peer;
     if (!ver || strcmp(ver, "1") != 0) {
         reject(resp, sr, 400, "unsupported_version", "X-YY-Version must be 1");
@@ -188,15 +232,48 @@ static bool verify_request(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp
         reject(resp, sr, 401, "unauthorized", "X-YY-Content-SHA256 does not match the body");
         return false;
     }
-    rc = cloud_index_edge_secret(db, edge, secret_hex);
+    rc = cloud_index_edge_get(db, edge, &ed);
     if (rc == CMN_ENOTFOUND) {
-        reject(resp, sr, 401, "unauthorized", "unknown or disabled edge");
+        reject(resp, sr, 401, "unauthorized", "unknown edge");
         return false;
     }
-    if (rc < 0 || cmn_unhex(secret_hex, key, sizeof(key)) < 0) {
-        memset(secret_hex, 0, sizeof(secret_hex));
-        reject(resp, sr, 500, "internal", "edge secret unavailable");
+    if (rc < 0) {
+        reject(resp, sr, 503, "unavailable", "index unavailable");
         return false;
+    }
+
+    /* The signing key: the edge secret signs only the token request. */
+    if (is_token_req) {
+        if (tok_id) {
+            reject(resp, sr, 401, "unauthorized", "the token request is signed with the secret");
+            goto out;
+        }
+        if (cmn_unhex(ed.secret_hex, key, sizeof(key)) < 0) {
+            reject(resp, sr, 500, "internal", "edge secret unusable");
+            goto out;
+        }
+    } else {
+        if (!tok_id) {
+            reject(resp, sr, 401, "token_required", "X-YY-Token missing: get a token first");
+            goto out;
+        }
+        if (strlen(tok_id) != PROTO_TOKEN_ID_HEX) {
+            reject(resp, sr, 401, "token_unknown", "malformed token id");
+            goto out;
+        }
+        rc = cloud_index_token_get(db, tok_id, &tok);
+        if (rc == CMN_ENOTFOUND || (rc == 0 && strcmp(tok.edge_id, edge) != 0)) {
+            reject(resp, sr, 401, "token_unknown", "no such token for this edge");
+            goto out;
+        }
+        if (rc < 0) {
+            reject(resp, sr, 503, "unavailable", "index unavailable");
+            goto out;
+        }
+        if (cmn_unhex(tok.key_hex, key, sizeof(key)) < 0) {
+            reject(resp, sr, 500, "internal", "token key unusable");
+            goto out;
+        }
     }
     r = (proto_req_t){
         .method = req->method,
@@ -208,32 +285,104 @@ static bool verify_request(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp
         .body_sha256 = sr->body_sha256,
     };
     chk = proto_verify(key, sizeof(key), &r, sig, now, cloud_conf->ingest.max_skew_s);
-    memset(key, 0, sizeof(key));
-    memset(secret_hex, 0, sizeof(secret_hex));
     switch (chk) {
     case PROTO_SIG_OK:
         break;
     case PROTO_SIG_STALE:
         reject(resp, sr, 401, "unauthorized", "timestamp outside the accepted window");
-        return false;
+        goto out;
     case PROTO_SIG_MALFORMED:
         reject(resp, sr, 401, "unauthorized", "malformed signature headers");
-        return false;
+        goto out;
     default:
         reject(resp, sr, 401, "unauthorized", "signature does not match");
-        return false;
+        goto out;
+    }
+    /* Mutual TLS: the certificate must name this edge. */
+    if (req->tls_client_cn && strcmp(req->tls_client_cn, edge) != 0) {
+        reject(resp, sr, 403, "forbidden", "client certificate does not name this edge");
+        goto out;
+    }
+    if (!proto_cidr_list_allows(ed.allow, req->peer)) {
+        reject(resp, sr, 403, "forbidden", "address not allowed for this edge");
+        goto out;
+    }
+    if (!ed.enabled) {
+        reject(resp, sr, 403, "edge_disabled", "edge disabled by the cloud administrator");
+        goto out;
+    }
+    if (!is_token_req) {
+        if (tok.revoked) {
+            reject(resp, sr, 401, "token_revoked", "token revoked: get a new one");
+            goto out;
+        }
+        if (tok.expires <= now) {
+            reject(resp, sr, 401, "token_expired", "token expired: get a new one");
+            goto out;
+        }
     }
     nonce_cleanup(db, now);
     rc = nonce_claim(db, edge, nonce, ts);
     if (rc == CMN_EAUTH) {
         reject(resp, sr, 401, "unauthorized", "nonce already used");
-        return false;
+        goto out;
     }
     if (rc < 0) {
         reject(resp, sr, 503, "unavailable", "index unavailable");
-        return false;
+        goto out;
     }
-    return true;
+    ok = true;
+out:
+    wipe(key, sizeof(key));
+    wipe(&tok, sizeof(tok));
+    cloud_edge_clear(&ed);
+    return ok;
+}
+
+/* ----------------------------------------------------------------- tokens */
+
+/* POST /api/v1/token: issues a fresh token to an authenticated edge. */
+static void handle_token(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+                         const signed_req_t *sr)
+{
+    uint8_t id[PROTO_TOKEN_ID_HEX / 2];
+    char key_hex[PROTO_TOKEN_KEY_LEN * 2 + 1], err[128];
+    proto_token_t t;
+    char *json;
+    int64_t now = cloud_now();
+
+    if (strcmp(req->method, "POST") != 0) {
+        cloud_resp_error(resp, 405, "method_not_allowed", "use POST");
+        return;
+    }
+    if (!req->body ||
+        proto_token_request_decode(req->body, req->body_len, err, sizeof(err)) < 0) {
+        reject(resp, sr, 400, "bad_request", req->body ? err : "{\"v\":1} expected");
+        return;
+    }
+    memset(&t, 0, sizeof(t));
+    if (cmn_random(id, sizeof(id)) < 0 || cmn_random(t.key, sizeof(t.key)) < 0) {
+        cloud_resp_error(resp, 500, "internal", "no randomness");
+        return;
+    }
+    cmn_hex(id, sizeof(id), t.token_id);
+    cmn_hex(t.key, sizeof(t.key), key_hex);
+    t.ttl_s = cloud_conf->ingest.token_ttl_s;
+    t.expires_at = now + t.ttl_s;
+    token_cleanup(db, now);
+    if (cloud_index_token_add(db, sr->edge_id, t.token_id, key_hex, t.expires_at) < 0) {
+        wipe(key_hex, sizeof(key_hex));
+        wipe(&t, sizeof(t));
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    json = proto_token_encode(&t);
+    CMN_LOG_I("ingest", "token issued edge=%s ttl_s=%lld peer=%s", sr->edge_id,
+              (long long)t.ttl_s, sr->peer);
+    wipe(key_hex, sizeof(key_hex));
+    wipe(&t, sizeof(t));
+    cloud_resp_json_take(resp, 200, "application/json", json);
+    cmn_http_resp_header(resp, "Cache-Control", "no-store");
 }
 
 /* --------------------------------------------------------------- uploads */
@@ -794,12 +943,14 @@ void cloud_ingest_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
     signed_req_t sr;
     sqlite3 *db;
 
-    if (strncmp(req->path, OBJECTS_PATH, strlen(OBJECTS_PATH)) != 0) {
+    bool is_token = strcmp(req->path, PROTO_TOKEN_PATH) == 0;
+
+    if (!is_token && strncmp(req->path, OBJECTS_PATH, strlen(OBJECTS_PATH)) != 0) {
         cloud_resp_error(resp, 404, "not_found", "no such endpoint");
         return;
     }
     rest = req->path + strlen(OBJECTS_PATH);
-    if (*rest && *rest != '/') {
+    if (!is_token && *rest && *rest != '/') {
         cloud_resp_error(resp, 404, "not_found", "no such endpoint");
         return;
     }
@@ -810,6 +961,10 @@ void cloud_ingest_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
     }
     if (!verify_request(db, req, resp, &sr))
         goto out;
+    if (is_token) {
+        handle_token(db, req, resp, &sr);
+        goto out;
+    }
 
     if (*rest == '\0' || strcmp(rest, "/") == 0) {
         if (strcmp(req->method, "POST") == 0)

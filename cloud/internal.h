@@ -8,9 +8,11 @@
  *   main.c      CLI, configuration, start/stop
  *   index.c     SQLite index: schema, connection pool, queries used by others
  *   archive.c   the local directory archive (atomic file placement)
- *   ingest.c    the signed edge upload protocol (/api/v1/objects...)
+ *   ingest.c    the signed edge upload protocol (/api/v1/token, /api/v1/objects...)
  *   auth.c      users, sessions, login/logout/me, the request guard, audit
  *   dicomweb.c  QIDO-RS, WADO-RS, WADO-URI
+ *   stow.c      STOW-RS; cloud_store_place() (archive + index one instance)
+ *   transcode.cc DCMTK shim for DICOMweb (transfer syntaxes, frames, dictionary)
  *   static.c    the web bundle (http.web_root) with SPA fallback
  *   respond.c   small response helpers (JSON errors, JSON bodies)
  *
@@ -40,6 +42,9 @@ typedef struct {
     long long port;              /* 0 = any free port (printed on the ready line) */
     char *web_root;              /* directory of the built web bundle */
     long long max_body_mb;       /* cap on one request body (chunk uploads), MiB */
+    char *tls_cert_file;         /* PEM certificate chain; "" = plain HTTP */
+    char *tls_key_file;          /* its private key (PEM) */
+    char *tls_client_ca_file;    /* "" = no client certificates; else required (mutual TLS) */
 } cloud_http_conf_t;
 
 typedef struct {
@@ -47,12 +52,20 @@ typedef struct {
 } cloud_index_conf_t;
 
 typedef struct {
-    char *dir;                   /* archive root directory */
+    char *dir;                   /* archive root; with backend "s3" the local read-through cache */
+    char *backend;               /* "dir" (default) or "s3" */
+    char *s3_endpoint;           /* http(s)://host[:port][/path] */
+    char *s3_region;             /* SigV4 region */
+    char *s3_bucket;
+    char *s3_access_key;
+    char *s3_secret_file;        /* file holding the secret key */
+    bool s3_path_style;          /* true: ENDPOINT/BUCKET/KEY; false: BUCKET.HOST/KEY */
 } cloud_archive_conf_t;
 
 typedef struct {
     char *staging_dir;           /* partial uploads, one directory per object */
     long long max_skew_s;        /* accepted clock difference for signed requests, s */
+    long long token_ttl_s;       /* lifetime of an issued edge token, s */
 } cloud_ingest_conf_t;
 
 typedef struct {
@@ -128,10 +141,50 @@ int cloud_index_add_conflict(sqlite3 *db, const char *sop_uid, const char *sha25
 void cloud_index_audit(sqlite3 *db, const char *user, const char *action,
                        const char *study_uid, const char *peer);
 
-/** Adds an edge with a fresh secret (hex, 65 bytes incl. NUL, filled). 0, CMN_ECONFLICT, CMN_EDB. */
-int cloud_index_edge_add(sqlite3 *db, const char *edge_id, char secret_hex[65]);
-/** Fetches an edge's secret hex. 0, CMN_ENOTFOUND, CMN_EDB. */
-int cloud_index_edge_secret(sqlite3 *db, const char *edge_id, char secret_hex[65]);
+/**
+ * Adds an edge with a fresh secret (hex, 65 bytes incl. NUL, filled) and an
+ * address allow list (CIDR list, "" = any; validated by the caller).
+ * 0, CMN_ECONFLICT, CMN_EDB.
+ */
+int cloud_index_edge_add(sqlite3 *db, const char *edge_id, const char *allow,
+                         char secret_hex[65]);
+
+/** An edge row. allow is malloc'd; release with cloud_edge_clear(). */
+typedef struct {
+    char secret_hex[65];
+    bool enabled;
+    char *allow;                 /* CIDR list, "" = any address */
+} cloud_edge_t;
+
+/** Looks an edge up (enabled or not). 0, CMN_ENOTFOUND, CMN_EDB. */
+int cloud_index_edge_get(sqlite3 *db, const char *edge_id, cloud_edge_t *out);
+/** Frees and wipes an edge row. Safe on a zeroed or cleared row. */
+void cloud_edge_clear(cloud_edge_t *e);
+/**
+ * Enables or disables an edge; disabling also revokes its tokens (*revoked
+ * = how many, may be NULL). 0, CMN_ENOTFOUND, CMN_EDB.
+ */
+int cloud_index_edge_set_enabled(sqlite3 *db, const char *edge_id, bool enabled, int *revoked);
+/** Replaces an edge's allow list. 0, CMN_ENOTFOUND, CMN_EDB. */
+int cloud_index_edge_set_allow(sqlite3 *db, const char *edge_id, const char *allow);
+
+/** A token row. */
+typedef struct {
+    char edge_id[65];
+    char key_hex[65];
+    int64_t expires;             /* unix seconds */
+    bool revoked;
+} cloud_token_t;
+
+/** Stores a newly issued token. 0 or CMN_EDB. */
+int cloud_index_token_add(sqlite3 *db, const char *edge_id, const char *token_id,
+                          const char *key_hex, int64_t expires);
+/** Looks a token up. 0, CMN_ENOTFOUND, CMN_EDB. */
+int cloud_index_token_get(sqlite3 *db, const char *token_id, cloud_token_t *out);
+/** Revokes every live token of an edge (*n = how many). 0, CMN_ENOTFOUND, CMN_EDB. */
+int cloud_index_tokens_revoke(sqlite3 *db, const char *edge_id, int *n);
+/** Deletes tokens that expired before `before` (best effort). */
+void cloud_index_tokens_cleanup(sqlite3 *db, int64_t before);
 
 /* ------------------------------------------------------------------ archive */
 
@@ -146,9 +199,36 @@ int cloud_archive_conflict_path(const char *sop_uid, const char *sha256, char *o
                                 size_t outlen);
 /**
  * Moves the fully written and fsync'd file src into place at dst (same file
- * system), creating directories and fsyncing them. 0 or -errno.
+ * system), creating directories and fsyncing them. With backend "s3" the
+ * file is first uploaded (PUT verified by its SHA-256) under the key dst
+ * relative to archive.dir, then kept at dst as cache. 0, -errno or a cmn
+ * S3 error (src is left in place on error).
  */
 int cloud_archive_place(const char *src, const char *dst);
+/**
+ * Validates the archive configuration and, for "s3", creates the client
+ * (otherwise done lazily on first use). 0 or CMN_ECONFIG (logged). Call once
+ * at start for fail-fast configuration errors.
+ */
+int cloud_archive_open(void);
+/** Releases the S3 client. Call after all handlers have finished. */
+void cloud_archive_shutdown(void);
+/** True when archive.backend is "s3". */
+bool cloud_archive_is_s3(void);
+/**
+ * Makes sure the archive file at path (from cloud_archive_path or the index)
+ * is present locally: a no-op for "dir"; for "s3" a missing file is
+ * downloaded into the cache atomically. 0, CMN_ENOTFOUND, -errno, or a cmn
+ * S3 error. Blocking: threadpool only.
+ */
+int cloud_archive_fetch(const char *path);
+/**
+ * Reads len bytes at off of the archive file at path (frames): from the
+ * local file when present, else (s3) with a ranged GET, without caching.
+ * *got < len only at the end. 0, -ERANGE past the end, CMN_ENOTFOUND, -errno.
+ */
+int cloud_archive_read_range(const char *path, uint64_t off, size_t len, void *buf,
+                             size_t *got);
 /** mkdir -p with mode 0750. 0 or -errno. */
 int cloud_mkdirs(const char *path);
 /** fsync a directory. 0 or -errno. */
@@ -158,7 +238,7 @@ int cloud_write_file_atomic(const char *path, const void *p, size_t len);
 
 /* ------------------------------------------------------------------- ingest */
 
-/** Handler for /api/v1/objects... (blocking route). */
+/** Handler for /api/v1/token and /api/v1/objects... (blocking route). */
 void cloud_ingest_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp);
 
 /* --------------------------------------------------------------------- auth */
@@ -189,6 +269,36 @@ int cloud_auth_user_add(sqlite3 *db, const char *user, const char *password, con
 void cloud_dicomweb_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp);
 /** Handler for /wado (WADO-URI, blocking route). */
 void cloud_wado_uri_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp);
+/** "http[s]://<Host>/dicomweb" for Retrieve URLs ("/dicomweb" without a usable Host). */
+void cloud__dicomweb_base_url(const cmn_http_req_t *req, char *out, size_t outlen);
+
+/* --------------------------------------------------------------------- stow */
+
+/** Largest STOW-RS request body (streamed to a temporary file), bytes. */
+#define CLOUD_STOW_MAX_BODY ((size_t)4 << 30)
+
+/** Handler for POST /dicomweb/studies[/{study}] (STOW-RS, blocking route). */
+void cloud_stow_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp);
+
+/** What cloud_store_place() did with an instance. */
+typedef enum {
+    CLOUD_STORE_STORED,          /* new: archived and indexed */
+    CLOUD_STORE_DUPLICATE,       /* same SOP Instance UID and same bytes: kept once */
+    CLOUD_STORE_CONFLICT,        /* same SOP Instance UID, other bytes: kept aside */
+} cloud_store_result_t;
+
+/**
+ * Archives and indexes one verified instance: tmp is the fsync'd file (on the
+ * archive's file system; moved into place or unlinked), sha256/size describe
+ * it, info and json come from cmn_dicom_read_info / cmn_dicom_to_json, source
+ * names the sender for conflicts (edge id, "stow:<user>"). The caller holds
+ * the index write transaction (cloud_index_begin) and commits it, or rolls
+ * back on error. Shared by STOW-RS and (can be by) the edge ingest commit.
+ * 0 with *result set, or CMN_EDB / -errno (tmp is left for the caller).
+ */
+int cloud_store_place(sqlite3 *db, const char *tmp, const cmn_dicom_info_t *info,
+                      const char *sha256, uint64_t size, const char *json, const char *source,
+                      cloud_store_result_t *result);
 
 /* ------------------------------------------------------------------- static */
 
@@ -202,5 +312,10 @@ void cloud_resp_error(cmn_http_resp_t *resp, int status, const char *code, const
 /** Writes a JSON body (takes ownership of the malloc'd text, NULL = 500). */
 void cloud_resp_json_take(cmn_http_resp_t *resp, int status, const char *content_type,
                           char *json);
+
+/* -------------------------------------------------------------- annotations */
+
+/** Handler for /api/v1/studies/{uid}/annotations (viewer annotations, blocking route). */
+void cloud_annotations_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp);
 
 #endif /* CLOUD_INTERNAL_H */

@@ -2,14 +2,20 @@
  * main.c - yunying-cloud: command line, configuration, start and stop.
  *
  *   yunying-cloud [run] --config FILE [--check-config] [--dump-config]
- *   yunying-cloud edge-add --config FILE --id EDGE_ID     prints the secret
+ *   yunying-cloud edge-add --config FILE --id EDGE_ID [--allow CIDRS]
+ *                                                         prints the secret
+ *   yunying-cloud edge-allow --config FILE --id EDGE_ID --allow CIDRS  ("" = any)
+ *   yunying-cloud edge-revoke-tokens --config FILE --id EDGE_ID
+ *   yunying-cloud edge-disable --config FILE --id EDGE_ID (also revokes tokens)
+ *   yunying-cloud edge-enable --config FILE --id EDGE_ID
  *   yunying-cloud user-add --config FILE --user NAME --password PASS
  *                          [--role doctor|admin]
  *
  * Running: one libuv loop serves HTTP; every route handler runs on the libuv
  * threadpool (SQLite, files, DCMTK), whose size is set here before the loop
  * starts. When listening, one line goes to stdout:
- *   yunying-cloud: listening http://<bind>:<port>
+ *   yunying-cloud: listening http[s]://<bind>:<port>
+ * (https when http.tls_cert_file and http.tls_key_file are set).
  * SIGTERM/SIGINT stop accepting, wait for handlers in flight, close the
  * index and exit 0.
  */
@@ -26,6 +32,7 @@
 #include "cmn/errors.h"
 #include "cmn/http.h"
 #include "cmn/log.h"
+#include "proto/proto.h"
 #include "internal.h"
 
 #define THREADPOOL_SIZE "8"   /* handlers are short; 8 keeps 2 cores busy across I/O waits */
@@ -42,6 +49,13 @@ static const cmn_conf_opt_t http_opts[] = {
                      "directory of the built web application"),
     CMN_CONF_OPT_INT(cloud_http_conf_t, max_body_mb, 80, 1, 1024,
                      "largest accepted request body (an upload chunk), MiB"),
+    CMN_CONF_OPT_STR(cloud_http_conf_t, tls_cert_file, "",
+                     "server certificate chain (PEM); with tls_key_file the listener is HTTPS"
+                     " only; empty = plain HTTP"),
+    CMN_CONF_OPT_STR(cloud_http_conf_t, tls_key_file, "", "private key of tls_cert_file (PEM)"),
+    CMN_CONF_OPT_STR(cloud_http_conf_t, tls_client_ca_file, "",
+                     "CA bundle (PEM) for client certificates: when set, every client must"
+                     " present one (mutual TLS); an edge's certificate CN must be its id"),
 };
 
 static cmn_conf_section_t sections[] = {
@@ -58,7 +72,7 @@ const cloud_conf_t *cloud_conf = &conf;
 typedef struct {
     const char *cmd;             /* "run", "edge-add", "user-add" */
     const char *config;
-    const char *id, *user, *password, *role;
+    const char *id, *user, *password, *role, *allow;
     bool check, dump;
 } args_t;
 
@@ -66,7 +80,11 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: yunying-cloud [run] --config FILE [--check-config] [--dump-config]\n"
-            "       yunying-cloud edge-add --config FILE --id EDGE_ID\n"
+            "       yunying-cloud edge-add --config FILE --id EDGE_ID [--allow CIDR,...]\n"
+            "       yunying-cloud edge-allow --config FILE --id EDGE_ID --allow CIDR,...\n"
+            "       yunying-cloud edge-revoke-tokens --config FILE --id EDGE_ID\n"
+            "       yunying-cloud edge-disable --config FILE --id EDGE_ID\n"
+            "       yunying-cloud edge-enable --config FILE --id EDGE_ID\n"
             "       yunying-cloud user-add --config FILE --user NAME --password PASS"
             " [--role doctor|admin]\n");
 }
@@ -81,6 +99,8 @@ static int parse_args(int argc, char **argv, args_t *a)
     if (i < argc && argv[i][0] != '-')
         a->cmd = argv[i++];
     if (strcmp(a->cmd, "run") != 0 && strcmp(a->cmd, "edge-add") != 0 &&
+        strcmp(a->cmd, "edge-allow") != 0 && strcmp(a->cmd, "edge-revoke-tokens") != 0 &&
+        strcmp(a->cmd, "edge-disable") != 0 && strcmp(a->cmd, "edge-enable") != 0 &&
         strcmp(a->cmd, "user-add") != 0) {
         fprintf(stderr, "yunying-cloud: unknown command '%s'\n", a->cmd);
         return -1;
@@ -111,6 +131,8 @@ static int parse_args(int argc, char **argv, args_t *a)
             dst = &a->password;
         else if (strcmp(o, "--role") == 0)
             dst = &a->role;
+        else if (strcmp(o, "--allow") == 0)
+            dst = &a->allow;
         if (!dst || i + 1 >= argc) {
             fprintf(stderr, "yunying-cloud: %s '%s'\n", dst ? "missing value for" : "unknown option", o);
             return -1;
@@ -158,6 +180,16 @@ static int load_config(const args_t *a)
                     a->config ? a->config : "(defaults)", required[i].key);
             return -1;
         }
+    }
+    bool has_cert = conf.http.tls_cert_file && *conf.http.tls_cert_file;
+    bool has_key = conf.http.tls_key_file && *conf.http.tls_key_file;
+    bool has_ca = conf.http.tls_client_ca_file && *conf.http.tls_client_ca_file;
+    if (has_cert != has_key || (has_ca && !has_cert)) {
+        fprintf(stderr, "yunying-cloud: config: %s: %s: set http.tls_cert_file and"
+                        " http.tls_key_file together (tls_client_ca_file needs both)\n",
+                a->config ? a->config : "(defaults)",
+                has_cert ? "http.tls_key_file" : "http.tls_cert_file");
+        return -1;
     }
     return 0;
 }
@@ -208,18 +240,40 @@ static bool edge_id_valid(const char *id)
     return true;
 }
 
+static bool check_edge_id(const args_t *a)
+{
+    if (!edge_id_valid(a->id)) {
+        fprintf(stderr, "yunying-cloud: --id must be 1-64 characters of A-Z a-z 0-9 . _ -\n");
+        return false;
+    }
+    return true;
+}
+
+static bool check_allow(const char *allow)
+{
+    char err[200];
+
+    if (allow && strlen(allow) > 4096) {
+        fprintf(stderr, "yunying-cloud: --allow: list too long\n");
+        return false;
+    }
+    if (proto_cidr_list_check(allow, err, sizeof(err)) < 0) {
+        fprintf(stderr, "yunying-cloud: --allow: %s\n", err);
+        return false;
+    }
+    return true;
+}
+
 static int cmd_edge_add(const args_t *a)
 {
     char secret[65];
     sqlite3 *db;
     int rc;
 
-    if (!edge_id_valid(a->id)) {
-        fprintf(stderr, "yunying-cloud: --id must be 1-64 characters of A-Z a-z 0-9 . _ -\n");
+    if (!check_edge_id(a) || !check_allow(a->allow))
         return 2;
-    }
     db = cloud_index_get();
-    rc = db ? cloud_index_edge_add(db, a->id, secret) : CMN_EDB;
+    rc = db ? cloud_index_edge_add(db, a->id, a->allow ? a->allow : "", secret) : CMN_EDB;
     cloud_index_put(db);
     if (rc == CMN_ECONFLICT) {
         fprintf(stderr, "yunying-cloud: edge '%s' already exists\n", a->id);
@@ -231,6 +285,50 @@ static int cmd_edge_add(const args_t *a)
     }
     printf("%s\n", secret);
     memset(secret, 0, sizeof(secret));
+    return 0;
+}
+
+/* edge-allow, edge-revoke-tokens, edge-disable, edge-enable. */
+static int cmd_edge_admin(const args_t *a)
+{
+    sqlite3 *db;
+    int rc, n = 0;
+
+    if (!check_edge_id(a))
+        return 2;
+    if (strcmp(a->cmd, "edge-allow") == 0 && (!a->allow || !check_allow(a->allow))) {
+        if (!a->allow)
+            fprintf(stderr, "yunying-cloud: edge-allow needs --allow CIDR,... (\"\" = any)\n");
+        return 2;
+    }
+    db = cloud_index_get();
+    if (!db) {
+        rc = CMN_EDB;
+    } else if (strcmp(a->cmd, "edge-allow") == 0) {
+        rc = cloud_index_edge_set_allow(db, a->id, a->allow);
+    } else if (strcmp(a->cmd, "edge-revoke-tokens") == 0) {
+        rc = cloud_index_tokens_revoke(db, a->id, &n);
+    } else {
+        rc = cloud_index_edge_set_enabled(db, a->id, strcmp(a->cmd, "edge-enable") == 0, &n);
+    }
+    cloud_index_put(db);
+    if (rc == CMN_ENOTFOUND) {
+        fprintf(stderr, "yunying-cloud: no edge '%s'\n", a->id);
+        return 1;
+    }
+    if (rc < 0) {
+        fprintf(stderr, "yunying-cloud: %s failed: %s\n", a->cmd, cmn_strerror(rc));
+        return 1;
+    }
+    if (strcmp(a->cmd, "edge-allow") == 0)
+        printf("edge %s: allow list %s\n", a->id, *a->allow ? a->allow : "(any address)");
+    else if (strcmp(a->cmd, "edge-revoke-tokens") == 0)
+        printf("edge %s: %d token(s) revoked\n", a->id, n);
+    else if (strcmp(a->cmd, "edge-disable") == 0)
+        printf("edge %s: disabled, %d token(s) revoked\n", a->id, n);
+    else
+        printf("edge %s: enabled\n", a->id);
+    CMN_LOG_I("cloud", "admin %s edge=%s", a->cmd, a->id);
     return 0;
 }
 
@@ -295,7 +393,10 @@ static int cmd_run(void)
     size_t big = (size_t)conf.http.max_body_mb << 20;
     const cmn_http_route_t routes[] = {
         { NULL, "/api/v1/objects", cloud_ingest_handle, NULL, big, true },
+        { NULL, PROTO_TOKEN_PATH, cloud_ingest_handle, NULL, 4 << 10, true },
+        { NULL, "/api/v1/studies/", cloud_annotations_handle, NULL, (1 << 20) + (4 << 10), true },
         { NULL, "/api/v1/", cloud_auth_handle, NULL, 64 << 10, true },
+        { "POST", "/dicomweb/studies", cloud_stow_handle, NULL, CLOUD_STOW_MAX_BODY, true },
         { NULL, "/dicomweb", cloud_dicomweb_handle, NULL, 64 << 10, true },
         { NULL, "/wado", cloud_wado_uri_handle, NULL, 64 << 10, true },
         { NULL, "/", cloud_static_handle, NULL, 64 << 10, true },
@@ -312,6 +413,13 @@ static int cmd_run(void)
     opts.host = conf.http.bind;
     opts.port = (int)conf.http.port;
     opts.tmp_dir = tmp_dir;   /* same file system as staging: chunks are linked, not copied */
+    bool tls = conf.http.tls_cert_file[0] != '\0';
+    if (tls) {
+        opts.tls_cert_file = conf.http.tls_cert_file;
+        opts.tls_key_file = conf.http.tls_key_file;
+        if (conf.http.tls_client_ca_file[0])
+            opts.tls_client_ca_file = conf.http.tls_client_ca_file;
+    }
 
     rc = uv_loop_init(&app.loop);
     if (rc < 0) {
@@ -330,10 +438,11 @@ static int cmd_run(void)
     uv_signal_start(&app.sigterm, on_signal, SIGTERM);
     uv_signal_start(&app.sigint, on_signal, SIGINT);
 
-    CMN_LOG_I("cloud", "started port=%d web_root=%s archive=%s threadpool=%s",
-              cmn_http_server_port(app.srv), conf.http.web_root, conf.archive.dir,
+    CMN_LOG_I("cloud", "started port=%d tls=%s mtls=%s web_root=%s archive=%s threadpool=%s",
+              cmn_http_server_port(app.srv), tls ? "on" : "off",
+              opts.tls_client_ca_file ? "on" : "off", conf.http.web_root, conf.archive.dir,
               getenv("UV_THREADPOOL_SIZE"));
-    printf("yunying-cloud: listening http://%s:%d\n", conf.http.bind,
+    printf("yunying-cloud: listening %s://%s:%d\n", tls ? "https" : "http", conf.http.bind,
            cmn_http_server_port(app.srv));
     fflush(stdout);
 
@@ -380,6 +489,8 @@ int main(int argc, char **argv)
     }
     if (strcmp(a.cmd, "edge-add") == 0)
         rc = cmd_edge_add(&a);
+    else if (strncmp(a.cmd, "edge-", 5) == 0)
+        rc = cmd_edge_admin(&a);
     else if (strcmp(a.cmd, "user-add") == 0)
         rc = cmd_user_add(&a);
     else

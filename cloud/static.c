@@ -8,6 +8,7 @@
  * index.html (the single-page app routes on the client). Vite's hashed
  * assets (/assets/...) are cached for a year; everything else is revalidated.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -103,6 +104,28 @@ static int serve(cmn_http_resp_t *resp, const char *root_real, const char *rel, 
     return 0;
 }
 
+/*
+ * True when the last path segment ends in a file extension ("app.js",
+ * "logo.svg"): letters after the last dot. Client-side routes may end in a
+ * DICOM UID ("/studies/1.2.840.113619/viewer" or ".../2.25.1234"), whose
+ * dotted parts are digits only, so they still get the SPA fallback.
+ */
+static bool has_file_ext(const char *segment)
+{
+    const char *dot = strrchr(segment, '.');
+    bool letter = false;
+
+    if (!dot || !dot[1])
+        return false;
+    for (const char *p = dot + 1; *p; p++) {
+        if (isalpha((unsigned char)*p))
+            letter = true;
+        else if (!isdigit((unsigned char)*p))
+            return false;
+    }
+    return letter;
+}
+
 void cloud_static_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
 {
     char path[2048], root_real[PATH_MAX];
@@ -130,9 +153,11 @@ void cloud_static_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
     }
     if (serve(resp, root_real, path, strncmp(path, "/assets/", 8) == 0) == 0)
         return;
-    /* SPA fallback: client-side routes have no extension; never for the API. */
+    /* SPA fallback: client-side routes have no file extension; never for the
+     * API or for missing assets. */
     last = strrchr(path, '/');
-    if (!strchr(last, '.') && strncmp(path, "/api/", 5) != 0 &&
+    if (!has_file_ext(last) && strncmp(path, "/api/", 5) != 0 &&
+        strncmp(path, "/assets/", 8) != 0 &&
         serve(resp, root_real, "/index.html", false) == 0)
         return;
     not_found(resp);

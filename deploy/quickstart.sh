@@ -1,7 +1,8 @@
 #!/bin/sh
 # Quick start (called by `make run`): starts yunying-cloud and yunying-edge on
 # this machine with the embedded defaults (SQLite index, local archive
-# directory, SQLite spool), sends a generated sample CT study through the
+# directory, SQLite spool), over TLS with a local test CA (.quickstart/pki,
+# made by deploy/make-test-ca.sh), sends a generated sample CT study through the
 # edge with DCMTK's storescu, waits until the cloud has indexed it, and prints
 # the URLs and the demo login.
 #
@@ -45,10 +46,21 @@ mkdir -p "$qs/cloud" "$qs/edge" "$qs/logs"
 stop_one edge
 stop_one cloud
 
+# A local test CA and certificates for the cloud (kept across runs). The
+# server certificate names 127.0.0.1 and localhost, plus YY_BIND if that is
+# another address. Production uses the operator's own PKI.
+pki="$qs/pki"
+case $bind in
+127.0.0.1|0.0.0.0|localhost) ;;
+*) YY_TLS_SERVER_SAN=${YY_TLS_SERVER_SAN:-IP:$bind}; export YY_TLS_SERVER_SAN ;;
+esac
+sh "$top/deploy/make-test-ca.sh" "$pki" edge-quickstart >/dev/null
+
 cat >"$qs/cloud.json" <<JSON
 {
   "log": { "level": "info" },
-  "http": { "bind": "$bind", "port": $http_port, "web_root": "$top/cloud/web/dist" },
+  "http": { "bind": "$bind", "port": $http_port, "web_root": "$top/cloud/web/dist",
+            "tls_cert_file": "$pki/server.pem", "tls_key_file": "$pki/server.key" },
   "index": { "path": "$qs/cloud/index.db" },
   "archive": { "dir": "$qs/cloud/archive" },
   "ingest": { "staging_dir": "$qs/cloud/staging" }
@@ -73,8 +85,8 @@ cat >"$qs/edge.json" <<JSON
   "log": { "level": "info" },
   "scp": { "ae_title": "$ae", "bind": "$bind", "port": $dicom_port },
   "spool": { "dir": "$qs/edge/spool" },
-  "upload": { "cloud_url": "http://127.0.0.1:$http_port", "edge_id": "edge-quickstart",
-              "secret_file": "$qs/edge.secret" }
+  "upload": { "cloud_url": "https://127.0.0.1:$http_port", "edge_id": "edge-quickstart",
+              "secret_file": "$qs/edge.secret", "ca_file": "$pki/ca.pem" }
 }
 JSON
 
@@ -113,12 +125,12 @@ TCP_NODELAY=1 storescu -aec "$ae" +sd +r +sp '*.dcm' 127.0.0.1 "$dicom_port" "$s
 # Wait until the cloud has indexed every slice (the edge uploads in the background).
 want=$(find "$sample" -name '*.dcm' | wc -l)
 jar="$qs/cookies.txt"
-curl -fsS -c "$jar" -H 'Content-Type: application/json' \
+curl -fsS --cacert "$pki/ca.pem" -c "$jar" -H 'Content-Type: application/json' \
     -d "{\"username\":\"demo\",\"password\":\"$(cat "$qs/demo.password")\"}" \
-    "http://127.0.0.1:$http_port/api/v1/login" >/dev/null
+    "https://127.0.0.1:$http_port/api/v1/login" >/dev/null
 i=0
 while :; do
-    got=$(curl -fsS -b "$jar" "http://127.0.0.1:$http_port/dicomweb/studies?PatientID=DEMO0001&includefield=00201208" |
+    got=$(curl -fsS --cacert "$pki/ca.pem" -b "$jar" "https://127.0.0.1:$http_port/dicomweb/studies?PatientID=DEMO0001&includefield=00201208" |
         $py -c 'import json,sys; r=json.load(sys.stdin); print(r[0]["00201208"]["Value"][0] if r else 0)')
     [ "$got" -ge "$want" ] && break
     i=$((i + 1))
@@ -134,8 +146,9 @@ cat <<TXT
 
 Yunying is running (embedded defaults: SQLite index, local archive, SQLite spool).
 
-  Web viewer      http://$bind:$http_port/
-  DICOMweb root   http://$bind:$http_port/dicomweb
+  Web viewer      https://$bind:$http_port/
+  DICOMweb root   https://$bind:$http_port/dicomweb
+  TLS             test CA $pki/ca.pem (import it in the browser, or accept the warning)
   Edge DICOM SCP  AE title $ae, host $bind, port $dicom_port
   Demo login      user demo, password $(cat "$qs/demo.password")
 

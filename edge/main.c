@@ -2,19 +2,24 @@
  * main.c - yunying-edge: command line, configuration, start and stop.
  *
  *   yunying-edge --config FILE [--check-config] [--dump-config]
+ *   yunying-edge status --config FILE      (queue, throughput, alarms; read-only)
  *
  * Start: config (every module's table) -> DCMTK init -> spool (recovery)
- * -> SCP bound -> upload worker -> SCP listening -> ready line on stdout:
+ * -> SCP bound -> upload worker (schedule) -> status page -> SCP listening
+ * -> ready line on stdout:
  *     yunying-edge: listening ae=<AE> port=<port>
  *
  * Stop (SIGTERM/SIGINT), edge state:
  *     RUNNING --signal--> STOPPING_SCP (threadpool: refuse new associations,
- *     wait for running ones) --> STOPPING_UPLOAD (cancel requests, finish
- *     threadpool work) --> STOPPED (loop ends, spool closed, exit 0)
+ *     wait for running ones) --> STOPPING_UPLOAD (status page closed, cancel
+ *     requests, finish threadpool work) --> STOPPED (loop ends, spool closed,
+ *     exit 0)
  */
 #include <errno.h>
 #include <pthread.h>
+#include <arpa/inet.h>
 #include <getopt.h>
+#include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,8 +35,10 @@
 
 #include "internal.h"
 #include "scp.h"
+#include "schedule.h"
 #include "scp_dcmtk.h"
 #include "spool.h"
+#include "status.h"
 #include "upload.h"
 
 #define SCP_STOP_WAIT_MS 10000
@@ -43,7 +50,7 @@ const size_t edge__log_nopts = CMN_ARRAY_SIZE(edge__log_opts);
 
 static const cmn_conf_section_t *sections(size_t *n)
 {
-    static cmn_conf_section_t secs[4];
+    static cmn_conf_section_t secs[5];
     secs[0] = (cmn_conf_section_t){"log", edge__log_opts, 0, offsetof(edge_conf_t, log)};
     secs[0].nopts = edge__log_nopts;
     secs[1] = (cmn_conf_section_t){"scp", edge__scp_opts, 0, offsetof(edge_conf_t, scp)};
@@ -52,22 +59,10 @@ static const cmn_conf_section_t *sections(size_t *n)
     secs[2].nopts = edge__spool_nopts;
     secs[3] = (cmn_conf_section_t){"upload", edge__upload_opts, 0, offsetof(edge_conf_t, upload)};
     secs[3].nopts = edge__upload_nopts;
+    secs[4] = (cmn_conf_section_t){"status", edge__status_opts, 0, offsetof(edge_conf_t, status)};
+    secs[4].nopts = edge__status_nopts;
     *n = CMN_ARRAY_SIZE(secs);
     return secs;
-}
-
-uint64_t edge__now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-int64_t edge__wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 typedef enum {
@@ -84,6 +79,8 @@ typedef struct {
     edge_spool_t *spool;
     edge_scp_t *scp;
     edge_upload_t *upload;           /* NULL when uploading is disabled */
+    edge_schedule_t sched;           /* "schedule" of the config */
+    edge_status_t *status;           /* NULL when the status page is off */
     edge_store_ctx_t store;
     uv_signal_t sigterm, sigint;
     uv_work_t stop_work;
@@ -96,13 +93,77 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: yunying-edge --config FILE [--check-config] [--dump-config]\n"
+            "       yunying-edge status --config FILE\n"
             "  --config FILE    configuration file (JSON; see docs/edge.md)\n"
             "  --check-config   validate the configuration and exit\n"
-            "  --dump-config    print the effective configuration (defaults filled in) and exit\n");
+            "  --dump-config    print the effective configuration (defaults filled in) and exit\n"
+            "  status           print the upload queue, throughput, errors and alarms (reads\n"
+            "                   the spool read-only; works while the daemon runs)\n");
+}
+
+/*
+ * The "schedule" member is a list, which the option tables cannot express:
+ * it is taken out of the file here (schedule.c parses it) and the rest goes
+ * through the tables. 0, or CMN_ECONFIG with the message in err.
+ */
+static int load_sections(edge_conf_t *c, edge_schedule_t *sched, const char *path, char *err,
+                         size_t errlen)
+{
+    size_t nsecs;
+    const cmn_conf_section_t *secs = sections(&nsecs);
+    json_error_t jerr;
+    json_t *root, *js;
+    char *text;
+    int rc;
+
+    edge_schedule_init(sched);
+    root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root) {
+        snprintf(err, errlen, "%s:%d:%d: %s", path, jerr.line, jerr.column, jerr.text);
+        return CMN_ECONFIG;
+    }
+    js = json_is_object(root) ? json_object_get(root, "schedule") : NULL;
+    if (js) {
+        char *stext = json_dumps(js, JSON_ENCODE_ANY | JSON_COMPACT);
+        char serr[256];
+        rc = stext ? edge_schedule_parse(stext, sched, serr, sizeof(serr)) : CMN_ECONFIG;
+        free(stext);
+        if (rc < 0) {
+            snprintf(err, errlen, "%s: %s", path, stext ? serr : "schedule: out of memory");
+            json_decref(root);
+            return rc;
+        }
+        json_object_del(root, "schedule");
+    }
+    text = json_dumps(root, JSON_COMPACT);
+    json_decref(root);
+    if (!text) {
+        snprintf(err, errlen, "%s: out of memory", path);
+        return CMN_ECONFIG;
+    }
+    rc = cmn_conf_load_string(secs, nsecs, c, text, err, errlen);
+    free(text);
+    if (rc < 0 && strncmp(err, "<string>", 8) == 0) {
+        char tail[512];
+        snprintf(tail, sizeof(tail), "%s", err + 8);
+        snprintf(err, errlen, "%s%s", path, tail);
+    }
+    return rc;
+}
+
+static int status_conf_check(const edge_conf_status_t *c, char *err, size_t errlen)
+{
+    struct in_addr a;
+
+    if (c->port > 0 && (!c->bind || inet_pton(AF_INET, c->bind, &a) != 1)) {
+        snprintf(err, errlen, "status.bind: '%s' is not an IPv4 address", c->bind ? c->bind : "");
+        return CMN_ECONFIG;
+    }
+    return 0;
 }
 
 /* Loads and validates; prints "config: <file>: <section.key>: reason" on error. */
-static int load_config(edge_conf_t *c, const char *path)
+static int load_config(edge_conf_t *c, edge_schedule_t *sched, const char *path)
 {
     size_t nsecs;
     const cmn_conf_section_t *secs = sections(&nsecs);
@@ -111,7 +172,7 @@ static int load_config(edge_conf_t *c, const char *path)
 
     cmn_conf_defaults(secs, nsecs, c);
     err[0] = '\0';
-    rc = cmn_conf_load(secs, nsecs, c, path, err, sizeof(err));
+    rc = load_sections(c, sched, path, err, sizeof(err));
     if (rc < 0) {
         if (strncmp(err, "config:", 7) == 0)
             fprintf(stderr, "%s\n", err);
@@ -128,11 +189,40 @@ static int load_config(edge_conf_t *c, const char *path)
     }
     if ((rc = edge__scp_conf_check(&c->scp, err, sizeof(err))) < 0 ||
         (rc = edge__spool_conf_check(&c->spool, err, sizeof(err))) < 0 ||
-        (rc = edge__upload_conf_check(&c->upload, err, sizeof(err))) < 0) {
+        (rc = edge__upload_conf_check(&c->upload, err, sizeof(err))) < 0 ||
+        (rc = status_conf_check(&c->status, err, sizeof(err))) < 0) {
         fprintf(stderr, "config: %s: %s\n", path, err);
         return rc;
     }
     return 0;
+}
+
+/* Prints the effective configuration, the schedule included. */
+static void dump_config(const edge_conf_t *c, const edge_schedule_t *sched)
+{
+    size_t nsecs, len = 0;
+    const cmn_conf_section_t *secs = sections(&nsecs);
+    char *text = NULL, stext[2048];
+    FILE *mf = open_memstream(&text, &len);
+    json_t *root = NULL, *js = NULL;
+
+    if (mf) {
+        cmn_conf_dump(secs, nsecs, c, mf);
+        fclose(mf);
+        root = json_loads(text, 0, NULL);
+    }
+    edge_schedule_format(sched, stext, sizeof(stext));
+    js = json_loads(stext, JSON_DECODE_ANY, NULL);
+    if (root && js) {
+        json_object_set_new(root, "schedule", js);
+        json_dumpf(root, stdout, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        fputc('\n', stdout);
+    } else {
+        json_decref(js);
+        fputs(text ? text : "", stdout);
+    }
+    json_decref(root);
+    free(text);
 }
 
 /* ------------------------------------------------------------ stop */
@@ -146,9 +236,21 @@ static void finish_stop(void *ud)
 {
     edge_t *e = ud;
     e->upload = NULL;
+    e->status = NULL;
     e->state = EDGE_STOPPED;
     uv_close((uv_handle_t *)&e->sigterm, on_handle_closed);
     uv_close((uv_handle_t *)&e->sigint, on_handle_closed);
+}
+
+static void stop_upload(void *ud)
+{
+    edge_t *e = ud;
+
+    e->status = NULL;
+    if (e->upload)
+        edge_upload_close(e->upload, finish_stop, e);
+    else
+        finish_stop(e);
 }
 
 static void stop_scp_work(uv_work_t *w)
@@ -169,10 +271,10 @@ static void stop_scp_done(uv_work_t *w, int status)
     pthread_mutex_lock(&e->notify_mu);
     e->notify_open = false;
     pthread_mutex_unlock(&e->notify_mu);
-    if (e->upload)
-        edge_upload_close(e->upload, finish_stop, e);
+    if (e->status)
+        edge_status_close(e->status, stop_upload, e);   /* its handlers read the uploader */
     else
-        finish_stop(e);
+        stop_upload(e);
 }
 
 static void on_signal(uv_signal_t *s, int signum)
@@ -207,7 +309,7 @@ static void stored_notify(void *ud)
 static void set_threadpool_size(long long parallel)
 {
     char buf[16];
-    long long n = parallel + 2;
+    long long n = parallel + 3;
     if (n < 4)
         n = 4;
     if (n > 32)
@@ -233,6 +335,13 @@ int main(int argc, char **argv)
     char err[512];
     int opt, rc, exit_code = 1;
 
+    bool status_cmd = false;
+    if (argc > 1 && strcmp(argv[1], "status") == 0) {
+        status_cmd = true;
+        argv[1] = argv[0];
+        argc--;
+        argv++;
+    }
     while ((opt = getopt_long(argc, argv, "c:h", longopts, NULL)) != -1) {
         switch (opt) {
         case 'c': config_path = optarg; break;
@@ -249,10 +358,15 @@ int main(int argc, char **argv)
 
     memset(&e, 0, sizeof(e));
     pthread_mutex_init(&e.notify_mu, NULL);
-    if (load_config(&e.conf, config_path) < 0)
+    if (load_config(&e.conf, &e.sched, config_path) < 0)
         goto out_conf;
+    if (status_cmd) {
+        cmn_log_set_level(CMN_LOG_ERROR);
+        exit_code = edge_status_print(&e.conf, &e.sched, stdout) < 0 ? 1 : 0;
+        goto out_conf;
+    }
     if (dump) {
-        cmn_conf_dump(secs, nsecs, &e.conf, stdout);
+        dump_config(&e.conf, &e.sched);
         fflush(stdout);
         exit_code = 0;
         goto out_conf;
@@ -264,7 +378,10 @@ int main(int argc, char **argv)
     }
 
     signal(SIGPIPE, SIG_IGN);
-    set_threadpool_size(e.conf.upload.parallel);
+    if (edge__clock_init_from_env())
+        CMN_LOG_W("edge", "TEST CLOCK in use (YY_EDGE_TEST_CLOCK): time stands still except via "
+                  "POST /debug/clock; never set this in production");
+    set_threadpool_size(e.conf.upload.parallel + e.conf.upload.compress_parallel);
     e.loop = uv_default_loop();
 
     if (cmn_dicom_global_init() < 0) {
@@ -276,12 +393,18 @@ int main(int argc, char **argv)
         fprintf(stderr, "yunying-edge: spool %s: %s\n", e.conf.spool.dir, cmn_strerror(rc));
         goto out_conf;
     }
+    edge_spool_set_quota(e.spool, e.conf.spool.max_mb > 0
+                                      ? (uint64_t)e.conf.spool.max_mb << 20
+                                      : (uint64_t)e.conf.spool.max_gb << 30);
+    edge_spool_set_urgent(e.spool, e.conf.upload.urgent_calling_aes);
 
     e.store.spool = e.spool;
     e.store.stored = stored_notify;
     e.store.stored_ud = &e;
     edge_scp_opts_t so = {
         .ae_title = e.conf.scp.ae_title,
+        .allowed_calling_aes = e.conf.scp.allowed_calling_aes,
+        .allowed_peers = e.conf.scp.allowed_peers,
         .bind = e.conf.scp.bind,
         .port = (int)e.conf.scp.port,
         .max_associations = (int)e.conf.scp.max_associations,
@@ -303,6 +426,7 @@ int main(int argc, char **argv)
             fprintf(stderr, "yunying-edge: upload: %s\n", err);
             goto out_scp;
         }
+        edge_upload_set_schedule(e.upload, &e.sched);
     } else {
         CMN_LOG_W("edge", "upload.cloud_url is empty: instances are spooled but not uploaded");
     }
@@ -312,6 +436,25 @@ int main(int argc, char **argv)
     e.sigterm.data = e.sigint.data = &e;
     uv_signal_start(&e.sigterm, on_signal, SIGTERM);
     uv_signal_start(&e.sigint, on_signal, SIGINT);
+
+    if (e.conf.status.port > 0) {
+        edge_status_src_t ss = {
+            .conf = &e.conf,
+            .sched = &e.sched,
+            .spool = e.spool,
+            .upload = e.upload,
+        };
+        rc = edge_status_create(e.loop, &ss, &e.status, err, sizeof(err));
+        if (rc < 0) {
+            fprintf(stderr, "yunying-edge: %s\n", err);
+            e.state = EDGE_STOPPING_SCP;
+            stop_scp_done(&e.stop_work, 0);
+            uv_run(e.loop, UV_RUN_DEFAULT);
+            goto out_scp;
+        }
+        CMN_LOG_I("edge", "status page http://%s:%d/ (metrics at /metrics)",
+                  e.conf.status.bind, edge_status_port(e.status));
+    }
 
     rc = edge_scp_start(e.scp);
     if (rc < 0) {

@@ -31,6 +31,12 @@ const cmn_conf_opt_t edge__scp_opts[] = {
                      "concurrent associations; more are rejected (local limit exceeded)"),
     CMN_CONF_OPT_INT(edge_conf_scp_t, dimse_timeout_s, 120, 5, 3600,
                      "seconds an association may stay silent before it is closed"),
+    CMN_CONF_OPT_STR(edge_conf_scp_t, allowed_calling_aes, "",
+                     "calling AE titles allowed to associate, comma-separated (empty = any);"
+                     " others are rejected: calling AE title not recognized"),
+    CMN_CONF_OPT_STR(edge_conf_scp_t, allowed_peers, "",
+                     "peer addresses allowed to associate, comma-separated CIDR blocks such as"
+                     " 10.1.0.0/16,192.168.5.7 (empty = any); others are rejected"),
 };
 const size_t edge__scp_nopts = CMN_ARRAY_SIZE(edge__scp_opts);
 
@@ -56,6 +62,35 @@ int edge__scp_conf_check(const edge_conf_scp_t *c, char *err, size_t errlen)
     }
     if (!c->bind || inet_pton(AF_INET, c->bind, &a) != 1) {
         snprintf(err, errlen, "scp.bind: '%s' is not an IPv4 address", c->bind ? c->bind : "");
+        return CMN_ECONFIG;
+    }
+    if (c->allowed_calling_aes) {
+        const char *s = c->allowed_calling_aes;
+        while (*s) {
+            size_t len = strcspn(s, ",");
+            const char *p = s, *q = s + len;
+            while (p < q && *p == ' ')
+                p++;
+            while (q > p && q[-1] == ' ')
+                q--;
+            if (q - p > 16) {
+                snprintf(err, errlen, "scp.allowed_calling_aes: '%.*s' is longer than 16"
+                         " characters", (int)(q - p > 40 ? 40 : q - p), p);
+                return CMN_ECONFIG;
+            }
+            for (const char *x = p; x < q; x++) {
+                if ((unsigned char)*x < 0x20 || (unsigned char)*x > 0x7e || *x == '\\') {
+                    snprintf(err, errlen, "scp.allowed_calling_aes: only printable ASCII"
+                             " without '\\'");
+                    return CMN_ECONFIG;
+                }
+            }
+            s += len + (s[len] == ',');
+        }
+    }
+    char cerr[160];
+    if (proto_cidr_list_check(c->allowed_peers, cerr, sizeof(cerr)) < 0) {
+        snprintf(err, errlen, "scp.allowed_peers: %s", cerr);
         return CMN_ECONFIG;
     }
     return 0;
@@ -145,6 +180,7 @@ unsigned edge__store_end(void *ud, const edge_scp_store_t *st)
         .sop_uid = info->sop_uid,
         .study_uid = info->study_uid,
         .series_uid = info->series_uid,
+        .calling_ae = st->calling_ae,
     };
     rc = edge_spool_add(ctx->spool, st->tmp_path, &uids, &id, sha);
     if (rc < 0) {

@@ -15,6 +15,9 @@
  * Association state, per worker (DcmSCP drives it; we hook in):
  *
  *   RQ received --called AE != ours--> rejected (called AE not recognized)
+ *        |      --calling AE not in opts.allowed_calling_aes-->
+ *        |                               rejected (calling AE not recognized)
+ *        |      --peer not in opts.allowed_peers--> rejected (no reason given)
  *        |      --stopping-----------> refused
  *        v
  *   negotiated --C-ECHO--> DcmSCP answers
@@ -51,6 +54,10 @@
 #include "dcmtk/dcmnet/scpthrd.h"
 #include "dcmtk/oflog/oflog.h"
 
+extern "C" {
+#include "cmn/log.h"
+}
+#include "proto/proto.h"
 #include "scp_dcmtk.h"
 
 /* ------------------------------------------------------------ SOP classes */
@@ -136,6 +143,8 @@ struct edge_scp {
     edge_scp_opts_t opts;        /* strings below are our copies */
     std::string ae_title;
     std::string bind;
+    std::vector<std::string> allowed_aes; /* empty = any calling AE */
+    std::string allowed_peers;   /* CIDR list, "" = any peer */
     int port;                    /* bound port */
     int listen_fd;               /* owned */
     pthread_t listener;
@@ -183,6 +192,40 @@ protected:
     {
         edge_scp *s = g_scp;
         return s && trim(calledAE) == s->ae_title;
+    }
+
+    virtual OFBool checkCallingAETitleAccepted(const OFString &callingAE)
+    {
+        edge_scp *s = g_scp;
+        if (!s)
+            return OFFalse;
+        if (s->allowed_aes.empty())
+            return OFTrue;
+        std::string ae = trim(callingAE);
+        for (const std::string &a : s->allowed_aes) {
+            if (a == ae)
+                return OFTrue;
+        }
+        CMN_LOG_W("scp", "association rejected reason=calling_ae_not_allowed calling_ae=%s"
+                  " peer=%s", ae.c_str(), getPeerIP().c_str());
+        return OFFalse;
+    }
+
+    /* DCMTK 3.6.7 passes the *called* presentation address here, so the
+     * argument is ignored: the peer is the calling address, which the
+     * listener fills in from accept() (getPeerIP reads it). */
+    virtual OFBool checkCallingHostAccepted(const OFString &hostOrIP)
+    {
+        edge_scp *s = g_scp;
+        (void)hostOrIP;
+        if (!s)
+            return OFFalse;
+        OFString peer = getPeerIP();
+        if (proto_cidr_list_allows(s->allowed_peers.c_str(), peer.c_str()))
+            return OFTrue;
+        CMN_LOG_W("scp", "association rejected reason=peer_not_allowed peer=%s",
+                  peer.empty() ? "-" : peer.c_str());
+        return OFFalse;
     }
 
     virtual void notifyAssociationRequest(const T_ASC_Parameters &params,
@@ -287,7 +330,11 @@ public:
             int n = poll(&pfd, 1, 250);
             if (n <= 0)
                 continue;
-            int fd = accept4(m_scp->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+            struct sockaddr_storage peer_sa;
+            socklen_t peer_len = sizeof(peer_sa);
+            char peer_ip[INET6_ADDRSTRLEN] = "";
+            int fd = accept4(m_scp->listen_fd, (struct sockaddr *)&peer_sa, &peer_len,
+                             SOCK_CLOEXEC);
             if (fd < 0) {
                 if (errno == EMFILE || errno == ENFILE || errno == ENOMEM)
                     usleep(100 * 1000);
@@ -303,12 +350,26 @@ public:
             }
             int one = 1;
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+            if (peer_sa.ss_family == AF_INET)
+                inet_ntop(AF_INET, &((struct sockaddr_in *)&peer_sa)->sin_addr, peer_ip,
+                          sizeof(peer_ip));
+            else if (peer_sa.ss_family == AF_INET6)
+                inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&peer_sa)->sin6_addr, peer_ip,
+                          sizeof(peer_ip));
 
             T_ASC_Association *assoc = NULL;
             dcmExternalSocketHandle.set(fd);
             cond = ASC_receiveAssociation(net, &assoc, getConfig().getMaxReceivePDULength(), NULL,
                                           NULL, OFFalse, DUL_BLOCK, 0);
             dcmExternalSocketHandle.set(DCMNET_INVALID_SOCKET);
+            if (cond.good() && assoc && assoc->params && peer_ip[0]) {
+                /* DCMTK leaves the peer address empty for an external socket:
+                 * fill it in, for scp.allowed_peers (checkCallingHostAccepted)
+                 * and for the logs (getPeerIP). */
+                char *pa = assoc->params->DULparams.callingPresentationAddress;
+                size_t pasz = sizeof(assoc->params->DULparams.callingPresentationAddress);
+                snprintf(pa, pasz, "%s", peer_ip);
+            }
             if (cond.good()) {
                 cond = runAssociation(assoc, shared);
                 if (cond.bad()) {
@@ -402,8 +463,18 @@ extern "C" int edge_scp_create(const edge_scp_opts_t *opts, edge_scp_t **out, ch
         s->opts = *opts;
         s->ae_title = opts->ae_title;
         s->bind = opts->bind ? opts->bind : "0.0.0.0";
+        s->allowed_peers = opts->allowed_peers ? opts->allowed_peers : "";
+        for (const char *p = opts->allowed_calling_aes ? opts->allowed_calling_aes : ""; *p;) {
+            size_t n = strcspn(p, ",");
+            std::string ae = trim(OFString(p, n));
+            if (!ae.empty())
+                s->allowed_aes.push_back(ae);
+            p += n + (p[n] == ',');
+        }
         s->opts.ae_title = NULL;
         s->opts.bind = NULL;
+        s->opts.allowed_calling_aes = NULL;
+        s->opts.allowed_peers = NULL;
         s->listen_fd = -1;
         s->started = s->stopped = false;
         s->stopping.store(false);

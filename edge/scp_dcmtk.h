@@ -44,6 +44,8 @@ typedef struct {
 typedef struct {
     const char *ae_title;        /* our AE title; other called titles are rejected */
     const char *bind;            /* IPv4 address, "0.0.0.0" for all */
+    const char *allowed_calling_aes; /* "A,B": only these calling AE titles; NULL/"" = any */
+    const char *allowed_peers;   /* CIDR list (proto_cidr_list_allows); NULL/"" = any */
     int port;                    /* 0 = any free port (see edge_scp_port) */
     int max_associations;
     int acse_timeout_s;          /* association negotiation */

@@ -7,7 +7,24 @@
  *     PENDING --claim--> UPLOADING --cloud confirmed--> DONE
  *        ^                  |  \
  *        +----retry(backoff)+   +--unrecoverable (file lost/corrupt)--> FAILED
+ *        +---- release (window closed, stop) ----+
  *        +---- edge restart (crash recovery) ----+
+ *
+ * Before a PENDING row can be claimed for upload it is *prepared*: the file
+ * to upload is chosen - a JPEG-LS transcode written next to the original, or
+ * the original itself - and recorded in the row (up_path, up_sha256,
+ * up_size, up_kind). Preparing does not change the state; a row with
+ * up_path NULL is waiting for it. The original stays until the row is DONE
+ * (and after: it is the hot cache).
+ *
+ * Priority: a row gets priority 1 (urgent) when its calling AE title is in
+ * the urgent list (edge_spool_set_urgent), else 0. Claims take the highest
+ * priority first, then the oldest.
+ *
+ * Quota: the bytes of originals not yet DONE are counted in memory (set at
+ * open, kept under the mutex). With a quota set, edge_spool_has_space()
+ * refuses new instances while that count is at or above it, and the
+ * quota alarm is raised (logged as an error, shown by the status page).
  *
  * Every function here blocks (SQLite with synchronous=FULL, fsync): call it
  * from an SCP worker thread or the libuv threadpool, never the loop thread.
@@ -38,9 +55,15 @@ typedef struct {
     char study_uid[PROTO_UID_MAX + 1];
     char series_uid[PROTO_UID_MAX + 1];
     char sha256[PROTO_HEX256 + 1];
-    uint64_t size;                   /* bytes */
-    char path[4096];                 /* absolute or relative to the cwd at start */
+    uint64_t size;                   /* bytes of the original */
+    char path[4096];                 /* the original; absolute or relative to the cwd at start */
     int attempts;                    /* failed attempts so far */
+    int priority;                    /* 1 urgent, 0 normal */
+    /* the file to upload, once prepared (edge_spool_set_upload_file) */
+    char up_path[4096];              /* "" when not prepared */
+    char up_sha256[PROTO_HEX256 + 1];
+    uint64_t up_size;
+    char up_kind[16];                /* "original" | "jpegls" */
 } edge_spool_item_t;
 
 typedef struct {
@@ -54,10 +77,29 @@ typedef struct {
  * edge_spool_close), or a negative error.
  */
 int edge_spool_open(const char *dir, uint64_t min_free_bytes, edge_spool_t **out);
+
+/**
+ * Opens an existing spool read-only (for `yunying-edge status`, also while
+ * the daemon runs): no directories made, no recovery, no writes. Only
+ * edge_spool_stats/edge_spool_counts may be called on it.
+ */
+int edge_spool_open_readonly(const char *dir, edge_spool_t **out);
 void edge_spool_close(edge_spool_t *sp);
 
-/** True when the spool's file system has at least min_free_bytes available. */
+/** Quota on bytes waiting for upload; 0 = none. Call before serving. */
+void edge_spool_set_quota(edge_spool_t *sp, uint64_t max_bytes);
+/** Comma-separated calling AE titles whose instances get priority 1 (copied). */
+void edge_spool_set_urgent(edge_spool_t *sp, const char *aes);
+
+/**
+ * True when a new instance may be accepted: the file system has at least
+ * min_free_bytes available and the quota (if any) is not reached. A refusal
+ * raises the matching alarm and logs it (at most every 10 s).
+ */
 bool edge_spool_has_space(edge_spool_t *sp);
+
+/** The alarms as of the last edge_spool_has_space() call. */
+void edge_spool_alarms(edge_spool_t *sp, bool *quota_full, bool *disk_low);
 
 /** Writes a new unique temporary file name under dir/tmp into buf. 0 or -ENAMETOOLONG. */
 int edge_spool_tmp_path(edge_spool_t *sp, char *buf, size_t len);
@@ -67,6 +109,7 @@ typedef struct {
     const char *sop_uid;
     const char *study_uid;
     const char *series_uid;
+    const char *calling_ae;          /* may be NULL; decides the priority */
 } edge_spool_uids_t;
 
 /**
@@ -81,20 +124,75 @@ int edge_spool_add(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids
                    int64_t *id_out, char sha_out[PROTO_HEX256 + 1]);
 
 /**
- * Claims up to max PENDING rows due at now_ms (wall clock), oldest first,
- * marking them UPLOADING. *n is the number claimed. *next_due_ms is the
- * earliest next_attempt_at among PENDING rows not claimed, or -1 if none.
- * 0 or CMN_EDB.
+ * Claims up to max prepared PENDING rows due at now_ms (wall clock),
+ * highest priority first, then oldest, marking them UPLOADING. *n is the
+ * number claimed. *next_due_ms is the earliest next_attempt_at among
+ * prepared PENDING rows not claimed, or -1 if none. 0 or CMN_EDB.
  */
 int edge_spool_claim(edge_spool_t *sp, int64_t now_ms, edge_spool_item_t *items, int max, int *n,
                      int64_t *next_due_ms);
 
-int edge_spool_mark_done(edge_spool_t *sp, int64_t id);
-/** Back to PENDING with attempts+1, due at next_at_ms; err is a short text (no PHI). */
-int edge_spool_mark_retry(edge_spool_t *sp, int64_t id, int64_t next_at_ms, const char *err);
+/**
+ * Lists up to max PENDING rows that are not prepared yet (highest priority
+ * first), without changing them. 0 or CMN_EDB.
+ */
+int edge_spool_list_unprepared(edge_spool_t *sp, edge_spool_item_t *items, int max, int *n);
+
+/**
+ * Records the file to upload for row id (only if not prepared yet). The
+ * file must already be durable (fsync'd, renamed, directory fsync'd).
+ * kind is "original" or "jpegls". 0 or CMN_EDB.
+ */
+int edge_spool_set_upload_file(edge_spool_t *sp, int64_t id, const char *path,
+                               const char *sha256, uint64_t size, const char *kind);
+/** Forgets the prepared file (it was lost or corrupt): the row is prepared again. */
+int edge_spool_clear_upload_file(edge_spool_t *sp, int64_t id);
+
+/**
+ * DONE: the cloud committed the object. bytes_sent is the chunk payload
+ * sent for it in this attempt (counted for the status page). 0 or CMN_EDB.
+ */
+int edge_spool_mark_done(edge_spool_t *sp, int64_t id, uint64_t bytes_sent);
+/**
+ * Back to PENDING with attempts+1, due at next_at_ms; err is a short text
+ * (no PHI), kind a short error class ("connect", "timeout", "http_5xx",
+ * "chunk_hash", ...) counted per kind for the status page (NULL: not counted).
+ */
+int edge_spool_mark_retry(edge_spool_t *sp, int64_t id, int64_t next_at_ms, const char *err,
+                          const char *kind, uint64_t bytes_sent);
+/** Back to PENDING, attempts unchanged, due now (upload window closed, stop). */
+int edge_spool_release(edge_spool_t *sp, int64_t id, uint64_t bytes_sent);
 int edge_spool_mark_failed(edge_spool_t *sp, int64_t id, const char *err);
 
 int edge_spool_counts(edge_spool_t *sp, edge_spool_counts_t *out);
+
+#define EDGE_SPOOL_MAX_ERR_KINDS 16
+
+/** What `yunying-edge status` and the status page show. */
+typedef struct {
+    edge_spool_counts_t counts;
+    int64_t pending_bytes;           /* originals not DONE */
+    int64_t upload_pending_bytes;    /* bytes still to upload (prepared size, else original) */
+    int64_t unprepared;              /* PENDING rows not prepared (waiting for transcoding) */
+    int64_t urgent_pending;          /* not-DONE rows with priority 1 */
+    int64_t oldest_pending_ms;       /* created_at (unix ms) of the oldest not-DONE row; 0 = none */
+    int64_t last_success_ms;         /* unix ms of the last DONE; 0 = never */
+    int64_t uploaded_instances;      /* DONE, ever */
+    int64_t uploaded_bytes;          /* bytes of uploaded files, ever */
+    int64_t original_bytes_done;     /* bytes of their originals */
+    int64_t bytes_sent;              /* chunk payload sent, retries included, ever */
+    int64_t done_bytes_60s;          /* uploaded file bytes DONE in the last 60 s */
+    int64_t done_bytes_300s;         /* ... in the last 300 s */
+    int64_t done_orig_bytes_60s;     /* original bytes DONE in the last 60 s */
+    int nerr;
+    struct {
+        char kind[32];
+        int64_t count;
+    } err[EDGE_SPOOL_MAX_ERR_KINDS];  /* errors by kind, ever */
+} edge_spool_stats_t;
+
+/** Fills st as of now_ms (unix ms). 0 or CMN_EDB. */
+int edge_spool_stats(edge_spool_t *sp, int64_t now_ms, edge_spool_stats_t *st);
 
 const char *edge_spool_state_name(edge_spool_state_t s);
 

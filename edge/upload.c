@@ -1,36 +1,62 @@
 /*
  * upload.c - the upload worker (see upload.h).
  *
- * The worker claims up to upload.parallel due rows from the spool (PENDING
- * -> UPLOADING, in the threadpool) and runs one job per row. Worker state:
+ * Two pipelines share the worker:
  *
- *     IDLE --pump: free slots--> CLAIMING --claimed--> IDLE
+ * PREPARE (always, whatever the schedule): rows not prepared yet are
+ * transcoded to JPEG-LS lossless in the threadpool (upload.compress), the
+ * result made durable next to the original, and the row records which file
+ * (and hash) is uploaded; with compression off, or when the codec skips the
+ * instance, the original itself is recorded. upload.compress_parallel rows
+ * per batch; a batch is listed, run, and the next listed when it is done.
+ *
+ * UPLOAD: the worker claims up to upload.parallel prepared, due rows from
+ * the spool (PENDING -> UPLOADING, urgent first, in the threadpool) and runs
+ * one job per row - only while the schedule (schedule.h) has a window open.
+ * Worker state:
+ *
+ *     IDLE --pump: window open, free slots--> CLAIMING --claimed--> IDLE
  *       \______________________________________________\--close--> CLOSING
  *
  * Job state (one spooled instance):
  *
- *     HASHING --file ok--> DECLARING --status--> READING <--> SENDING (each missing chunk)
- *        |                     |  committed already  |            |
- *        |                     +----------------> COMMITTING <----+
+ *     HASHING --file ok--> DECLARING --status--> READING --> PACING --> SENDING (each missing chunk)
+ *        |                     |  committed already  ^                      |
+ *        |                     +----------------> COMMITTING <--------------+
  *        |                                            |
- *        +-- file lost/corrupt --+      any error ----+---+
- *                                v                        v
- *                            RECORDING (FAILED)   RECORDING (DONE | retry with backoff)
- *                                \________________________/
+ *        +-- file lost/corrupt --+      any error ----+---+   window closed (PACING)
+ *                                v                        v                 v
+ *                            RECORDING (FAILED)   RECORDING (DONE | retry)  RECORDING (release)
+ *                                \________________________/_________________/
  *                                            v
  *                                         FINISHED (freed)
+ *
+ * PACING is the bandwidth cap: one token bucket (bytes/s of the open
+ * window, burst one second) shared by all jobs; a job takes its chunk's
+ * bytes when the bucket is not in debt, else it queues (FIFO) until the
+ * refill pays the debt. The chunk size proposed to the cloud shrinks to
+ * about one second of the cap, so pacing stays smooth on slow links.
+ *
+ * Failures are never final for network reasons: every transport or HTTP
+ * error is a retry with capped exponential backoff and jitter (attempts
+ * grow, the delay stops at upload.retry_max_ms), counted by kind for the
+ * status page. Only a spooled file that no longer matches its hash is FAILED.
  *
  * The spool row stays UPLOADING until RECORDING commits its new state; a
  * crash in between recovers it as PENDING at the next start, and the
  * cloud's idempotent declare/commit make the retry safe.
  *
- * Every request is signed (proto_sign) with the edge secret; network waits
- * are bounded by the HTTP client's per-request timeout (upload.timeout_ms).
+ * Every request is signed (proto_sign) with the key of a short-lived token
+ * (token.h; the edge secret signs only the token request); a request the
+ * cloud refuses for its token is re-sent once with a new token. Network
+ * waits are bounded by the HTTP client's per-request timeout
+ * (upload.timeout_ms).
  */
 #include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,7 +69,11 @@
 #include "cmn/log.h"
 #include "proto/proto.h"
 
+#include "cmn/dicom_codec.h"
+
 #include "internal.h"
+#include "schedule.h"
+#include "token.h"
 #include "upload.h"
 
 /* ------------------------------------------------------------ config */
@@ -55,6 +85,14 @@ const cmn_conf_opt_t edge__upload_opts[] = {
                      "this edge's id, as registered with yunying-cloud edge-add"),
     CMN_CONF_OPT_STR(edge_conf_upload_t, secret_file, "",
                      "file holding the edge secret (hex) printed by yunying-cloud edge-add"),
+    CMN_CONF_OPT_STR(edge_conf_upload_t, ca_file, "",
+                     "CA bundle (PEM) that verifies the cloud's certificate; empty = system store"),
+    CMN_CONF_OPT_STR(edge_conf_upload_t, pinned_pubkey, "",
+                     "optional pin of the cloud's public key: sha256//<base64>[;sha256//...]"),
+    CMN_CONF_OPT_STR(edge_conf_upload_t, client_cert_file, "",
+                     "client certificate (PEM) for mutual TLS; its CN must be edge_id"),
+    CMN_CONF_OPT_STR(edge_conf_upload_t, client_key_file, "",
+                     "private key of client_cert_file (PEM); empty = inside client_cert_file"),
     CMN_CONF_OPT_INT(edge_conf_upload_t, parallel, 4, 1, 64, "instances uploaded at once"),
     CMN_CONF_OPT_INT(edge_conf_upload_t, chunk_size, 4 << 20, PROTO_MIN_CHUNK, PROTO_MAX_CHUNK,
                      "bytes per chunk PUT (proposed; the cloud may choose another)"),
@@ -64,6 +102,13 @@ const cmn_conf_opt_t edge__upload_opts[] = {
                      "longest retry delay (exponential backoff with jitter)"),
     CMN_CONF_OPT_INT(edge_conf_upload_t, timeout_ms, 60000, 1000, 3600000,
                      "timeout of one HTTP request"),
+    CMN_CONF_OPT_BOOL(edge_conf_upload_t, compress, false,
+                      "transcode to JPEG-LS lossless before upload (pixel-exact; skipped when "
+                      "not possible, then the original is sent)"),
+    CMN_CONF_OPT_INT(edge_conf_upload_t, compress_parallel, 2, 1, 32,
+                     "instances transcoded at once"),
+    CMN_CONF_OPT_STR(edge_conf_upload_t, urgent_calling_aes, "",
+                     "comma-separated calling AE titles (e.g. the ER's CT) uploaded first"),
 };
 const size_t edge__upload_nopts = CMN_ARRAY_SIZE(edge__upload_opts);
 
@@ -96,6 +141,69 @@ int edge__upload_load_secret(const char *path, uint8_t *out, size_t outmax, size
     }
     memset(buf, 0, sizeof(buf));
     *len = hexlen / 2;
+    return 0;
+}
+
+/* Host part of an http(s) URL: "h", "[v6]" without brackets. 0 or -1. */
+static int url_host(const char *url, char *out, size_t outlen)
+{
+    const char *h = strstr(url, "://"), *e;
+
+    if (!h)
+        return -1;
+    h += 3;
+    if (*h == '[') {
+        e = strchr(++h, ']');
+    } else {
+        e = h + strcspn(h, ":/?#");
+        if (memchr(h, '@', (size_t)(e - h)))
+            return -1;   /* user info: not for us */
+    }
+    if (!e || e == h || (size_t)(e - h) >= outlen)
+        return -1;
+    memcpy(out, h, (size_t)(e - h));
+    out[e - h] = '\0';
+    return 0;
+}
+
+static int readable(const char *key, const char *path, char *err, size_t errlen)
+{
+    if (path && *path && access(path, R_OK) != 0) {
+        snprintf(err, errlen, "upload.%s: cannot read '%s': %s", key, path, strerror(errno));
+        return CMN_ECONFIG;
+    }
+    return 0;
+}
+
+/* TLS keys, and the rule that plain http:// may only reach this machine
+ * (the token key travels in the token answer: only TLS protects it). */
+static int upload_tls_check(const edge_conf_upload_t *c, char *err, size_t errlen)
+{
+    char host[256];
+    int rc;
+
+    if ((rc = readable("ca_file", c->ca_file, err, errlen)) < 0 ||
+        (rc = readable("client_cert_file", c->client_cert_file, err, errlen)) < 0 ||
+        (rc = readable("client_key_file", c->client_key_file, err, errlen)) < 0)
+        return rc;
+    if (c->client_key_file && *c->client_key_file &&
+        !(c->client_cert_file && *c->client_cert_file)) {
+        snprintf(err, errlen, "upload.client_key_file: set only with upload.client_cert_file");
+        return CMN_ECONFIG;
+    }
+    if (c->pinned_pubkey && *c->pinned_pubkey && strncmp(c->pinned_pubkey, "sha256//", 8) != 0) {
+        snprintf(err, errlen, "upload.pinned_pubkey: must be sha256//<base64>[;sha256//...]");
+        return CMN_ECONFIG;
+    }
+    if (url_host(c->cloud_url, host, sizeof(host)) < 0) {
+        snprintf(err, errlen, "upload.cloud_url: no host name");
+        return CMN_ECONFIG;
+    }
+    if (strncmp(c->cloud_url, "http://", 7) == 0 && !proto_addr_is_loopback(host)) {
+        snprintf(err, errlen, "upload.cloud_url: plain http:// is only allowed to a loopback"
+                              " address (127.0.0.0/8, ::1); use https://");
+        return CMN_ECONFIG;
+    }
     return 0;
 }
 
@@ -138,7 +246,9 @@ int edge__upload_conf_check(const edge_conf_upload_t *c, char *err, size_t errle
     }
     int rc = edge__upload_load_secret(c->secret_file, secret, sizeof(secret), &slen, err, errlen);
     memset(secret, 0, sizeof(secret));
-    return rc;
+    if (rc < 0)
+        return rc;
+    return upload_tls_check(c, err, errlen);
 }
 
 /* ------------------------------------------------------------ types */
@@ -153,6 +263,7 @@ typedef enum {
     EDGE_JOB_HASHING,
     EDGE_JOB_DECLARING,
     EDGE_JOB_READING,
+    EDGE_JOB_PACING,
     EDGE_JOB_SENDING,
     EDGE_JOB_COMMITTING,
     EDGE_JOB_RECORDING,
@@ -163,7 +274,12 @@ typedef enum {
     JOB_OUT_DONE,
     JOB_OUT_RETRY,
     JOB_OUT_FAILED,
+    JOB_OUT_RELEASE,                 /* window closed: back to PENDING, no attempt counted */
+    JOB_OUT_REPREPARE,               /* the prepared file is bad: prepare again */
 } job_outcome_t;
+
+/* Local hash check result: the original is fine, the prepared file is not. */
+#define JOB_E_REPREPARE 1
 
 typedef struct edge_job edge_job_t;
 
@@ -188,9 +304,23 @@ struct edge_job {
     /* outcome, for RECORDING */
     job_outcome_t outcome;
     char errmsg[200];
+    char errkind[32];                /* error class for the counters ("timeout", ...) */
     int64_t next_at_ms;
+    uint64_t bytes_sent;             /* chunk payload sent in this attempt */
     edge_job_t *next;                /* in up->jobs */
+    edge_job_t *pace_next;           /* in up->pace_head while PACING */
 };
+
+/* One row being prepared (transcoded or not) in the threadpool. */
+typedef struct {
+    edge_upload_t *up;
+    edge_spool_item_t item;
+    uv_work_t work;
+    int rc;
+    bool compressed;                 /* a JPEG-LS file was written and recorded */
+    char err[160];
+    cmn_jpegls_stats_t stats;
+} prep_t;
 
 struct edge_upload {
     uv_loop_t *loop;
@@ -198,8 +328,7 @@ struct edge_upload {
     edge_spool_t *spool;
     edge_upload_state_t state;
     cmn_http_client_t *http;         /* owned */
-    uint8_t secret[128];
-    size_t secret_len;
+    edge_token_t *token;             /* owned: holds the secret and the current token */
     char base_url[1100];             /* cloud_url without trailing '/' */
     char path_prefix[1100];          /* path part of cloud_url ("" or "/prefix") */
     uv_async_t wake;                 /* SCP threads -> pump */
@@ -212,21 +341,43 @@ struct edge_upload {
     bool claiming;                   /* claim_work in flight (also while CLOSING) */
     edge_job_t *jobs;                /* in flight */
     int njobs;
-    int handles_open;                /* wake + timer, until their close callbacks */
+    int handles_open;                /* wake + timer + pace_timer, until their close callbacks */
     void (*done)(void *ud);
     void *done_ud;
+    /* schedule and bandwidth */
+    edge_schedule_t sched;
+    edge_sched_state_t sched_now;    /* as of the last evaluation */
+    double tokens;                   /* bytes; negative = debt */
+    uint64_t bucket_ms;              /* edge__now_ms() of the last refill */
+    int64_t bucket_rate;             /* byte/s the bucket was last filled at; 0 = unlimited */
+    uv_timer_t pace_timer;
+    edge_job_t *pace_head, *pace_tail;   /* jobs waiting for tokens, FIFO */
+    int npacing;
+    /* prepare pipeline */
+    prep_t *preps;                   /* compress_parallel slots; owned */
+    int prep_n, prep_inflight;
+    bool prep_listing;               /* list work in flight */
+    bool prep_again;                 /* woken during a batch */
+    uv_work_t prep_list_work;
+    int prep_list_rc;
+    /* live figures for the status page (guarded by live_mu) */
+    pthread_mutex_t live_mu;
+    edge_upload_live_t live;
 };
 
 static void pump(edge_upload_t *up);
+static void prep_pump(edge_upload_t *up);
+static void pace_run(edge_upload_t *up);
+static void live_update(edge_upload_t *up);
 static void job_step(edge_job_t *job);
-static void job_finish(edge_job_t *job, job_outcome_t out, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+static void job_finish(edge_job_t *job, job_outcome_t out, const char *kind, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 static void maybe_closed(edge_upload_t *up);
 static void on_timer(uv_timer_t *t);
 
 static const char *job_state_name(edge_job_state_t s)
 {
-    static const char *const names[] = {"HASHING", "DECLARING", "READING", "SENDING",
+    static const char *const names[] = {"HASHING", "DECLARING", "READING", "PACING", "SENDING",
                                         "COMMITTING", "RECORDING", "FINISHED"};
     return (unsigned)s < CMN_ARRAY_SIZE(names) ? names[s] : "?";
 }
@@ -240,7 +391,8 @@ static void job_set_state(edge_job_t *job, edge_job_state_t to)
     switch (to) {
     case EDGE_JOB_DECLARING: ok = from == EDGE_JOB_HASHING; break;
     case EDGE_JOB_READING: ok = from == EDGE_JOB_DECLARING || from == EDGE_JOB_SENDING; break;
-    case EDGE_JOB_SENDING: ok = from == EDGE_JOB_READING; break;
+    case EDGE_JOB_PACING: ok = from == EDGE_JOB_READING; break;
+    case EDGE_JOB_SENDING: ok = from == EDGE_JOB_PACING; break;
     case EDGE_JOB_COMMITTING:
         ok = from == EDGE_JOB_DECLARING || from == EDGE_JOB_SENDING || from == EDGE_JOB_READING;
         break;
@@ -261,9 +413,21 @@ static void job_set_state(edge_job_t *job, edge_job_state_t to)
 
 typedef void (*job_http_cb)(edge_job_t *job, const cmn_http_result_t *res);
 
+/* One signed request of a job. The request is kept (the body stays with
+ * the job) so that it can wait for a token and be re-sent once with a new
+ * token when the cloud refuses the old one. */
 typedef struct {
     edge_job_t *job;
     job_http_cb cb;
+    char method[8];
+    char rel_path[300];
+    const void *body;                /* job->chunk or job->json: valid until cb */
+    size_t body_len;
+    char body_sha[PROTO_HEX256 + 1];
+    char content_type[64];
+    char extra_header[160];          /* "" = none */
+    char token_id[PROTO_TOKEN_ID_HEX + 1];   /* the token the last send used */
+    bool resent;                     /* re-sent once after a token rejection */
 } http_ctx_t;
 
 static void on_http(const cmn_http_result_t *res, void *ud)
@@ -283,69 +447,182 @@ static void on_http(const cmn_http_result_t *res, void *ud)
     cb(job, res);
 }
 
-/* Sends a signed request for job. body_sha is the hex SHA-256 of body. */
-static int send_signed(edge_job_t *job, const char *method, const char *rel_path,
-                       const void *body, size_t body_len, const char *body_sha,
-                       const char *content_type, const char *extra_header, job_http_cb cb)
+static void wipe(void *p, size_t n)
 {
-    edge_upload_t *up = job->up;
-    char path[1300], url[2500], nonce[PROTO_NONCE_HEX + 1], sig[PROTO_HEX256 + 1];
+    volatile unsigned char *v = p;
+    while (n--)
+        *v++ = 0;
+}
+
+/* Fails ctx's request as a transport error (its job callback decides). */
+static void signed_fail(http_ctx_t *ctx, int err, const char *why)
+{
+    cmn_http_result_t res;
+
+    memset(&res, 0, sizeof(res));
+    res.err = err < 0 ? err : CMN_EAUTH;
+    res.errmsg = why ? why : cmn_strerror(res.err);
+    on_http(&res, ctx);
+}
+
+static void on_signed_http(const cmn_http_result_t *res, void *ud);
+static void on_token_ready(int status, const char *why, void *ud);
+
+/* Signs ctx's request with tok (key) and sends it. */
+static int signed_send_now(http_ctx_t *ctx, const proto_token_t *tok)
+{
+    edge_upload_t *up = ctx->job->up;
+    const edge_conf_upload_t *c = up->conf;
+    char path[1500], url[2500], nonce[PROTO_NONCE_HEX + 1], sig[PROTO_HEX256 + 1];
     char h_ver[64], h_edge[128], h_ts[64], h_nonce[96], h_body[128], h_sig[128], h_ct[96];
+    char h_tok[96];
     uint8_t rnd[PROTO_NONCE_HEX / 2];
-    const char *headers[10];
+    const char *headers[12];
     int nh = 0, rc;
 
-    snprintf(path, sizeof(path), "%s%s", up->path_prefix, rel_path);
-    snprintf(url, sizeof(url), "%s%s", up->base_url, rel_path);
+    if (snprintf(path, sizeof(path), "%s%s", up->path_prefix, ctx->rel_path) >= (int)sizeof(path) ||
+        snprintf(url, sizeof(url), "%s%s", up->base_url, ctx->rel_path) >= (int)sizeof(url))
+        return CMN_ETOOBIG;
     if (cmn_random(rnd, sizeof(rnd)) < 0)
         return CMN_ECRYPTO;
     cmn_hex(rnd, sizeof(rnd), nonce);
 
     proto_req_t r = {
-        .method = method,
+        .method = ctx->method,
         .path = path,
         .query = "",
-        .edge_id = up->conf->edge_id,
+        .edge_id = c->edge_id,
         .timestamp = (int64_t)time(NULL),
         .nonce = nonce,
-        .body_sha256 = body_sha,
+        .body_sha256 = ctx->body_sha,
     };
-    rc = proto_sign(up->secret, up->secret_len, &r, sig);
+    rc = proto_sign(tok->key, sizeof(tok->key), &r, sig);
     if (rc < 0)
         return rc;
+    snprintf(ctx->token_id, sizeof(ctx->token_id), "%s", tok->token_id);
 
     snprintf(h_ver, sizeof(h_ver), "%s: %d", PROTO_H_VERSION, PROTO_VERSION);
-    snprintf(h_edge, sizeof(h_edge), "%s: %s", PROTO_H_EDGE, up->conf->edge_id);
+    snprintf(h_edge, sizeof(h_edge), "%s: %s", PROTO_H_EDGE, c->edge_id);
     snprintf(h_ts, sizeof(h_ts), "%s: %lld", PROTO_H_TIMESTAMP, (long long)r.timestamp);
     snprintf(h_nonce, sizeof(h_nonce), "%s: %s", PROTO_H_NONCE, nonce);
-    snprintf(h_body, sizeof(h_body), "%s: %s", PROTO_H_BODY_HASH, body_sha);
+    snprintf(h_body, sizeof(h_body), "%s: %s", PROTO_H_BODY_HASH, ctx->body_sha);
     snprintf(h_sig, sizeof(h_sig), "%s: %s", PROTO_H_SIGNATURE, sig);
-    snprintf(h_ct, sizeof(h_ct), "Content-Type: %s", content_type);
+    snprintf(h_tok, sizeof(h_tok), "%s: %s", PROTO_H_TOKEN, tok->token_id);
+    snprintf(h_ct, sizeof(h_ct), "Content-Type: %s", ctx->content_type);
     headers[nh++] = h_ver;
     headers[nh++] = h_edge;
     headers[nh++] = h_ts;
     headers[nh++] = h_nonce;
     headers[nh++] = h_body;
     headers[nh++] = h_sig;
+    headers[nh++] = h_tok;
     headers[nh++] = h_ct;
     headers[nh++] = "Expect:";      /* no 100-continue round trip */
-    if (extra_header)
-        headers[nh++] = extra_header;
+    if (ctx->extra_header[0])
+        headers[nh++] = ctx->extra_header;
     headers[nh] = NULL;
 
     cmn_http_client_req_t req = {
-        .method = method,
+        .method = ctx->method,
         .url = url,
         .headers = headers,
-        .body = body,
-        .body_len = body_len,
-        .timeout_ms = (long)up->conf->timeout_ms,
+        .body = ctx->body,
+        .body_len = ctx->body_len,
+        .timeout_ms = (long)c->timeout_ms,
         .max_response = 1 << 20,
+        .ca_file = c->ca_file && *c->ca_file ? c->ca_file : NULL,
+        .pinned_pubkey = c->pinned_pubkey && *c->pinned_pubkey ? c->pinned_pubkey : NULL,
+        .client_cert_file = c->client_cert_file && *c->client_cert_file ? c->client_cert_file
+                                                                          : NULL,
+        .client_key_file = c->client_key_file && *c->client_key_file ? c->client_key_file : NULL,
     };
-    http_ctx_t *ctx = cmn_xmalloc(sizeof(*ctx));
+    rc = cmn_http_client_send(up->http, &req, on_signed_http, ctx);
+    wipe(sig, sizeof(sig));
+    wipe(h_sig, sizeof(h_sig));
+    return rc;
+}
+
+/* Sends with the current token, or waits for one. 0: a callback will run. */
+static int signed_dispatch(http_ctx_t *ctx)
+{
+    edge_upload_t *up = ctx->job->up;
+    proto_token_t tok;
+    int rc;
+
+    if (edge_token_current(up->token, &tok) == 0) {
+        rc = signed_send_now(ctx, &tok);
+        wipe(&tok, sizeof(tok));
+        return rc;
+    }
+    return edge_token_wait(up->token, on_token_ready, ctx);
+}
+
+static void on_token_ready(int status, const char *why, void *ud)
+{
+    http_ctx_t *ctx = ud;
+    proto_token_t tok;
+    int rc = status;
+
+    if (rc == 0 && ctx->job->up->state != EDGE_UPLOAD_CLOSING) {
+        /* Just fetched: use it now (no second wait, so no loop). */
+        rc = edge_token_current(ctx->job->up->token, &tok);
+        if (rc == 0)
+            rc = signed_send_now(ctx, &tok);
+        wipe(&tok, sizeof(tok));
+        if (rc == 0)
+            return;
+        why = "cannot send request";
+    } else if (rc == 0) {
+        rc = -ECANCELED;
+    }
+    signed_fail(ctx, rc, why);
+}
+
+/* A token the cloud refuses is dropped; the request is re-sent once with a
+ * new one, so a revoked or expired token costs no backoff. */
+static void on_signed_http(const cmn_http_result_t *res, void *ud)
+{
+    http_ctx_t *ctx = ud;
+    edge_upload_t *up = ctx->job->up;
+    proto_error_t e;
+
+    if (up->state != EDGE_UPLOAD_CLOSING && res->err == 0 && res->status == 401 &&
+        res->body.data && proto_error_decode(res->body.data, res->body.len, &e) == 0 &&
+        strncmp(e.code, "token_", 6) == 0) {
+        edge_token_invalidate(up->token, ctx->token_id);
+        if (!ctx->resent) {
+            ctx->resent = true;
+            CMN_LOG_I("upload", "cloud refused the token (%s): getting a new one sop=%s",
+                      e.code, ctx->job->item.sop_uid);
+            if (signed_dispatch(ctx) == 0)
+                return;
+        }
+    }
+    on_http(res, ctx);
+}
+
+/*
+ * Sends a request for job, signed with the current token's key (fetched
+ * first when there is none). body_sha is the hex SHA-256 of body; body must
+ * stay valid until cb. extra_header: one more "Name: value" or NULL.
+ */
+static int send_signed(edge_job_t *job, const char *method, const char *rel_path,
+                       const void *body, size_t body_len, const char *body_sha,
+                       const char *content_type, const char *extra_header, job_http_cb cb)
+{
+    http_ctx_t *ctx = cmn_xcalloc(1, sizeof(*ctx));
+    int rc;
+
     ctx->job = job;
     ctx->cb = cb;
-    rc = cmn_http_client_send(up->http, &req, on_http, ctx);
+    snprintf(ctx->method, sizeof(ctx->method), "%s", method);
+    snprintf(ctx->rel_path, sizeof(ctx->rel_path), "%s", rel_path);
+    ctx->body = body;
+    ctx->body_len = body_len;
+    snprintf(ctx->body_sha, sizeof(ctx->body_sha), "%s", body_sha);
+    snprintf(ctx->content_type, sizeof(ctx->content_type), "%s", content_type);
+    snprintf(ctx->extra_header, sizeof(ctx->extra_header), "%s", extra_header ? extra_header : "");
+    rc = signed_dispatch(ctx);
     if (rc < 0) {
         free(ctx);
         return rc;
@@ -384,6 +661,189 @@ static void describe_failure(const cmn_http_result_t *res, char *buf, size_t len
         snprintf(buf, len, "HTTP %ld", res->status);
 }
 
+/* The error class counted on the status page: "timeout", "connect",
+ * "network", "tls", "chunk_hash", "auth", "http_4xx", "http_5xx", "no_space". */
+static const char *classify_failure(const cmn_http_result_t *res)
+{
+    proto_error_t e;
+
+    if (res->err < 0) {
+        if (res->err == CMN_ETIMEOUT)
+            return "timeout";
+        if (res->err == -ECONNREFUSED || res->err == -EHOSTUNREACH)
+            return "connect";
+        if (res->err == CMN_ECRYPTO)
+            return "tls";
+        if (res->err == CMN_EAUTH)
+            return "auth";
+        return "network";
+    }
+    if (res->body.data && proto_error_decode(res->body.data, res->body.len, &e) == 0) {
+        /* A body corrupted on the way fails the cloud's body hash (checked
+         * before the signature, 401) or the chunk hash (400 bad_chunk). */
+        if ((res->status == 400 && strcmp(e.code, "bad_chunk") == 0) ||
+            (res->status == 401 && strstr(e.message, "does not match the body")))
+            return "chunk_hash";
+    }
+    if (res->status == 401 || res->status == 403)
+        return "auth";
+    if (res->status == 507)
+        return "no_space";
+    if (res->status >= 500)
+        return "http_5xx";
+    return "http_4xx";
+}
+
+/* ------------------------------------------------------------ live figures */
+
+static void live_update(edge_upload_t *up)
+{
+    pthread_mutex_lock(&up->live_mu);
+    up->live.schedule_open = up->sched_now.open;
+    up->live.window = up->sched_now.window;
+    up->live.rate_limit_bps = up->sched_now.open ? up->sched_now.rate_bps : 0;
+    up->live.jobs = up->njobs;
+    up->live.pacing = up->npacing;
+    up->live.preparing = up->prep_inflight;
+    up->live.tokens = (int64_t)up->tokens;
+    pthread_mutex_unlock(&up->live_mu);
+}
+
+void edge_upload_live(edge_upload_t *up, edge_upload_live_t *out)
+{
+    pthread_mutex_lock(&up->live_mu);
+    *out = up->live;
+    pthread_mutex_unlock(&up->live_mu);
+}
+
+static void live_add_sent(edge_upload_t *up, uint64_t n)
+{
+    pthread_mutex_lock(&up->live_mu);
+    up->live.bytes_sent += n;
+    pthread_mutex_unlock(&up->live_mu);
+}
+
+/* ------------------------------------------------------------ schedule + pacing */
+
+/* Re-evaluates the schedule at the edge's clock; adjusts the bucket. */
+static void sched_eval(edge_upload_t *up)
+{
+    bool was_open = up->sched_now.open;
+    int was_window = up->sched_now.window;
+
+    edge_schedule_eval(&up->sched, edge__wall_ms(), &up->sched_now);
+    if (up->sched_now.open != was_open || up->sched_now.window != was_window)
+        CMN_LOG_I("upload", "schedule: %s window=%d max_kbps=%lld",
+                  up->sched_now.open ? "open" : "closed", up->sched_now.window,
+                  (long long)(up->sched_now.rate_bps * 8 / 1000));
+    live_update(up);
+}
+
+/* Burst of the bucket: one second of the cap, at least one minimal chunk. */
+static double bucket_burst(int64_t rate)
+{
+    return rate > (int64_t)PROTO_MIN_CHUNK ? (double)rate : (double)PROTO_MIN_CHUNK;
+}
+
+static void bucket_refill(edge_upload_t *up)
+{
+    uint64_t now = edge__now_ms();
+    int64_t rate = up->sched_now.rate_bps;
+
+    if (rate != up->bucket_rate) {
+        /* A new cap starts with a full bucket of the new size. */
+        up->bucket_rate = rate;
+        up->tokens = rate ? bucket_burst(rate) : 0;
+        up->bucket_ms = now;
+        return;
+    }
+    if (rate == 0 || now <= up->bucket_ms) {
+        up->bucket_ms = now > up->bucket_ms ? now : up->bucket_ms;
+        return;
+    }
+    up->tokens += (double)(now - up->bucket_ms) * (double)rate / 1000.0;
+    if (up->tokens > bucket_burst(rate))
+        up->tokens = bucket_burst(rate);
+    up->bucket_ms = now;
+}
+
+/* The chunk size to propose: about a second of the cap, never below the
+ * protocol's minimum or above upload.chunk_size. */
+static uint32_t chunk_size_for(edge_upload_t *up)
+{
+    int64_t c = up->conf->chunk_size;
+    int64_t rate = up->sched_now.rate_bps;
+
+    if (rate > 0 && rate < c) {
+        c = rate - rate % (int64_t)PROTO_MIN_CHUNK;
+        if (c < (int64_t)PROTO_MIN_CHUNK)
+            c = PROTO_MIN_CHUNK;
+    }
+    return (uint32_t)c;
+}
+
+static void on_pace_timer(uv_timer_t *t)
+{
+    edge_upload_t *up = container_of(t, edge_upload_t, pace_timer);
+    pace_run(up);
+}
+
+static void pace_pop(edge_upload_t *up, edge_job_t *job)
+{
+    up->pace_head = job->pace_next;
+    if (!up->pace_head)
+        up->pace_tail = NULL;
+    job->pace_next = NULL;
+    up->npacing--;
+}
+
+/* Lets queued jobs send while the bucket allows; arms the timer for the rest. */
+static void pace_run(edge_upload_t *up)
+{
+    if (up->state == EDGE_UPLOAD_CLOSING)
+        return;
+    sched_eval(up);
+    bucket_refill(up);
+    while (up->pace_head) {
+        edge_job_t *job = up->pace_head;
+        if (!up->sched_now.open) {
+            pace_pop(up, job);
+            job_finish(job, JOB_OUT_RELEASE, NULL, "upload window closed");
+            continue;
+        }
+        if (up->sched_now.rate_bps > 0 && up->tokens < 0)
+            break;
+        pace_pop(up, job);
+        if (up->sched_now.rate_bps > 0)
+            up->tokens -= job->chunk_len;
+        job_set_state(job, EDGE_JOB_SENDING);
+        job_step(job);
+    }
+    live_update(up);
+    if (up->pace_head) {
+        int64_t rate = up->sched_now.rate_bps;
+        uint64_t ms = (uint64_t)((-up->tokens) * 1000.0 / (double)rate) + 1;
+        if (edge__clock_is_fake() || ms > 1000)
+            ms = edge__clock_is_fake() ? 20 : 1000;
+        uv_timer_start(&up->pace_timer, on_pace_timer, ms, 0);
+    }
+}
+
+static void pace_enqueue(edge_job_t *job)
+{
+    edge_upload_t *up = job->up;
+
+    job->pace_next = NULL;
+    if (up->pace_tail)
+        up->pace_tail->pace_next = job;
+    else
+        up->pace_head = job;
+    up->pace_tail = job;
+    up->npacing++;
+    if (up->pace_head == job)
+        pace_run(up);
+}
+
 /* ------------------------------------------------------------ job steps */
 
 static void job_free(edge_job_t *job)
@@ -406,20 +866,34 @@ static void job_unlink(edge_job_t *job)
     }
 }
 
-/* HASHING: the spooled file must still be what was received. */
-static void hash_work(uv_work_t *w)
+static int check_file(const char *path, const char *sha, uint64_t want_size)
 {
-    edge_job_t *job = container_of(w, edge_job_t, work);
     uint8_t d[CMN_SHA256_LEN];
     char hex[PROTO_HEX256 + 1];
     uint64_t size = 0;
+    int rc = cmn_sha256_file(path, d, &size);
 
-    job->work_rc = cmn_sha256_file(job->item.path, d, &size);
+    if (rc < 0)
+        return rc;
+    cmn_hex(d, sizeof(d), hex);
+    if (size != want_size || strcmp(hex, sha) != 0)
+        return CMN_EHASH;
+    return 0;
+}
+
+/* HASHING: the spooled original must still be what was received, and the
+ * prepared file what was recorded (else it is prepared again). */
+static void hash_work(uv_work_t *w)
+{
+    edge_job_t *job = container_of(w, edge_job_t, work);
+    const edge_spool_item_t *it = &job->item;
+
+    job->work_rc = check_file(it->path, it->sha256, it->size);
     if (job->work_rc < 0)
         return;
-    cmn_hex(d, sizeof(d), hex);
-    if (size != job->item.size || strcmp(hex, job->item.sha256) != 0)
-        job->work_rc = CMN_EHASH;
+    if (strcmp(it->up_path, it->path) != 0 &&
+        check_file(it->up_path, it->up_sha256, it->up_size) < 0)
+        job->work_rc = JOB_E_REPREPARE;
 }
 
 static void read_work(uv_work_t *w)
@@ -431,7 +905,7 @@ static void read_work(uv_work_t *w)
     int fd;
 
     job->work_rc = 0;
-    fd = open(job->item.path, O_RDONLY | O_CLOEXEC);
+    fd = open(job->item.up_path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         job->work_rc = -errno;
         return;
@@ -457,14 +931,23 @@ static void record_work(uv_work_t *w)
 {
     edge_job_t *job = container_of(w, edge_job_t, work);
     edge_spool_t *sp = job->up->spool;
+    int64_t id = job->item.id;
 
     switch (job->outcome) {
-    case JOB_OUT_DONE: job->work_rc = edge_spool_mark_done(sp, job->item.id); break;
+    case JOB_OUT_DONE: job->work_rc = edge_spool_mark_done(sp, id, job->bytes_sent); break;
     case JOB_OUT_RETRY:
-        job->work_rc = edge_spool_mark_retry(sp, job->item.id, job->next_at_ms, job->errmsg);
+        job->work_rc = edge_spool_mark_retry(sp, id, job->next_at_ms, job->errmsg, job->errkind,
+                                             job->bytes_sent);
         break;
     case JOB_OUT_FAILED:
-        job->work_rc = edge_spool_mark_failed(sp, job->item.id, job->errmsg);
+        job->work_rc = edge_spool_mark_failed(sp, id, job->errmsg);
+        break;
+    case JOB_OUT_REPREPARE:
+        job->work_rc = edge_spool_clear_upload_file(sp, id);
+        /* fall through */
+    case JOB_OUT_RELEASE:
+        if (job->work_rc == 0 || job->outcome == JOB_OUT_RELEASE)
+            job->work_rc = edge_spool_release(sp, id, job->bytes_sent);
         break;
     }
 }
@@ -480,6 +963,8 @@ static void after_work(uv_work_t *w, int status)
         if (job->work_rc < 0)
             CMN_LOG_E("upload", "cannot record outcome id=%lld sop=%s: %s", (long long)job->item.id,
                       job->item.sop_uid, cmn_strerror(job->work_rc));
+        if (job->outcome == JOB_OUT_REPREPARE)
+            prep_pump(job->up);
         job_set_state(job, EDGE_JOB_FINISHED);
         job_step(job);
         return;
@@ -491,8 +976,13 @@ static void after_work(uv_work_t *w, int status)
     }
     switch (job->state) {
     case EDGE_JOB_HASHING:
+        if (job->work_rc == JOB_E_REPREPARE) {
+            job_finish(job, JOB_OUT_REPREPARE, "file", "prepared file %s does not match its hash",
+                       job->item.up_kind);
+            return;
+        }
         if (job->work_rc < 0) {
-            job_finish(job, JOB_OUT_FAILED, "spooled file unusable: %s",
+            job_finish(job, JOB_OUT_FAILED, "file", "spooled file unusable: %s",
                        cmn_strerror(job->work_rc));
             return;
         }
@@ -501,11 +991,11 @@ static void after_work(uv_work_t *w, int status)
         break;
     case EDGE_JOB_READING:
         if (job->work_rc < 0) {
-            job_finish(job, JOB_OUT_RETRY, "reading chunk %u: %s", job->next_chunk,
+            job_finish(job, JOB_OUT_RETRY, "file", "reading chunk %u: %s", job->next_chunk,
                        cmn_strerror(job->work_rc));
             return;
         }
-        job_set_state(job, EDGE_JOB_SENDING);
+        job_set_state(job, EDGE_JOB_PACING);
         job_step(job);
         break;
     default:
@@ -532,18 +1022,19 @@ static void on_declared(edge_job_t *job, const cmn_http_result_t *res)
 
     if (res->err < 0 || res->status != 200) {
         describe_failure(res, err, sizeof(err));
-        job_finish(job, JOB_OUT_RETRY, "declare: %s", err);
+        job_finish(job, JOB_OUT_RETRY, classify_failure(res), "declare: %s", err);
         return;
     }
     memset(&st, 0, sizeof(st));
     if (proto_object_status_decode(res->body.data ? res->body.data : "", res->body.len, &st, err,
                                    sizeof(err)) < 0) {
-        job_finish(job, JOB_OUT_RETRY, "declare: bad status from cloud: %s", err);
+        job_finish(job, JOB_OUT_RETRY, "protocol", "declare: bad status from cloud: %s", err);
         return;
     }
-    if (st.nchunks != proto_chunk_count(job->item.size, st.chunk_size)) {
+    if (st.nchunks != proto_chunk_count(job->item.up_size, st.chunk_size)) {
         proto_object_status_free(&st);
-        job_finish(job, JOB_OUT_RETRY, "declare: cloud chunk layout does not match the object");
+        job_finish(job, JOB_OUT_RETRY, "protocol",
+                   "declare: cloud chunk layout does not match the object");
         return;
     }
     snprintf(job->object_id, sizeof(job->object_id), "%s", st.object_id);
@@ -568,9 +1059,12 @@ static void on_chunk(edge_job_t *job, const cmn_http_result_t *res)
 {
     char err[200];
 
+    job->bytes_sent += job->chunk_len;
+    live_add_sent(job->up, job->chunk_len);
     if (res->err < 0 || (res->status != 204 && res->status != 200)) {
         describe_failure(res, err, sizeof(err));
-        job_finish(job, JOB_OUT_RETRY, "chunk %u: %s", job->next_chunk, err);
+        job_finish(job, JOB_OUT_RETRY, classify_failure(res), "chunk %u: %s", job->next_chunk,
+                   err);
         return;
     }
     job->have[job->next_chunk] = 1;
@@ -586,30 +1080,31 @@ static void on_committed(edge_job_t *job, const cmn_http_result_t *res)
 
     if (res->err < 0 || res->status != 200) {
         describe_failure(res, err, sizeof(err));
-        job_finish(job, JOB_OUT_RETRY, "commit: %s", err);
+        job_finish(job, JOB_OUT_RETRY, classify_failure(res), "commit: %s", err);
         return;
     }
     if (proto_commit_decode(res->body.data ? res->body.data : "", res->body.len, &c, err,
                             sizeof(err)) < 0) {
-        job_finish(job, JOB_OUT_RETRY, "commit: bad answer from cloud: %s", err);
+        job_finish(job, JOB_OUT_RETRY, "protocol", "commit: bad answer from cloud: %s", err);
         return;
     }
     switch (c.result) {
     case PROTO_COMMIT_STORED:
-        CMN_LOG_I("upload", "stored sop=%s sha256=%s size=%llu id=%lld", job->item.sop_uid,
-                  job->item.sha256, (unsigned long long)job->item.size, (long long)job->item.id);
+        CMN_LOG_I("upload", "stored sop=%s sha256=%s size=%llu kind=%s priority=%d id=%lld",
+                  job->item.sop_uid, job->item.up_sha256, (unsigned long long)job->item.up_size,
+                  job->item.up_kind, job->item.priority, (long long)job->item.id);
         break;
     case PROTO_COMMIT_DUPLICATE:
         CMN_LOG_I("upload", "duplicate sop=%s sha256=%s (already archived) id=%lld",
-                  job->item.sop_uid, job->item.sha256, (long long)job->item.id);
+                  job->item.sop_uid, job->item.up_sha256, (long long)job->item.id);
         break;
     case PROTO_COMMIT_CONFLICT:
         CMN_LOG_W("upload", "conflict sop=%s sha256=%s: the cloud holds different bytes for this "
                   "SOP Instance UID; kept aside there id=%lld", job->item.sop_uid,
-                  job->item.sha256, (long long)job->item.id);
+                  job->item.up_sha256, (long long)job->item.id);
         break;
     }
-    job_finish(job, JOB_OUT_DONE, NULL);
+    job_finish(job, JOB_OUT_DONE, NULL, NULL);
 }
 
 /* Runs the current state's action. */
@@ -628,15 +1123,15 @@ static void job_step(edge_job_t *job)
         proto_object_decl_t d;
         memset(&d, 0, sizeof(d));
         d.kind = PROTO_KIND_INSTANCE;
-        snprintf(d.sha256, sizeof(d.sha256), "%s", job->item.sha256);
-        d.size = job->item.size;
-        d.chunk_size = (uint32_t)up->conf->chunk_size;
+        snprintf(d.sha256, sizeof(d.sha256), "%s", job->item.up_sha256);
+        d.size = job->item.up_size;
+        d.chunk_size = chunk_size_for(up);
         snprintf(d.study_uid, sizeof(d.study_uid), "%s", job->item.study_uid);
         snprintf(d.series_uid, sizeof(d.series_uid), "%s", job->item.series_uid);
         snprintf(d.sop_uid, sizeof(d.sop_uid), "%s", job->item.sop_uid);
         char *json = proto_object_decl_encode(&d);
         if (!json) {
-            job_finish(job, JOB_OUT_RETRY, "declare: out of memory");
+            job_finish(job, JOB_OUT_RETRY, "local", "declare: out of memory");
             return;
         }
         rc = send_json(job, "POST", "/api/v1/objects", json, on_declared);
@@ -653,16 +1148,20 @@ static void job_step(edge_job_t *job)
             job_step(job);
             return;
         }
-        job->chunk_len = proto_chunk_len(job->item.size, job->chunk_size, job->next_chunk);
+        job->chunk_len = proto_chunk_len(job->item.up_size, job->chunk_size, job->next_chunk);
         if (!job->chunk) {
             job->chunk = cmn_try_malloc(job->chunk_size);
             if (!job->chunk) {
-                job_finish(job, JOB_OUT_RETRY, "out of memory for a %u-byte chunk",
+                job_finish(job, JOB_OUT_RETRY, "local", "out of memory for a %u-byte chunk",
                            job->chunk_size);
                 return;
             }
         }
         queue(job, read_work);
+        return;
+
+    case EDGE_JOB_PACING:
+        pace_enqueue(job);
         return;
 
     case EDGE_JOB_SENDING:
@@ -685,6 +1184,7 @@ static void job_step(edge_job_t *job)
     case EDGE_JOB_FINISHED:
         job_unlink(job);
         job_free(job);
+        live_update(up);
         if (up->state == EDGE_UPLOAD_CLOSING)
             maybe_closed(up);
         else
@@ -692,7 +1192,7 @@ static void job_step(edge_job_t *job)
         return;
     }
     if (rc < 0)
-        job_finish(job, JOB_OUT_RETRY, "cannot send request: %s", cmn_strerror(rc));
+        job_finish(job, JOB_OUT_RETRY, "local", "cannot send request: %s", cmn_strerror(rc));
 }
 
 static int64_t backoff_ms(const edge_conf_upload_t *c, int attempts)
@@ -708,10 +1208,27 @@ static int64_t backoff_ms(const edge_conf_upload_t *c, int attempts)
     return d / 2 + (int64_t)(r % (uint64_t)(d / 2 + 1));
 }
 
-static void job_finish(edge_job_t *job, job_outcome_t out, const char *fmt, ...)
+/* Rate limit for retry warnings: during an outage every row retries. */
+static bool retry_log_allowed(void)
+{
+    static uint64_t window_ms;
+    static int n;
+    uint64_t now = edge__now_ms();
+
+    if (now - window_ms >= 10000) {
+        if (n > 20)
+            CMN_LOG_W("upload", "%d more retry warning(s) suppressed in the last 10 s", n - 20);
+        window_ms = now;
+        n = 0;
+    }
+    return ++n <= 20;
+}
+
+static void job_finish(edge_job_t *job, job_outcome_t out, const char *kind, const char *fmt, ...)
 {
     job->outcome = out;
     job->errmsg[0] = '\0';
+    snprintf(job->errkind, sizeof(job->errkind), "%s", kind ? kind : "");
     if (fmt) {
         va_list ap;
         va_start(ap, fmt);
@@ -721,15 +1238,185 @@ static void job_finish(edge_job_t *job, job_outcome_t out, const char *fmt, ...)
     if (out == JOB_OUT_RETRY) {
         int64_t d = backoff_ms(job->up->conf, job->item.attempts + 1);
         job->next_at_ms = edge__wall_ms() + d;
-        CMN_LOG_W("upload", "retry in %lld ms sop=%s id=%lld attempt=%d: %s", (long long)d,
-                  job->item.sop_uid, (long long)job->item.id, job->item.attempts + 1,
-                  job->errmsg);
+        if (retry_log_allowed())
+            CMN_LOG_W("upload", "retry in %lld ms sop=%s id=%lld attempt=%d kind=%s: %s",
+                      (long long)d, job->item.sop_uid, (long long)job->item.id,
+                      job->item.attempts + 1, job->errkind, job->errmsg);
     } else if (out == JOB_OUT_FAILED) {
         CMN_LOG_E("upload", "giving up sop=%s id=%lld: %s", job->item.sop_uid,
+                  (long long)job->item.id, job->errmsg);
+    } else if (out == JOB_OUT_RELEASE || out == JOB_OUT_REPREPARE) {
+        CMN_LOG_D("upload", "released sop=%s id=%lld: %s", job->item.sop_uid,
                   (long long)job->item.id, job->errmsg);
     }
     job_set_state(job, EDGE_JOB_RECORDING);
     job_step(job);
+}
+
+/* ------------------------------------------------------------ prepare */
+
+/* Makes a transcoded temporary file durable as objects/<orig sha>.jls.dcm. */
+static int adopt_jpegls(prep_t *p, const char *tmp, char *final, size_t flen, char *sha,
+                        uint64_t *size)
+{
+    uint8_t d[CMN_SHA256_LEN];
+    char dir[4200];
+    int fd, rc = 0;
+
+    fd = open(tmp, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    if (fsync(fd) < 0)
+        rc = -errno;
+    close(fd);
+    if (rc < 0)
+        return rc;
+    if ((rc = cmn_sha256_file(tmp, d, size)) < 0)
+        return rc;
+    cmn_hex(d, sizeof(d), sha);
+    /* Next to the original: same directory, original's hash + ".jls.dcm". */
+    snprintf(dir, sizeof(dir), "%s", p->item.path);
+    char *slash = strrchr(dir, '/');
+    if (!slash)
+        return CMN_EINTERNAL;
+    *slash = '\0';
+    if ((size_t)snprintf(final, flen, "%s/%s.jls.dcm", dir, p->item.sha256) >= flen)
+        return -ENAMETOOLONG;
+    if (rename(tmp, final) < 0)
+        return -errno;
+    fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    if (fsync(fd) < 0)
+        rc = -errno;
+    close(fd);
+    return rc;
+}
+
+static void prep_work(uv_work_t *w)
+{
+    prep_t *p = container_of(w, prep_t, work);
+    edge_spool_t *sp = p->up->spool;
+    char tmp[4200], final[4200], sha[PROTO_HEX256 + 1];
+    uint64_t size = 0;
+    int rc;
+
+    p->compressed = false;
+    p->err[0] = '\0';
+    memset(&p->stats, 0, sizeof(p->stats));
+    if (p->up->conf->compress && edge_spool_tmp_path(sp, tmp, sizeof(tmp)) == 0) {
+        rc = cmn_dicom_to_jpegls(p->item.path, tmp, &p->stats, p->err, sizeof(p->err));
+        if (rc == 0) {
+            rc = adopt_jpegls(p, tmp, final, sizeof(final), sha, &size);
+            if (rc == 0) {
+                p->rc = edge_spool_set_upload_file(sp, p->item.id, final, sha, size, "jpegls");
+                p->compressed = p->rc == 0;
+                return;
+            }
+            snprintf(p->err, sizeof(p->err), "cannot keep the transcoded file: %s",
+                     cmn_strerror(rc));
+            unlink(tmp);
+        } else if (rc < 0) {
+            unlink(tmp);
+        }
+        /* Skipped or failed: the original goes up as received. */
+    }
+    p->rc = edge_spool_set_upload_file(sp, p->item.id, p->item.path, p->item.sha256,
+                                       p->item.size, "original");
+}
+
+static void prep_done(uv_work_t *w, int status)
+{
+    prep_t *p = container_of(w, prep_t, work);
+    edge_upload_t *up = p->up;
+
+    (void)status;
+    up->prep_inflight--;
+    if (p->rc < 0)
+        CMN_LOG_E("upload", "cannot record the prepared file id=%lld: %s", (long long)p->item.id,
+                  cmn_strerror(p->rc));
+    else if (p->compressed)
+        CMN_LOG_D("upload", "jpegls sop=%s id=%lld %llu -> %llu bytes in %llu us",
+                  p->item.sop_uid, (long long)p->item.id,
+                  (unsigned long long)p->stats.file_bytes_in,
+                  (unsigned long long)p->stats.file_bytes_out, (unsigned long long)p->stats.usec);
+    else if (up->conf->compress && p->err[0])
+        CMN_LOG_D("upload", "sending original sop=%s id=%lld: %s", p->item.sop_uid,
+                  (long long)p->item.id, p->err);
+    pthread_mutex_lock(&up->live_mu);
+    if (p->compressed) {
+        up->live.jpegls_files++;
+        up->live.jpegls_bytes_in += p->stats.file_bytes_in;
+        up->live.jpegls_bytes_out += p->stats.file_bytes_out;
+        up->live.jpegls_usec += p->stats.usec;
+    } else if (p->rc == 0) {
+        up->live.originals++;
+    }
+    pthread_mutex_unlock(&up->live_mu);
+    if (up->state == EDGE_UPLOAD_CLOSING) {
+        maybe_closed(up);
+        return;
+    }
+    pump(up);
+    if (up->prep_inflight == 0) {
+        /* A failed record would be listed again at once: wait for a wake. */
+        bool failed = p->rc < 0;
+        if (!failed || up->prep_again) {
+            up->prep_again = false;
+            prep_pump(up);
+        }
+    }
+    live_update(up);
+}
+
+static void prep_list_work(uv_work_t *w)
+{
+    edge_upload_t *up = container_of(w, edge_upload_t, prep_list_work);
+    edge_spool_item_t *items = cmn_xcalloc((size_t)up->conf->compress_parallel, sizeof(*items));
+
+    up->prep_list_rc = edge_spool_list_unprepared(up->spool, items, (int)up->conf->compress_parallel,
+                                                  &up->prep_n);
+    for (int i = 0; i < up->prep_n; i++)
+        up->preps[i].item = items[i];
+    free(items);
+}
+
+static void prep_list_done(uv_work_t *w, int status)
+{
+    edge_upload_t *up = container_of(w, edge_upload_t, prep_list_work);
+
+    up->prep_listing = false;
+    if (up->state == EDGE_UPLOAD_CLOSING) {
+        maybe_closed(up);
+        return;
+    }
+    if (status < 0 || up->prep_list_rc < 0) {
+        CMN_LOG_E("upload", "listing rows to prepare failed");
+        return;
+    }
+    up->prep_again = false;
+    for (int i = 0; i < up->prep_n; i++) {
+        prep_t *p = &up->preps[i];
+        p->up = up;
+        if (uv_queue_work(up->loop, &p->work, prep_work, prep_done) == 0)
+            up->prep_inflight++;
+    }
+    live_update(up);
+}
+
+/* Starts a batch of preparations unless one is running. */
+static void prep_pump(edge_upload_t *up)
+{
+    if (up->state == EDGE_UPLOAD_CLOSING)
+        return;
+    if (up->prep_listing || up->prep_inflight > 0) {
+        up->prep_again = true;
+        return;
+    }
+    up->prep_listing = true;
+    up->prep_n = 0;
+    if (uv_queue_work(up->loop, &up->prep_list_work, prep_list_work, prep_list_done) < 0)
+        up->prep_listing = false;
 }
 
 /* ------------------------------------------------------------ worker */
@@ -739,6 +1426,16 @@ static void claim_work(uv_work_t *w)
     edge_upload_t *up = container_of(w, edge_upload_t, claim_work);
     up->claim_rc = edge_spool_claim(up->spool, edge__wall_ms(), up->claimed, up->claim_max,
                                     &up->claim_n, &up->claim_next_due);
+}
+
+/* Re-checks the schedule at the next change (at most a minute away, so a
+ * changed wall clock is noticed too). */
+static void arm_schedule_timer(edge_upload_t *up)
+{
+    int64_t d = up->sched_now.change_in_ms;
+    if (d < 0 || d > 60000)
+        d = 60000;
+    uv_timer_start(&up->timer, on_timer, (uint64_t)d + 1, 0);
 }
 
 static void claim_done(uv_work_t *w, int status)
@@ -762,10 +1459,12 @@ static void claim_done(uv_work_t *w, int status)
         job->next = up->jobs;
         up->jobs = job;
         up->njobs++;
-        CMN_LOG_D("upload", "claimed id=%lld sop=%s attempts=%d", (long long)job->item.id,
-                  job->item.sop_uid, job->item.attempts);
+        CMN_LOG_D("upload", "claimed id=%lld sop=%s attempts=%d priority=%d",
+                  (long long)job->item.id, job->item.sop_uid, job->item.attempts,
+                  job->item.priority);
         job_step(job);
     }
+    live_update(up);
     int free_slots = (int)up->conf->parallel - up->njobs;
     if (up->pump_again && free_slots > 0) {
         up->pump_again = false;
@@ -777,6 +1476,8 @@ static void claim_done(uv_work_t *w, int status)
         uv_timer_start(&up->timer, on_timer, 1000, 0);
     } else if (up->claim_next_due >= 0 && free_slots > 0) {
         int64_t d = up->claim_next_due - edge__wall_ms();
+        if (edge__clock_is_fake() && d > 50)
+            d = 50;   /* the fake clock moves without us: poll it */
         uv_timer_start(&up->timer, on_timer, d > 0 ? (uint64_t)d : 0, 0);
     }
 }
@@ -792,6 +1493,16 @@ static void pump(edge_upload_t *up)
     case EDGE_UPLOAD_IDLE:
         break;
     }
+    sched_eval(up);
+    if (!up->sched_now.open) {
+        /* Jobs waiting for tokens go back to the spool too. */
+        if (up->pace_head)
+            pace_run(up);
+        arm_schedule_timer(up);
+        return;
+    }
+    if (up->pace_head)
+        pace_run(up);
     int free_slots = (int)up->conf->parallel - up->njobs;
     if (free_slots <= 0)
         return;
@@ -808,6 +1519,7 @@ static void pump(edge_upload_t *up)
 static void on_wake(uv_async_t *a)
 {
     edge_upload_t *up = container_of(a, edge_upload_t, wake);
+    prep_pump(up);
     pump(up);
 }
 
@@ -821,6 +1533,12 @@ void edge_upload_wake(void *ud)
 {
     edge_upload_t *up = ud;
     uv_async_send(&up->wake);
+}
+
+void edge_upload_set_schedule(edge_upload_t *up, const edge_schedule_t *s)
+{
+    up->sched = *s;
+    sched_eval(up);
 }
 
 static int split_url(edge_upload_t *up, const char *url)
@@ -842,6 +1560,8 @@ int edge_upload_create(uv_loop_t *loop, const edge_conf_upload_t *conf, edge_spo
                        edge_upload_t **out, char *err, size_t errlen)
 {
     edge_upload_t *up = cmn_xcalloc(1, sizeof(*up));
+    uint8_t secret[128];
+    size_t secret_len = 0;
     int rc;
 
     *out = NULL;
@@ -849,8 +1569,10 @@ int edge_upload_create(uv_loop_t *loop, const edge_conf_upload_t *conf, edge_spo
     up->conf = conf;
     up->spool = spool;
     up->state = EDGE_UPLOAD_IDLE;
-    rc = edge__upload_load_secret(conf->secret_file, up->secret, sizeof(up->secret),
-                                  &up->secret_len, err, errlen);
+    pthread_mutex_init(&up->live_mu, NULL);
+    edge_schedule_init(&up->sched);
+    rc = edge__upload_load_secret(conf->secret_file, secret, sizeof(secret), &secret_len, err,
+                                  errlen);
     if (rc < 0)
         goto out_free;
     rc = split_url(up, conf->cloud_url);
@@ -864,17 +1586,42 @@ int edge_upload_create(uv_loop_t *loop, const edge_conf_upload_t *conf, edge_spo
         snprintf(err, errlen, "HTTP client: %s", cmn_strerror(rc));
         goto out_free_claimed;
     }
+    /* The secret lives only in the token keeper: it signs token requests. */
+    edge_token_opts_t to = {
+        .base_url = up->base_url,
+        .path_prefix = up->path_prefix,
+        .edge_id = conf->edge_id,
+        .secret = secret,
+        .secret_len = secret_len,
+        .timeout_ms = (long)conf->timeout_ms,
+        .ca_file = conf->ca_file,
+        .pinned_pubkey = conf->pinned_pubkey,
+        .client_cert_file = conf->client_cert_file,
+        .client_key_file = conf->client_key_file,
+    };
+    rc = edge_token_create(up->http, &to, &up->token);
+    wipe(secret, sizeof(secret));
+    if (rc < 0) {
+        snprintf(err, errlen, "token: %s", cmn_strerror(rc));
+        cmn_http_client_destroy(up->http);
+        goto out_free_claimed;
+    }
     uv_async_init(loop, &up->wake, on_wake);
     uv_timer_init(loop, &up->timer);
-    up->handles_open = 2;
+    uv_timer_init(loop, &up->pace_timer);
+    up->handles_open = 3;
+    up->preps = cmn_xcalloc((size_t)conf->compress_parallel, sizeof(*up->preps));
     *out = up;
-    pump(up);
+    /* First pump from the loop, after the caller set the schedule. */
+    uv_timer_start(&up->timer, on_timer, 0, 0);
+    prep_pump(up);
     return 0;
 
 out_free_claimed:
     free(up->claimed);
 out_free:
-    memset(up->secret, 0, sizeof(up->secret));
+    wipe(secret, sizeof(secret));
+    pthread_mutex_destroy(&up->live_mu);
     free(up);
     return rc;
 }
@@ -889,13 +1636,15 @@ static void on_handle_closed(uv_handle_t *h)
 /* Frees the worker once nothing refers to it any more. */
 static void maybe_closed(edge_upload_t *up)
 {
-    if (up->handles_open > 0 || up->claiming || up->njobs > 0)
+    if (up->handles_open > 0 || up->claiming || up->njobs > 0 || up->prep_listing ||
+        up->prep_inflight > 0)
         return;
     /* Jobs can only be waiting on the threadpool now; none are left. */
     void (*done)(void *) = up->done;
     void *ud = up->done_ud;
     free(up->claimed);
-    memset(up->secret, 0, sizeof(up->secret));
+    free(up->preps);
+    pthread_mutex_destroy(&up->live_mu);
     free(up);
     if (done)
         done(ud);
@@ -909,10 +1658,25 @@ void edge_upload_close(edge_upload_t *up, void (*done)(void *ud), void *ud)
     up->done = done;
     up->done_ud = ud;
     uv_timer_stop(&up->timer);
+    uv_timer_stop(&up->pace_timer);
     up->wake.data = up;
     up->timer.data = up;
+    up->pace_timer.data = up;
     uv_close((uv_handle_t *)&up->wake, on_handle_closed);
     uv_close((uv_handle_t *)&up->timer, on_handle_closed);
+    uv_close((uv_handle_t *)&up->pace_timer, on_handle_closed);
+    /* Jobs waiting for tokens have nothing in flight: finish them (their
+     * rows stay UPLOADING and are recovered at the next start). */
+    while (up->pace_head) {
+        edge_job_t *job = up->pace_head;
+        pace_pop(up, job);
+        job_set_state(job, EDGE_JOB_FINISHED);
+        job_step(job);
+    }
+    /* Jobs waiting for a token fail now; the token keeper frees itself
+     * (and wipes the secret) once its own request is cancelled below. */
+    edge_token_close(up->token);
+    up->token = NULL;
     /* Cancels HTTP requests: their callbacks finish the jobs (rows stay
      * UPLOADING). Jobs in the threadpool finish in after_work. */
     cmn_http_client_destroy(up->http);

@@ -9,14 +9,33 @@
 #ifndef EDGE_UPLOAD_H
 #define EDGE_UPLOAD_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
 
 #include "internal.h"
+#include "schedule.h"
 #include "spool.h"
 
 typedef struct edge_upload edge_upload_t;
+
+/** Live figures of the running worker, for the status page and /metrics. */
+typedef struct {
+    bool schedule_open;              /* an upload window is open now */
+    int window;                      /* index of the open window, -1 = none/immediate */
+    int64_t rate_limit_bps;          /* byte/s cap now; 0 = unlimited */
+    int jobs;                        /* instances being uploaded */
+    int pacing;                      /* of which waiting for bandwidth tokens */
+    int preparing;                   /* instances being transcoded */
+    int64_t tokens;                  /* bucket level, bytes (negative = debt) */
+    uint64_t bytes_sent;             /* chunk payload sent since start, retries included */
+    uint64_t jpegls_files;           /* transcoded since start */
+    uint64_t jpegls_bytes_in;        /* their original file bytes */
+    uint64_t jpegls_bytes_out;       /* their JPEG-LS file bytes */
+    uint64_t jpegls_usec;            /* time spent transcoding */
+    uint64_t originals;              /* prepared as the original (skipped or compress off) */
+} edge_upload_live_t;
 
 /**
  * Creates the worker on loop (loop thread only) and starts it: it claims
@@ -28,6 +47,15 @@ int edge_upload_create(uv_loop_t *loop, const edge_conf_upload_t *conf, edge_spo
 
 /** Tells the worker new rows may be due. Thread-safe (uv_async_send). */
 void edge_upload_wake(void *up);
+
+/**
+ * Sets the upload schedule (schedule.h; copied). Loop thread only; call
+ * right after create (the first claim waits for the next loop turn).
+ */
+void edge_upload_set_schedule(edge_upload_t *up, const edge_schedule_t *s);
+
+/** Copies the live figures. Thread-safe (a mutex). */
+void edge_upload_live(edge_upload_t *up, edge_upload_live_t *out);
 
 /**
  * Cancels requests in flight (their rows stay UPLOADING and are retried at

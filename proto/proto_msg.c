@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cmn/crypto.h"
 #include "cmn/errors.h"
 
 static const char *kind_name(proto_kind_t k)
@@ -334,6 +335,94 @@ int proto_commit_decode(const char *json, size_t len, proto_commit_t *c, char *e
     if (r < 0)
         snprintf(err, errlen, "field \"result\": unknown result");
 out:
+    json_decref(root);
+    return r;
+}
+
+/* --------------------------------------------------------------- token */
+
+/* memset that the optimiser may not drop (the buffers held key material). */
+static void wipe(void *p, size_t n)
+{
+    volatile unsigned char *v = p;
+    while (n--)
+        *v++ = 0;
+}
+
+static bool hex_token_id_valid(const char *s)
+{
+    size_t i;
+    for (i = 0; s[i]; i++) {
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return false;
+    }
+    return i == PROTO_TOKEN_ID_HEX;
+}
+
+char *proto_token_encode(const proto_token_t *t)
+{
+    char key[PROTO_TOKEN_KEY_LEN * 2 + 1];
+    char *s;
+
+    if (!hex_token_id_valid(t->token_id) || t->ttl_s < 1)
+        return NULL;
+    cmn_hex(t->key, sizeof(t->key), key);
+    s = dump(json_pack("{s:i, s:s, s:s, s:I, s:I}", "v", PROTO_VERSION, "token_id", t->token_id,
+                       "key", key, "expires_at", (json_int_t)t->expires_at, "ttl_s",
+                       (json_int_t)t->ttl_s));
+    wipe(key, sizeof(key));
+    return s;
+}
+
+int proto_token_decode(const char *json, size_t len, proto_token_t *t, char *err, size_t errlen)
+{
+    json_t *root = parse_obj(json, len, err, errlen);
+    char key[PROTO_HEX256 + 1];
+    uint64_t exp, ttl;
+    int r = CMN_EPARSE;
+
+    memset(t, 0, sizeof(*t));
+    if (!root)
+        return CMN_EPARSE;
+    if (check_version(root, err, errlen) < 0 ||
+        get_str(root, "token_id", t->token_id, sizeof(t->token_id), err, errlen) < 0 ||
+        get_hex256(root, "key", key, err, errlen) < 0 ||
+        get_uint(root, "expires_at", 1, INT64_MAX, &exp, err, errlen) < 0 ||
+        get_uint(root, "ttl_s", 1, 7 * 86400, &ttl, err, errlen) < 0)
+        goto out;
+    if (!hex_token_id_valid(t->token_id)) {
+        snprintf(err, errlen, "field \"token_id\": expected %d lower-case hex digits",
+                 PROTO_TOKEN_ID_HEX);
+        goto out;
+    }
+    if (cmn_unhex(key, t->key, sizeof(t->key)) != 0) {
+        snprintf(err, errlen, "field \"key\": bad hex");
+        goto out;
+    }
+    t->expires_at = (int64_t)exp;
+    t->ttl_s = (int64_t)ttl;
+    r = 0;
+out:
+    wipe(key, sizeof(key));
+    if (r < 0)
+        wipe(t, sizeof(*t));
+    json_decref(root);
+    return r;
+}
+
+char *proto_token_request_encode(void)
+{
+    return dump(json_pack("{s:i}", "v", PROTO_VERSION));
+}
+
+int proto_token_request_decode(const char *json, size_t len, char *err, size_t errlen)
+{
+    json_t *root = parse_obj(json, len, err, errlen);
+    int r;
+
+    if (!root)
+        return CMN_EPARSE;
+    r = check_version(root, err, errlen);
     json_decref(root);
     return r;
 }

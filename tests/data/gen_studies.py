@@ -5,7 +5,7 @@ Uses Debian's python3-pydicom (2.3) and python3-numpy only. The interpreter is
 /usr/bin/python3 on purpose: a python3 earlier in PATH (pyenv, venv) may lack
 the Debian packages.
 
-    gen_studies.py OUTDIR [--only ct,dr,mg,mr,xa,corpus] [--ct-slices N]
+    gen_studies.py OUTDIR [--only ct,dr,mg,mr,xa,cal,corpus] [--ct-slices N]
                    [--seed N] [--patient-id ID] [--patient-name NAME]
                    [--birth-date YYYYMMDD] [--sex M|F|O]
                    [--study-date YYYYMMDD] [--accession ACC]
@@ -26,6 +26,21 @@ Studies:
   mg  two MG views 3328x4096 (columns x rows) uint16, 12 bits stored.
   mr  20 slices 256x256 uint16 head phantom, encoded in GB18030 by default.
   xa  one multi-frame XA, 30 frames 512x512 uint8, contrast filling vessels.
+  cal calibration phantom for the viewer's measurement tests (not in the
+      default set; ask with --only cal). Exact values, no noise:
+      series 1, CT, 4 slices 512x512 int16, PixelSpacing 0.5 mm, intercept
+        -1024: air -1000 HU; "thorax" ellipse centre (x 256, y 256), semi-axes
+        240 x 200 px (inner width 480 px = 240 mm) at -100 HU; "heart" ellipse
+        centre (256, 330), semi-axes 120 x 70 px (width 240 px = 120 mm) at 60
+        HU; uniform 40 HU rectangle x 120..239, y 110..189; probe square x
+        290..369, y 110..189 at 100 + 50*k HU on slice k (k = 0..3).
+      series 2, OT secondary capture, slice 0's image without any pixel
+        spacing (the viewer must warn that it is not calibrated).
+      series 3, XA multi-frame 256x256 uint8, 20 frames, ImagerPixelSpacing
+        0.3 mm only, FrameTime 100 ms: frames 1..4 background only, a dark
+        vessel (value - 60) grows from frame 5; frames 11.. are shifted by
+        (+2, +1) px (patient motion). MaskSubtractionSequence: AVG_SUB, mask
+        frame 3, applicable frames 4..20.
 
 Everything derives from --seed and the patient/study options: the same
 command line writes byte-identical files. UIDs are 2.25.<decimal of a UUID>
@@ -52,6 +67,7 @@ CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 XA_STORAGE = "1.2.840.10008.5.1.4.1.1.12.1"
 
 CHARSETS = {"utf8": "ISO_IR 192", "gb18030": "GB18030"}
@@ -136,7 +152,8 @@ class Study:
         # different volume never reuses the SOP Instance UIDs of another
         self.study_uid = make_uid("study", args.seed, args.patient_id, args.study_date,
                                   self.accession, kind, variant)
-        hh = {"ct": "083015", "dr": "091200", "mg": "100500", "mr": "140000", "xa": "153000"}
+        hh = {"ct": "083015", "dr": "091200", "mg": "100500", "mr": "140000", "xa": "153000",
+              "cal": "160000"}
         self.study_time = hh.get(kind, "120000")
         self.description = description
         self.dirname = "%s_%s_%s" % (kind, safe_name(args.patient_id), safe_name(self.accession))
@@ -661,6 +678,94 @@ def gen_xa(args, outdir, rng):
     return write_manifest(st, outdir)
 
 
+# ---------------------------------------------------------------- calibration phantom
+
+def cal_ct_hu(k):
+    """HU image of calibration slice k (exact values, see the module docstring)."""
+    n = 512
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    img = np.full((n, n), -1000, np.int16)
+    img[ellipse(yy, xx, 256, 256, 200, 240)] = -100
+    img[ellipse(yy, xx, 330, 256, 70, 120)] = 60
+    img[110:190, 120:240] = 40
+    img[110:190, 290:370] = 100 + 50 * k
+    return img
+
+
+def gen_cal(args, outdir, rng):
+    st = Study(args, "cal", "CT", args.cal_description or "测量标定体模", args.charset)
+    prepare_dir(outdir, st)
+    # series 1: calibrated CT stack
+    series_uid = st.uid("series", 1)
+    entry = new_series(st, series_uid, 1, "CT", "CAL 0.5mm")
+    frame_uid = st.uid("for", 1)
+    for k in range(4):
+        stored = (cal_ct_hu(k).astype(np.int32) + 1024).astype(np.int16)
+        ds = base_dataset(st, CT_STORAGE, st.uid("sop", 1, k + 1), series_uid, 1, "CAL 0.5mm", k + 1)
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.PatientPosition = "HFS"
+        ds.SliceThickness = "5"
+        ds.ImagePositionPatient = ["-128", "-128", "%g" % (-5 * k)]
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.SliceLocation = "%g" % (-5 * k)
+        ds.PixelSpacing = ["0.5", "0.5"]
+        ds.RescaleIntercept = "-1024"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        ds.WindowCenter = "40"
+        ds.WindowWidth = "400"
+        data = set_pixels(ds, stored, 16, True)
+        save(st, outdir, ds, data, entry, "CAL%04d.dcm" % (k + 1))
+    # series 2: the same picture without calibration
+    series_uid = st.uid("series", 2)
+    entry = new_series(st, series_uid, 2, "OT", "NOCAL")
+    ds = base_dataset(st, SC_STORAGE, st.uid("sop", 2, 1), series_uid, 2, "NOCAL", 1)
+    ds.Modality = "OT"
+    ds.ConversionType = "WSD"
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleSlope = "1"
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "400"
+    data = set_pixels(ds, (cal_ct_hu(0).astype(np.int32) + 1024).astype(np.uint16), 12, False)
+    save(st, outdir, ds, data, entry, "NOCAL0001.dcm")
+    # series 3: XA multi-frame for cine and subtraction
+    n, nf = 256, 20
+    yy, xx = np.mgrid[0:n + 8, 0:n + 8].astype(np.float32)
+    bg = 140.0 + 40.0 * np.sin(xx / 9.0) * np.cos(yy / 13.0) + (yy - n / 2) * 0.2
+    frames = np.empty((nf, n, n), np.uint8)
+    for f in range(nf):
+        img = bg.copy()
+        if f >= 4:
+            reach = 20 + (f - 4) * 14                      # vessel grows downwards
+            vessel = (np.abs(xx - (128 + 20 * np.sin(yy / 40.0))) < 5) & (yy < reach)
+            img[vessel] -= 60.0
+        dx, dy = (2, 1) if f >= 10 else (0, 0)
+        # shifted content: pixel (x, y) shows the scene at (x - dx, y - dy)
+        frames[f] = np.clip(np.rint(img[4 - dy:4 - dy + n, 4 - dx:4 - dx + n]), 0, 255).astype(np.uint8)
+    series_uid = st.uid("series", 3)
+    entry = new_series(st, series_uid, 3, "XA", "DSA")
+    ds = base_dataset(st, XA_STORAGE, st.uid("sop", 3, 1), series_uid, 3, "DSA", 1)
+    ds.Modality = "XA"
+    ds.ImagerPixelSpacing = ["0.3", "0.3"]
+    ds.FrameTime = "100"
+    ds.CineRate = 10
+    ds.RecommendedDisplayFrameRate = 10
+    ds.FrameIncrementPointer = pydicom.tag.Tag(0x0018, 0x1063)
+    ds.PixelIntensityRelationship = "LIN"
+    ds.WindowCenter = "128"
+    ds.WindowWidth = "256"
+    mask = Dataset()
+    mask.MaskOperation = "AVG_SUB"
+    mask.MaskFrameNumbers = [3]
+    mask.ApplicableFrameRange = [4, nf]
+    ds.MaskSubtractionSequence = [mask]
+    ds.RecommendedViewingMode = "SUB"
+    data = set_pixels(ds, frames, 8, False)
+    save(st, outdir, ds, data, entry, "XA0001.dcm")
+    return write_manifest(st, outdir)
+
+
 # ---------------------------------------------------------------- corpus
 
 def gen_corpus(outdir):
@@ -694,7 +799,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Generate deterministic DICOM test studies.")
     p.add_argument("outdir")
     p.add_argument("--only", default="ct,dr,mg,mr,xa,corpus",
-                   help="comma-separated kinds: ct,dr,mg,mr,xa,corpus (default all)")
+                   help="comma-separated kinds: ct,dr,mg,mr,xa,cal,corpus (default all but cal)")
     p.add_argument("--ct-slices", type=int, default=100)
     p.add_argument("--ct-bits", type=int, choices=(12, 16), default=16,
                    help="16: signed int16 (default); 12: unsigned, BitsStored 12")
@@ -710,7 +815,7 @@ def main(argv=None):
                    help="AccessionNumber for every generated study (default: derived)")
     p.add_argument("--charset", choices=sorted(CHARSETS), default=None,
                    help="utf8 (ISO_IR 192, default) or gb18030; MR defaults to gb18030")
-    for k in ("ct", "dr", "mg", "mr", "xa"):
+    for k in ("ct", "dr", "mg", "mr", "xa", "cal"):
         p.add_argument("--%s-description" % k, default="")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -719,7 +824,7 @@ def main(argv=None):
     if args.charset is None:
         args.charset = "utf8"
     kinds = [k.strip() for k in args.only.split(",") if k.strip()]
-    known = ("ct", "dr", "mg", "mr", "xa", "corpus")
+    known = ("ct", "dr", "mg", "mr", "xa", "cal", "corpus")
     bad = [k for k in kinds if k not in known]
     if bad:
         p.error("unknown kind(s) %s (known: %s)" % (",".join(bad), ",".join(known)))
@@ -733,7 +838,7 @@ def main(argv=None):
         p.error("--patient-id is at most 64 characters")
 
     os.makedirs(args.outdir, exist_ok=True)
-    gens = {"ct": gen_ct, "dr": gen_dr, "mg": gen_mg, "mr": gen_mr, "xa": gen_xa}
+    gens = {"ct": gen_ct, "dr": gen_dr, "mg": gen_mg, "mr": gen_mr, "xa": gen_xa, "cal": gen_cal}
     for k in known:
         if k not in kinds:
             continue

@@ -188,6 +188,8 @@ async function runProfile(label, contextOptions) {
       headless: true,
       args: CHROMIUM_ARGS,
       locale: 'zh-CN',
+      // The test cloud may serve HTTPS with a test CA the browser does not know.
+      ignoreHTTPSErrors: true,
       ...contextOptions,
     })
     const page = context.pages()[0] || (await context.newPage())
@@ -244,6 +246,12 @@ async function runProfile(label, contextOptions) {
         target.uid,
         { timeout: TIMEOUT },
       )
+      // The unfiltered list may still be shown until the search answers.
+      await page.waitForFunction(
+        (pid) => [...document.querySelectorAll('[data-testid="study-patient-id"]')].every((e) => e.textContent.trim() === pid),
+        target.pid,
+        { timeout: 10000 },
+      ).catch(() => undefined)
       const pids = await page.getByTestId('study-patient-id').allTextContents()
       assert(pids.every((p) => p.trim() === target.pid), `rows of other patients: ${pids.join(',')}`)
     }, ctx)
@@ -269,7 +277,7 @@ async function runProfile(label, contextOptions) {
 
     const first = await check(`${label}: viewer shows the first image`, async () => {
       await page.locator(`[data-testid="study-row"][data-study-uid="${target.uid}"]`).click()
-      await page.waitForURL((u) => u.pathname.startsWith('/viewer/'))
+      await page.waitForURL((u) => /^\/studies\/[^/]+\/viewer$/.test(u.pathname))
       await waitRendered(page, 'first image')
       const count = await hook(page, 'v.imageCount()')
       assert(count >= 2, `series has ${count} image(s); the test needs two or more`)
@@ -319,6 +327,8 @@ async function runProfile(label, contextOptions) {
     } else {
       const cdp = await context.newCDPSession(page)
       await check(`${label}: touch scroll changes slice and pixels`, async () => {
+        // Phone layout: the tools live in a drawer.
+        if (await page.getByTestId('drawer-open').count()) await page.getByTestId('drawer-open').tap()
         await page.getByTestId('tool-scroll').tap()
         const box = await viewportBox(page)
         const x = box.x + box.width / 2

@@ -179,6 +179,21 @@ def qido_finds_study_by_each_key():
 
 
 @test
+def viewer_deep_links_serve_the_app():
+    e = env()
+    from yyharness import HttpSession
+    anon = HttpSession(e["cloud"].url)
+    study = e["ct"]["study_uid"]
+    for path in (f"/studies/{study}/viewer", f"/viewer/{study}", "/login"):
+        st, h, body = anon.request("GET", path)
+        eq(st, 200, path)
+        check(h.get("Content-Type", "").startswith("text/html") and b"<div id=" in body,
+              f"{path} must serve the web app's index.html")
+    st, _, _ = anon.request("GET", "/assets/missing-1234.js")
+    eq(st, 404, "a missing asset is a 404, not the app")
+
+
+@test
 def unauthenticated_requests_refused():
     e = env()
     from yyharness import HttpSession

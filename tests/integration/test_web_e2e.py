@@ -1,11 +1,15 @@
 #!/usr/bin/python3
-"""Browser end to end: a CT study sent through the edge over DICOM is opened
-in Debian's Chromium (driven by playwright-core) from the real cloud.
+"""Browser end to end: a CT study and the viewer's calibration phantom, sent
+through the edge over DICOM, are opened in Debian's Chromium (driven by
+playwright-core) from the real cloud.
 
-Sets up cloud + edge + data, then runs tests/e2e/viewer.spec.mjs, whose
-"N passed, N failed" line becomes this script's own closing line.
+Sets up cloud + edge + data, then runs every tests/e2e/*.spec.mjs (or those
+named in YY_E2E_SPECS, comma-separated) one after the other; their
+"N passed, N failed" lines are summed into this script's closing line.
 """
+import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -18,33 +22,48 @@ def main():
         m = list(generate(data, "--only", "ct", "--ct-slices", "30", "--patient-id", "E2E0001",
                           "--patient-name", "王^五", "--study-date", "20260501",
                           "--accession", "E2E-ACC", "--seed", "5").values())[0]
+        cal = list(generate(os.path.join(data, "cal"), "--only", "cal", "--patient-id", "E2ECAL1",
+                            "--patient-name", "标定^体模", "--study-date", "20260502",
+                            "--accession", "E2E-CAL", "--seed", "5").values())[0]
         files = manifest_files(m)
-        cloud = Cloud()
+        cal_files = manifest_files(cal)
+        cloud = Cloud(tls=False)   # the browser does not trust the run's test CA
         edge = Edge(cloud)
-        r = storescu(edge.ae, edge.port, files)
+        r = storescu(edge.ae, edge.port, files + cal_files)
         if r.returncode != 0:
             raise RuntimeError(f"storescu failed: {r.stderr[-1000:]}")
         s = cloud.session()
 
-        def indexed():
-            res = s.get_json(f"/dicomweb/studies?StudyInstanceUID={m['study_uid']}&includefield=00201208")
-            return res and int(tag_value(res[0], "00201208") or 0) == len(files)
-        wait_until(indexed, timeout=120, what="study indexed")
+        def indexed(uid, n):
+            res = s.get_json(f"/dicomweb/studies?StudyInstanceUID={uid}&includefield=00201208")
+            return res and int(tag_value(res[0], "00201208") or 0) == n
+        wait_until(lambda: indexed(m["study_uid"], len(files)) and indexed(cal["study_uid"], len(cal_files)),
+                   timeout=120, what="studies indexed")
         env = os.environ.copy()
         env.update(YY_CLOUD_URL=cloud.url, YY_USER=cloud.USER, YY_PASSWORD=cloud.PASSWORD,
                    YY_E2E_STUDY_UID=m["study_uid"], YY_PATIENT_ID="E2E0001",
-                   YY_IMAGE_COUNT=str(len(files)))
-        spec = os.path.join(TOP, "tests", "e2e", "viewer.spec.mjs")
-        p = subprocess.run(["node", spec], cwd=os.path.join(TOP, "tests", "e2e"), env=env,
-                           capture_output=True, text=True, timeout=900)
-        out = p.stdout + p.stderr
-        print(out)
-        lines = [l for l in p.stdout.splitlines() if l.endswith(" failed") and " passed, " in l]
-        if p.returncode != 0 and not lines:
-            print("0 passed, 1 failed")
-            return 1
-        print(lines[-1] if lines else "0 passed, 1 failed")
-        return p.returncode
+                   YY_IMAGE_COUNT=str(len(files)), YY_E2E_CAL_STUDY_UID=cal["study_uid"])
+        specs = sorted(glob.glob(os.path.join(TOP, "tests", "e2e", "*.spec.mjs")))
+        want = [w.strip() for w in os.environ.get("YY_E2E_SPECS", "").split(",") if w.strip()]
+        if want:
+            specs = [p for p in specs if os.path.basename(p).split(".")[0] in want]
+        npass = nfail = 0
+        for spec in specs:
+            p = subprocess.run(["node", spec], cwd=os.path.join(TOP, "tests", "e2e"), env=env,
+                               capture_output=True, text=True, timeout=900)
+            print(f"== {os.path.basename(spec)}")
+            print(p.stdout + p.stderr)
+            lines = [l for l in p.stdout.splitlines() if re.fullmatch(r"\d+ passed, \d+ failed", l)]
+            if lines:
+                a, b = map(int, re.findall(r"\d+", lines[-1]))
+                npass += a
+                nfail += b
+                if p.returncode != 0 and b == 0:
+                    nfail += 1
+            else:
+                nfail += 1
+        print(f"{npass} passed, {nfail} failed")
+        return 1 if nfail else 0
     except Exception as e:  # setup failure counts as one failed test
         import traceback
         traceback.print_exc()

@@ -15,12 +15,14 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 
 TOP = os.environ.get("YY_TOP") or os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -28,6 +30,7 @@ BUILD = os.environ.get("YY_BUILD") or os.path.join(TOP, "build", "asan")
 CLOUD_BIN = os.path.join(BUILD, "yunying-cloud")
 EDGE_BIN = os.path.join(BUILD, "yunying-edge")
 GEN = os.path.join(TOP, "tests", "data", "gen_studies.py")
+MAKE_CA = os.path.join(TOP, "deploy", "make-test-ca.sh")
 
 # ASan: report leaks and UB as failures; DCMTK's own allocations at exit are not ours.
 os.environ.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=66")
@@ -180,6 +183,47 @@ class Daemon:
         return self.stop(signal.SIGKILL)
 
 
+# ---------------------------------------------------------------------------
+# TLS: one test CA per test run (deploy/make-test-ca.sh), created on first use.
+# Its server certificate names 127.0.0.1 and localhost; its client
+# certificate's CN is TEST_CLIENT_CN.
+
+TEST_CLIENT_CN = "edge-test"
+_ca = {}
+
+
+def test_ca():
+    """Directory holding ca.pem, server.pem/.key, client.pem/.key for this run."""
+    if not _ca:
+        d = os.path.join(tempdir("yy-ca-"), "pki")
+        r = subprocess.run(["sh", MAKE_CA, d, TEST_CLIENT_CN], capture_output=True, text=True,
+                           timeout=120)
+        if r.returncode != 0:
+            raise AssertionError(f"make-test-ca.sh failed: {r.stdout}\n{r.stderr}")
+        _ca["dir"] = d
+    return _ca["dir"]
+
+
+def ssl_context(client_cert=False):
+    """An SSLContext trusting the run's test CA (optionally with the client certificate)."""
+    d = test_ca()
+    ctx = ssl.create_default_context(cafile=os.path.join(d, "ca.pem"))
+    if client_cert:
+        ctx.load_cert_chain(os.path.join(d, "client.pem"), os.path.join(d, "client.key"))
+    return ctx
+
+
+def http_conn(url_or_cloud, timeout=120, client_cert=False):
+    """An http.client connection to a cloud (or its base URL), HTTPS when the URL is."""
+    import http.client
+    url = url_or_cloud if isinstance(url_or_cloud, str) else url_or_cloud.url
+    u = urllib.parse.urlsplit(url)
+    if u.scheme == "https":
+        return http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout,
+                                           context=ssl_context(client_cert))
+    return http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+
+
 def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
@@ -192,10 +236,14 @@ class Cloud:
     USER = "doctor"
     PASSWORD = "Yy-test-pass-1"
 
-    def __init__(self, root=None, edge_id="edge-test", extra=None):
+    def __init__(self, root=None, edge_id="edge-test", extra=None, tls=True, mtls=False,
+                 allow=None):
+        """tls=False serves plain HTTP (for tests that flip bytes through a proxy);
+        mtls=True also requires client certificates; allow = the edge's CIDR list."""
         self.dir = root or tempdir("yy-cloud-")
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         cfg = {
             "log": {"level": "info"},
             "http": {"bind": "127.0.0.1", "port": self.port,
@@ -204,11 +252,19 @@ class Cloud:
             "archive": {"dir": os.path.join(self.dir, "archive")},
             "ingest": {"staging_dir": os.path.join(self.dir, "staging")},
         }
+        if tls:
+            ca = test_ca()
+            cfg["http"]["tls_cert_file"] = os.path.join(ca, "server.pem")
+            cfg["http"]["tls_key_file"] = os.path.join(ca, "server.key")
+            if mtls:
+                cfg["http"]["tls_client_ca_file"] = os.path.join(ca, "ca.pem")
+        self.mtls = mtls
         for sec, kv in (extra or {}).items():
             cfg.setdefault(sec, {}).update(kv)
         self.config = write_json(os.path.join(self.dir, "cloud.json"), cfg)
         self.edge_id = edge_id
-        self.secret = self.admin("edge-add", "--id", edge_id).strip().splitlines()[-1]
+        self.secret = self.admin("edge-add", "--id", edge_id,
+                                 *(("--allow", allow) if allow else ())).strip().splitlines()[-1]
         check(len(self.secret) == 64, f"edge-add printed {self.secret!r}")
         self.admin("user-add", "--user", self.USER, "--password", self.PASSWORD, "--role", "doctor")
         self.daemon = None
@@ -231,6 +287,11 @@ class Cloud:
     def session(self):
         return HttpSession(self.url, self.USER, self.PASSWORD)
 
+    def log_text(self):
+        """Everything the running daemon logged so far."""
+        with open(self.daemon.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
 
 class Edge:
     """A yunying-edge uploading to cloud (or to cloud_url)."""
@@ -252,6 +313,13 @@ class Edge:
                        "edge_id": edge_id or cloud.edge_id, "secret_file": secret_file,
                        "retry_min_ms": 100, "retry_max_ms": 2000},
         }
+        # Trust the run's test CA (also for tests that later point a plain-HTTP
+        # edge at a TLS cloud); present the client certificate to an mTLS cloud.
+        ca = test_ca()
+        cfg["upload"]["ca_file"] = os.path.join(ca, "ca.pem")
+        if cloud is not None and cloud.mtls:
+            cfg["upload"]["client_cert_file"] = os.path.join(ca, "client.pem")
+            cfg["upload"]["client_key_file"] = os.path.join(ca, "client.key")
         for sec, kv in (extra or {}).items():
             cfg.setdefault(sec, {}).update(kv)
         self.config = write_json(os.path.join(self.dir, "edge.json"), cfg)
@@ -318,7 +386,10 @@ class HttpSession:
     def __init__(self, base, user=None, password=None):
         self.base = base
         self.jar = http.cookiejar.CookieJar()
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+        handlers = [urllib.request.HTTPCookieProcessor(self.jar)]
+        if base.startswith("https:"):
+            handlers.append(urllib.request.HTTPSHandler(context=ssl_context()))
+        self.opener = urllib.request.build_opener(*handlers)
         if user:
             st, _, body = self.request("POST", "/api/v1/login",
                                        json.dumps({"username": user, "password": password}).encode(),

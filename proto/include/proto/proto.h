@@ -11,6 +11,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {   /* the edge's DCMTK shim checks peer addresses with proto_cidr_* */
+#endif
+
 #define PROTO_VERSION 1
 #define PROTO_UID_MAX 64
 #define PROTO_HEX256 64                       /* hex chars of a SHA-256 */
@@ -27,9 +31,13 @@
 #define PROTO_H_BODY_HASH "X-YY-Content-SHA256"
 #define PROTO_H_SIGNATURE "X-YY-Signature"
 #define PROTO_H_CHUNK_HASH "X-YY-Chunk-SHA256"
+#define PROTO_H_TOKEN     "X-YY-Token"        /* token id; absent only on the token request */
 
 #define PROTO_EDGE_ID_MAX 64
 #define PROTO_NONCE_HEX 32
+#define PROTO_TOKEN_ID_HEX 32                 /* 16 random bytes */
+#define PROTO_TOKEN_KEY_LEN 32                /* HMAC key bytes (64 hex digits on the wire) */
+#define PROTO_TOKEN_PATH "/api/v1/token"      /* the one request signed with the edge secret */
 
 /* ------------------------------------------------------------- objects */
 
@@ -98,6 +106,49 @@ int proto_commit_decode(const char *json, size_t len, proto_commit_t *c, char *e
 char *proto_error_encode(const char *code, const char *message);
 int proto_error_decode(const char *json, size_t len, proto_error_t *e);
 
+/* -------------------------------------------------------------- tokens */
+
+/**
+ * A short-lived signing key issued by the cloud (POST /api/v1/token, signed
+ * with the edge secret). Every other request names the token in X-YY-Token
+ * and is signed with its key. Keep keys in memory only; wipe after use.
+ */
+typedef struct {
+    char token_id[PROTO_TOKEN_ID_HEX + 1];   /* lower-case hex */
+    uint8_t key[PROTO_TOKEN_KEY_LEN];        /* the HMAC key */
+    int64_t expires_at;                      /* unix seconds, cloud clock */
+    int64_t ttl_s;                           /* lifetime when issued, seconds (>= 1) */
+} proto_token_t;
+
+/** {"v":1,"token_id":..,"key":"<64 hex>","expires_at":N,"ttl_s":N}; malloc'd or NULL. */
+char *proto_token_encode(const proto_token_t *t);
+/** Decodes a token answer; 0 or CMN_EPARSE (err says why). On failure *t is zeroed. */
+int proto_token_decode(const char *json, size_t len, proto_token_t *t, char *err, size_t errlen);
+/** The token request body: {"v":1}. malloc'd or NULL. */
+char *proto_token_request_encode(void);
+/** Checks a token request body (an object with "v":1). 0 or CMN_EPARSE. */
+int proto_token_request_decode(const char *json, size_t len, char *err, size_t errlen);
+
+/* ------------------------------------------------------ address lists */
+
+/**
+ * Checks a comma-separated list of IPv4/IPv6 CIDR blocks ("10.0.0.0/8,
+ * 127.0.0.1, ::1/128"; an address without "/n" is a single host; spaces
+ * around items are ignored). NULL or "" is a valid, empty list. 0, or
+ * CMN_EPARSE with the offending item in err.
+ */
+int proto_cidr_list_check(const char *list, char *err, size_t errlen);
+
+/**
+ * True when list is empty (everything allowed) or addr (a numeric IPv4 or
+ * IPv6 address; IPv4-mapped IPv6 counts as IPv4) is inside one of its
+ * blocks. A malformed list or address matches nothing.
+ */
+bool proto_cidr_list_allows(const char *list, const char *addr);
+
+/** True when addr is a loopback address (127.0.0.0/8, ::1, ::ffff:127.x). */
+bool proto_addr_is_loopback(const char *addr);
+
 /** Number of chunks for size bytes at chunk_size (size > 0). */
 uint32_t proto_chunk_count(uint64_t size, uint32_t chunk_size);
 /** Byte length of chunk i. */
@@ -145,5 +196,9 @@ typedef enum {
  */
 proto_sig_check_t proto_verify(const uint8_t *secret, size_t secretlen, const proto_req_t *r,
                                const char *signature, int64_t now, int64_t max_skew);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* PROTO_PROTO_H */

@@ -181,6 +181,13 @@ static void test_static_paths(void **state)
     assert_string_equal(content_type("/a/b.JS"), "text/javascript; charset=utf-8");
     assert_string_equal(content_type("/a.b/c"), "application/octet-stream");
     assert_string_equal(content_type("/x.wasm"), "application/wasm");
+    /* Client routes ending in a UID get the SPA fallback; files do not. */
+    assert_false(has_file_ext("/2.25.1234"));
+    assert_false(has_file_ext("/viewer"));
+    assert_false(has_file_ext("/1.2.840.10008."));
+    assert_true(has_file_ext("/app-1.js"));
+    assert_true(has_file_ext("/favicon.svg"));
+    assert_true(has_file_ext("/x.mp4"));
 }
 
 int main(void)

@@ -1,6 +1,7 @@
 /*
- * test_spool.c - the edge's spool (edge/spool.c), upload backoff and secret
- * loading (edge/upload.c), included to reach their static functions.
+ * test_spool.c - the edge's spool (edge/spool.c), upload backoff, pacing and
+ * secret loading (edge/upload.c), the schedule (edge/schedule.c) and the
+ * clock (edge/clock.c), included to reach their static functions.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -17,22 +18,29 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../../../edge/clock.c"
+#include "../../../edge/schedule.c"
 #include "../../../edge/spool.c"
+/* token.c and upload.c each have a static wipe(). */
+#define wipe token_wipe
+#include "../../../edge/token.c"
+#undef wipe
 #include "../../../edge/upload.c"
 
-/* Normally in edge/main.c. */
-uint64_t edge__now_ms(void)
+/* Records the original as the upload file, as the prepare step does. */
+static void prepare(edge_spool_t *sp, int64_t id)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-int64_t edge__wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    edge_spool_item_t items[8];
+    int n;
+    assert_int_equal(edge_spool_list_unprepared(sp, items, 8, &n), 0);
+    for (int i = 0; i < n; i++) {
+        if (items[i].id != id)
+            continue;
+        assert_int_equal(edge_spool_set_upload_file(sp, id, items[i].path, items[i].sha256,
+                                                    items[i].size, "original"), 0);
+        return;
+    }
+    fail_msg("row %lld is not waiting to be prepared", (long long)id);
 }
 
 static char g_dir[256];
@@ -81,11 +89,15 @@ static void test_add_claim_done(void **state)
     assert_int_equal(edge_spool_open(g_dir, 0, &sp), 0);
     assert_true(edge_spool_has_space(sp));
     write_tmp(sp, "hello", tmp, sizeof(tmp));
-    edge_spool_uids_t u = {"1.2.3.1", "1.2.3", "1.2.3.9"};
+    edge_spool_uids_t u = {"1.2.3.1", "1.2.3", "1.2.3.9", NULL};
     assert_int_equal(edge_spool_add(sp, tmp, &u, &id, sha), 0);
     assert_int_equal(access(tmp, F_OK), -1);               /* temp file renamed */
     assert_string_equal(sha, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
 
+    /* Not prepared yet: not claimable. */
+    assert_int_equal(edge_spool_claim(sp, edge__wall_ms(), items, 4, &n, &next), 0);
+    assert_int_equal(n, 0);
+    prepare(sp, id);
     assert_int_equal(edge_spool_claim(sp, edge__wall_ms(), items, 4, &n, &next), 0);
     assert_int_equal(n, 1);
     assert_int_equal(next, -1);
@@ -102,11 +114,26 @@ static void test_add_claim_done(void **state)
     assert_int_equal(edge_spool_claim(sp, edge__wall_ms(), items, 4, &n, &next), 0);
     assert_int_equal(n, 0);
 
-    assert_int_equal(edge_spool_mark_done(sp, id), 0);
+    assert_string_equal(items[0].up_kind, "original");
+    assert_int_equal(items[0].up_size, 5);
+
+    assert_int_equal(edge_spool_mark_done(sp, id, 5), 0);
     edge_spool_counts_t c;
     assert_int_equal(edge_spool_counts(sp, &c), 0);
     assert_int_equal(c.done, 1);
     assert_int_equal(c.pending + c.uploading + c.failed, 0);
+    edge_spool_stats_t st;
+    assert_int_equal(edge_spool_stats(sp, edge__wall_ms(), &st), 0);
+    assert_int_equal(st.uploaded_instances, 1);
+    assert_int_equal(st.uploaded_bytes, 5);
+    assert_int_equal(st.bytes_sent, 5);
+    assert_int_equal(st.pending_bytes, 0);
+    assert_true(st.last_success_ms > 0);
+    assert_int_equal(st.done_bytes_60s, 5);
+    /* DONE twice does not count twice. */
+    assert_int_equal(edge_spool_mark_done(sp, id, 0), 0);
+    assert_int_equal(edge_spool_stats(sp, edge__wall_ms(), &st), 0);
+    assert_int_equal(st.uploaded_instances, 1);
     edge_spool_close(sp);
 }
 
@@ -121,11 +148,12 @@ static void test_retry_and_due(void **state)
 
     assert_int_equal(edge_spool_open(g_dir, 0, &sp), 0);
     write_tmp(sp, "abc", tmp, sizeof(tmp));
-    edge_spool_uids_t u = {"1.2.4.1", "1.2.4", "1.2.4.9"};
+    edge_spool_uids_t u = {"1.2.4.1", "1.2.4", "1.2.4.9", NULL};
     assert_int_equal(edge_spool_add(sp, tmp, &u, &id, NULL), 0);
+    prepare(sp, id);
     assert_int_equal(edge_spool_claim(sp, now, items, 4, &n, &next), 0);
     assert_int_equal(n, 1);
-    assert_int_equal(edge_spool_mark_retry(sp, id, now + 60000, "HTTP 503"), 0);
+    assert_int_equal(edge_spool_mark_retry(sp, id, now + 60000, "HTTP 503", "http_5xx", 3), 0);
 
     /* Not due yet: nothing claimed, next due reported. */
     assert_int_equal(edge_spool_claim(sp, now, items, 4, &n, &next), 0);
@@ -136,10 +164,23 @@ static void test_retry_and_due(void **state)
     assert_int_equal(n, 1);
     assert_int_equal(items[0].attempts, 1);
 
+    /* Released (window closed): due now, attempts unchanged. */
+    assert_int_equal(edge_spool_release(sp, id, 0), 0);
+    assert_int_equal(edge_spool_claim(sp, now, items, 4, &n, &next), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(items[0].attempts, 1);
+
     assert_int_equal(edge_spool_mark_failed(sp, id, "hash mismatch"), 0);
     edge_spool_counts_t c;
     assert_int_equal(edge_spool_counts(sp, &c), 0);
     assert_int_equal(c.failed, 1);
+    edge_spool_stats_t st;
+    assert_int_equal(edge_spool_stats(sp, now, &st), 0);
+    assert_int_equal(st.nerr, 2);
+    assert_string_equal(st.err[0].kind, "failed");
+    assert_string_equal(st.err[1].kind, "http_5xx");
+    assert_int_equal(st.err[1].count, 1);
+    assert_int_equal(st.bytes_sent, 3);
     edge_spool_close(sp);
 }
 
@@ -154,8 +195,9 @@ static void test_crash_recovery(void **state)
 
     assert_int_equal(edge_spool_open(g_dir, 0, &sp), 0);
     write_tmp(sp, "xyz", tmp, sizeof(tmp));
-    edge_spool_uids_t u = {"1.2.5.1", "1.2.5", "1.2.5.9"};
+    edge_spool_uids_t u = {"1.2.5.1", "1.2.5", "1.2.5.9", NULL};
     assert_int_equal(edge_spool_add(sp, tmp, &u, &id, NULL), 0);
+    prepare(sp, id);
     assert_int_equal(edge_spool_claim(sp, edge__wall_ms(), items, 4, &n, &next), 0);
     assert_int_equal(n, 1);
     write_tmp(sp, "partial", leftover, sizeof(leftover));   /* a receive cut short */
@@ -184,11 +226,159 @@ static void test_add_missing_file(void **state)
     edge_spool_counts_t c;
     (void)state;
     assert_int_equal(edge_spool_open(g_dir, 0, &sp), 0);
-    edge_spool_uids_t u = {"1.2.6.1", "1.2.6", "1.2.6.9"};
+    edge_spool_uids_t u = {"1.2.6.1", "1.2.6", "1.2.6.9", NULL};
     assert_int_equal(edge_spool_add(sp, "/nonexistent/x.part", &u, NULL, NULL), -ENOENT);
     assert_int_equal(edge_spool_counts(sp, &c), 0);
     assert_int_equal(c.pending, 0);
     edge_spool_close(sp);
+}
+
+static void test_quota_and_priority(void **state)
+{
+    edge_spool_t *sp, *ro;
+    char tmp[4096];
+    edge_spool_item_t items[4];
+    int64_t id1, id2, id3, next;
+    bool full, low;
+    int n;
+    (void)state;
+
+    assert_int_equal(edge_spool_open(g_dir, 0, &sp), 0);
+    edge_spool_set_quota(sp, 10);
+    edge_spool_set_urgent(sp, " ER_CT , ER_DR");
+    assert_true(edge_spool_has_space(sp));
+    write_tmp(sp, "123456", tmp, sizeof(tmp));
+    edge_spool_uids_t u1 = {"1.2.7.1", "1.2.7", "1.2.7.9", "WARD_MR"};
+    assert_int_equal(edge_spool_add(sp, tmp, &u1, &id1, NULL), 0);
+    assert_true(edge_spool_has_space(sp));              /* 6 of 10 */
+    write_tmp(sp, "abcdef", tmp, sizeof(tmp));
+    edge_spool_uids_t u2 = {"1.2.8.1", "1.2.8", "1.2.8.9", "ER_DR"};
+    assert_int_equal(edge_spool_add(sp, tmp, &u2, &id2, NULL), 0);
+    assert_false(edge_spool_has_space(sp));             /* 12 of 10: quota full */
+    edge_spool_alarms(sp, &full, &low);
+    assert_true(full);
+    assert_false(low);
+
+    /* Read-only view agrees (what `yunying-edge status` sees). */
+    edge_spool_stats_t st;
+    assert_int_equal(edge_spool_open_readonly(g_dir, &ro), 0);
+    assert_int_equal(edge_spool_stats(ro, edge__wall_ms(), &st), 0);
+    assert_int_equal(st.counts.pending, 2);
+    assert_int_equal(st.pending_bytes, 12);
+    assert_int_equal(st.unprepared, 2);
+    assert_int_equal(st.urgent_pending, 1);
+    edge_spool_close(ro);
+
+    /* Urgent first, although newer. */
+    prepare(sp, id1);
+    prepare(sp, id2);
+    assert_int_equal(edge_spool_claim(sp, edge__wall_ms(), items, 1, &n, &next), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(items[0].id, id2);
+    assert_int_equal(items[0].priority, 1);
+    assert_int_equal(edge_spool_mark_done(sp, id2, 6), 0);
+    assert_true(edge_spool_has_space(sp));              /* 6 of 10 again: cleared */
+    edge_spool_alarms(sp, &full, &low);
+    assert_false(full);
+    write_tmp(sp, "xy", tmp, sizeof(tmp));
+    edge_spool_uids_t u3 = {"1.2.9.1", "1.2.9", "1.2.9.9", NULL};
+    assert_int_equal(edge_spool_add(sp, tmp, &u3, &id3, NULL), 0);
+    edge_spool_close(sp);
+
+    /* The count survives a restart. */
+    assert_int_equal(edge_spool_open(g_dir, 0, &sp), 0);
+    edge_spool_set_quota(sp, 8);
+    assert_false(edge_spool_has_space(sp));             /* 6 + 2 of 8 */
+    edge_spool_close(sp);
+}
+
+static void test_schedule(void **state)
+{
+    edge_schedule_t s;
+    edge_sched_state_t st;
+    char err[200], buf[512];
+    (void)state;
+
+    assert_int_equal(edge_schedule_parse("\"immediate\"", &s, err, sizeof(err)), 0);
+    assert_true(s.immediate);
+    edge_schedule_eval_min(&s, 600, 0, &st);
+    assert_true(st.open);
+    assert_int_equal(st.rate_bps, 0);
+    assert_int_equal(st.change_in_ms, -1);
+
+    assert_int_equal(edge_schedule_parse("[{\"start\":\"22:00\",\"end\":\"06:00\"},"
+                                         "{\"start\":\"12:00\",\"end\":\"13:30\","
+                                         "\"max_kbps\":8000}]", &s, err, sizeof(err)), 0);
+    assert_int_equal(s.nwin, 2);
+    edge_schedule_eval_min(&s, 21 * 60 + 59, 30000, &st);   /* 21:59:30 */
+    assert_false(st.open);
+    assert_int_equal(st.change_in_ms, 30000);
+    edge_schedule_eval_min(&s, 23 * 60, 0, &st);
+    assert_true(st.open);
+    assert_int_equal(st.window, 0);
+    assert_int_equal(st.rate_bps, 0);
+    assert_int_equal(st.change_in_ms, 7 * 3600000);          /* until 06:00 */
+    edge_schedule_eval_min(&s, 3 * 60, 0, &st);              /* over midnight */
+    assert_true(st.open);
+    edge_schedule_eval_min(&s, 12 * 60 + 15, 0, &st);
+    assert_true(st.open);
+    assert_int_equal(st.rate_bps, 1000000);                  /* 8000 kbit/s */
+    assert_int_equal(st.change_in_ms, 75 * 60000);
+    edge_schedule_eval_min(&s, 13 * 60 + 30, 0, &st);
+    assert_false(st.open);
+    edge_schedule_format(&s, buf, sizeof(buf));
+    assert_string_equal(buf, "[{\"start\":\"22:00\",\"end\":\"06:00\",\"max_kbps\":0},"
+                             "{\"start\":\"12:00\",\"end\":\"13:30\",\"max_kbps\":8000}]");
+
+    assert_int_equal(edge_schedule_parse("[{\"start\":\"00:00\",\"end\":\"24:00\","
+                                         "\"max_kbps\":800}]", &s, err, sizeof(err)), 0);
+    edge_schedule_eval_min(&s, 5, 0, &st);
+    assert_true(st.open);
+    assert_int_equal(st.rate_bps, 100000);
+
+    assert_int_equal(edge_schedule_parse("[{\"start\":\"25:00\",\"end\":\"06:00\"}]", &s,
+                                         err, sizeof(err)), CMN_ECONFIG);
+    assert_non_null(strstr(err, "schedule[0].start"));
+    assert_int_equal(edge_schedule_parse("[{\"start\":\"22:00\",\"end\":\"6:00\"}]", &s,
+                                         err, sizeof(err)), CMN_ECONFIG);
+    assert_non_null(strstr(err, "schedule[0].end"));
+    assert_int_equal(edge_schedule_parse("[{\"start\":\"22:00\",\"end\":\"06:00\","
+                                         "\"kbps\":1}]", &s, err, sizeof(err)), CMN_ECONFIG);
+    assert_non_null(strstr(err, "unknown key"));
+    assert_int_equal(edge_schedule_parse("\"night\"", &s, err, sizeof(err)), CMN_ECONFIG);
+    assert_int_equal(edge_schedule_parse("[]", &s, err, sizeof(err)), CMN_ECONFIG);
+}
+
+static void test_fake_clock_and_bucket(void **state)
+{
+    edge_upload_t up;
+    edge_conf_upload_t c = {.chunk_size = 4 << 20};
+    (void)state;
+
+    setenv("YY_EDGE_TEST_CLOCK", "1000000", 1);
+    assert_true(edge__clock_init_from_env());
+    assert_int_equal(edge__wall_ms(), 1000000);
+    assert_int_equal(edge__now_ms(), 1000000);
+
+    memset(&up, 0, sizeof(up));
+    up.conf = &c;
+    up.sched_now.open = true;
+    up.sched_now.rate_bps = 200000;                     /* 1.6 Mbit/s */
+    assert_int_equal(chunk_size_for(&up), 196608);      /* 3 x 64 KiB, about one second */
+    bucket_refill(&up);
+    assert_true(up.tokens == 200000.0);                 /* a full first second */
+    up.tokens -= 450000;                                /* two big chunks in debt */
+    edge__clock_set(1000000 + 1000);
+    bucket_refill(&up);
+    assert_true(up.tokens == -50000.0);
+    edge__clock_set(1000000 + 5000);
+    bucket_refill(&up);
+    assert_true(up.tokens == 200000.0);                 /* capped at the burst */
+    up.sched_now.rate_bps = 0;
+    assert_int_equal(chunk_size_for(&up), 4 << 20);
+    up.sched_now.rate_bps = 1000;                       /* below the minimum chunk */
+    assert_int_equal(chunk_size_for(&up), PROTO_MIN_CHUNK);
+    edge__clock_set(1000000);
 }
 
 static void test_backoff(void **state)
@@ -273,6 +463,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_crash_recovery, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_space, setup, teardown),
         cmocka_unit_test_setup_teardown(test_add_missing_file, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_quota_and_priority, setup, teardown),
+        cmocka_unit_test(test_schedule),
+        cmocka_unit_test(test_fake_clock_and_bucket),
         cmocka_unit_test(test_backoff),
         cmocka_unit_test_setup_teardown(test_secret, setup, teardown),
         cmocka_unit_test(test_upload_conf_check),

@@ -214,13 +214,110 @@ static void test_sign_verify(void **state)
     assert_int_equal(proto_verify(secret, 32, &r, "abc", 1700000000, 300), PROTO_SIG_MALFORMED);
 }
 
+static void test_token_roundtrip(void **state)
+{
+    (void)state;
+    proto_token_t t, u;
+    char err[128];
+
+    memset(&t, 0, sizeof(t));
+    snprintf(t.token_id, sizeof(t.token_id), "%s", "00112233445566778899aabbccddeeff");
+    for (int i = 0; i < PROTO_TOKEN_KEY_LEN; i++)
+        t.key[i] = (uint8_t)(i * 7 + 1);
+    t.expires_at = 1700000900;
+    t.ttl_s = 900;
+    char *json = proto_token_encode(&t);
+    assert_non_null(json);
+    assert_int_equal(proto_token_decode(json, strlen(json), &u, err, sizeof(err)), 0);
+    assert_string_equal(u.token_id, t.token_id);
+    assert_memory_equal(u.key, t.key, sizeof(t.key));
+    assert_int_equal(u.expires_at, t.expires_at);
+    assert_int_equal(u.ttl_s, t.ttl_s);
+    free(json);
+
+    static const char *const bad[] = {
+        "{\"v\":1,\"token_id\":\"0011\",\"key\":\"" HEXA "\",\"expires_at\":5,\"ttl_s\":9}",
+        "{\"v\":1,\"token_id\":\"00112233445566778899AABBCCDDEEFF\",\"key\":\"" HEXA
+        "\",\"expires_at\":5,\"ttl_s\":9}",
+        "{\"v\":1,\"token_id\":\"00112233445566778899aabbccddeeff\",\"key\":\"abc\","
+        "\"expires_at\":5,\"ttl_s\":9}",
+        "{\"v\":1,\"token_id\":\"00112233445566778899aabbccddeeff\",\"key\":\"" HEXA
+        "\",\"expires_at\":5,\"ttl_s\":0}",
+        "{\"v\":2,\"token_id\":\"00112233445566778899aabbccddeeff\",\"key\":\"" HEXA
+        "\",\"expires_at\":5,\"ttl_s\":9}",
+        "[]", "",
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        assert_int_equal(proto_token_decode(bad[i], strlen(bad[i]), &u, err, sizeof(err)),
+                         CMN_EPARSE);
+        assert_int_equal(u.token_id[0], 0);
+    }
+    json = proto_token_request_encode();
+    assert_string_equal(json, "{\"v\":1}");
+    assert_int_equal(proto_token_request_decode(json, strlen(json), err, sizeof(err)), 0);
+    free(json);
+    assert_int_equal(proto_token_request_decode("{\"v\":7}", 7, err, sizeof(err)), CMN_EPARSE);
+}
+
+static void test_cidr(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *list, *addr;
+        bool allowed;
+    } cases[] = {
+        {"", "203.0.113.9", true},
+        {NULL, "203.0.113.9", true},
+        {"10.0.0.0/8", "10.200.3.4", true},
+        {"10.0.0.0/8", "11.0.0.1", false},
+        {"10.0.0.0/8", "127.0.0.1", false},
+        {"10.0.0.0/8, 127.0.0.1/32", "127.0.0.1", true},
+        {"127.0.0.1", "127.0.0.2", false},
+        {"192.168.1.128/25", "192.168.1.200", true},
+        {"192.168.1.128/25", "192.168.1.127", false},
+        {"0.0.0.0/0", "8.8.8.8", true},
+        {"0.0.0.0/0", "::1", false},
+        {"::1/128", "::1", true},
+        {"::1/128", "127.0.0.1", false},
+        {"2001:db8::/32", "2001:db8:1::5", true},
+        {"2001:db8::/32", "2001:db9::5", false},
+        {"10.0.0.0/8", "::ffff:10.1.2.3", true},
+        {"::ffff:10.0.0.0/104", "10.9.9.9", true},
+        {"10.0.0.0/8,garbage", "10.1.1.1", false},     /* malformed list: fail closed */
+        {"10.0.0.0/8", "not-an-ip", false},
+        {"10.0.0.0/8", "", false},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        bool got = proto_cidr_list_allows(cases[i].list, cases[i].addr);
+        if (got != cases[i].allowed)
+            fail_msg("list \"%s\" addr \"%s\": got %d want %d",
+                     cases[i].list ? cases[i].list : "(null)", cases[i].addr, got,
+                     cases[i].allowed);
+    }
+    static const char *const bad_lists[] = {"10.0.0.0/33", "10.0.0.0/", "10.0.0/8", "::1/129",
+                                            "a,b", "10.0.0.0/8,", "1.2.3.4/-1", "/8"};
+    char err[128];
+    for (size_t i = 0; i < sizeof(bad_lists) / sizeof(bad_lists[0]); i++) {
+        if (proto_cidr_list_check(bad_lists[i], err, sizeof(err)) != CMN_EPARSE)
+            fail_msg("accepted bad list \"%s\"", bad_lists[i]);
+    }
+    assert_int_equal(proto_cidr_list_check(" 10.0.0.0/8 , ::1 ,127.0.0.1/32", err, sizeof(err)), 0);
+    assert_true(proto_addr_is_loopback("127.0.0.1"));
+    assert_true(proto_addr_is_loopback("127.9.9.9"));
+    assert_true(proto_addr_is_loopback("::1"));
+    assert_false(proto_addr_is_loopback("10.0.0.1"));
+    assert_false(proto_addr_is_loopback("cloud.example"));
+    assert_false(proto_addr_is_loopback(""));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_decl_roundtrip),   cmocka_unit_test(test_decl_rejects),
         cmocka_unit_test(test_status_roundtrip), cmocka_unit_test(test_commit_error),
         cmocka_unit_test(test_chunks),           cmocka_unit_test(test_canonical),
-        cmocka_unit_test(test_sign_verify),
+        cmocka_unit_test(test_sign_verify),      cmocka_unit_test(test_token_roundtrip),
+        cmocka_unit_test(test_cidr),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

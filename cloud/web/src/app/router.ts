@@ -10,8 +10,12 @@ export const router = createRouter({
     { path: '/', redirect: '/studies' },
     { path: '/login', name: 'login', component: YyLogin, meta: { public: true } },
     { path: '/studies', name: 'studies', component: YyStudyList },
+    // The study UID is not the last path segment: UIDs contain dots, and the
+    // cloud's SPA fallback serves index.html only for paths whose last
+    // segment has no extension (a reload of /viewer/1.2.3 would be a 404).
+    { path: '/viewer/:studyUID', redirect: (to) => `/studies/${String(to.params.studyUID)}/viewer` },
     {
-      path: '/viewer/:studyUID',
+      path: '/studies/:studyUID/viewer',
       name: 'viewer',
       // Cornerstone3D is large: load it only with the viewer.
       component: () => import('../components/YyViewer.vue'),

@@ -1,0 +1,230 @@
+/*
+ * annotations.c - the viewer's measurements and annotations, per user and
+ * study (issue 5):
+ *
+ *   GET    /api/v1/studies/{studyUID}/annotations  -> {"v":1,"annotations":[...]}
+ *                                                     (empty list when none)
+ *   PUT    /api/v1/studies/{studyUID}/annotations  body {"v":1,"annotations":[...]}
+ *                                                  -> {"v":1,"saved":N}
+ *   DELETE /api/v1/studies/{studyUID}/annotations  -> 204
+ *
+ * The annotation objects are the viewer's (Cornerstone3D's) JSON and opaque
+ * here; only the envelope is checked. Each user sees and changes only their
+ * own document (the session decides who). The study must be in the index.
+ * Documents are capped at ANNOTATIONS_MAX bytes (the route's body limit is
+ * a little larger so the handler can answer 413 with a JSON error). Every
+ * access is audited.
+ */
+#include <string.h>
+
+#include <jansson.h>
+
+#include "cmn/db.h"
+#include "cmn/errors.h"
+#include "cmn/log.h"
+#include "internal.h"
+
+#define PREFIX "/api/v1/studies/"
+#define SUFFIX "/annotations"
+#define UID_MAX 64
+#define CLOUD_ANNOTATIONS_MAX (1u << 20)
+
+static bool valid_uid(const char *s, size_t n)
+{
+    if (n == 0 || n > UID_MAX || s[0] == '.' || s[n - 1] == '.')
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || s[i] == '.'))
+            return false;
+    return true;
+}
+
+/* Extracts {studyUID} from the path; false when the path is not ours. */
+static bool parse_path(const char *path, char uid[UID_MAX + 1])
+{
+    size_t plen = strlen(PREFIX), n;
+    const char *p, *slash;
+
+    if (strncmp(path, PREFIX, plen) != 0)
+        return false;
+    p = path + plen;
+    slash = strchr(p, '/');
+    if (!slash || strcmp(slash, SUFFIX) != 0)
+        return false;
+    n = (size_t)(slash - p);
+    if (!valid_uid(p, n))
+        return false;
+    memcpy(uid, p, n);
+    uid[n] = '\0';
+    return true;
+}
+
+static int study_exists(sqlite3 *db, const char *uid)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    if (cmn_db_prepare(db, "SELECT 1 FROM studies WHERE study_uid = ?", &st) < 0)
+        return CMN_EDB;
+    sqlite3_bind_text(st, 1, uid, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc == SQLITE_ROW)
+        return 1;
+    return rc == SQLITE_DONE ? 0 : CMN_EDB;
+}
+
+static void handle_get(sqlite3 *db, const cloud_user_t *u, const char *uid,
+                       const cmn_http_req_t *req, cmn_http_resp_t *resp)
+{
+    sqlite3_stmt *st;
+    char *text = NULL;
+    int rc;
+
+    if (cmn_db_prepare(db, "SELECT doc FROM annotations WHERE username = ? AND study_uid = ?",
+                       &st) < 0) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    sqlite3_bind_text(st, 1, u->username, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, uid, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        text = cmn_xstrdup((const char *)sqlite3_column_text(st, 0));
+    else if (rc == SQLITE_DONE)
+        text = cmn_xstrdup("{\"v\":1,\"annotations\":[]}");
+    sqlite3_finalize(st);
+    if (!text) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    cloud_index_audit(db, u->username, "annotations_read", uid, req->peer);
+    cmn_http_resp_header(resp, "Cache-Control", "no-store");
+    cloud_resp_json_take(resp, 200, "application/json", text);
+}
+
+static void handle_put(sqlite3 *db, const cloud_user_t *u, const char *uid,
+                       const cmn_http_req_t *req, cmn_http_resp_t *resp)
+{
+    json_error_t jerr;
+    json_t *body, *list, *v, *doc;
+    sqlite3_stmt *st;
+    char *text, out[64];
+    size_t n;
+    int rc;
+
+    if (req->body_len > CLOUD_ANNOTATIONS_MAX || !req->body) {
+        cloud_resp_error(resp, 413, "too_large", "annotations are limited to 1 MiB per study");
+        return;
+    }
+    body = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES, &jerr);
+    list = body ? json_object_get(body, "annotations") : NULL;
+    v = body ? json_object_get(body, "v") : NULL;
+    if (!json_is_object(body) || !json_is_array(list) || (v && json_integer_value(v) != 1)) {
+        json_decref(body);
+        cloud_resp_error(resp, 400, "bad_request", "expected {\"v\":1,\"annotations\":[...]}");
+        return;
+    }
+    n = json_array_size(list);
+    for (size_t i = 0; i < n; i++) {
+        if (!json_is_object(json_array_get(list, i))) {
+            json_decref(body);
+            cloud_resp_error(resp, 400, "bad_request", "each annotation is a JSON object");
+            return;
+        }
+    }
+    doc = json_pack("{s:i, s:O}", "v", 1, "annotations", list);
+    text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
+    json_decref(doc);
+    json_decref(body);
+    if (!text) {
+        cloud_resp_error(resp, 500, "internal", "out of memory");
+        return;
+    }
+    if (cmn_db_prepare(db,
+                       "INSERT INTO annotations(username, study_uid, doc, updated) VALUES(?,?,?,?)"
+                       " ON CONFLICT(username, study_uid) DO UPDATE SET doc = excluded.doc,"
+                       " updated = excluded.updated",
+                       &st) < 0) {
+        free(text);
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    sqlite3_bind_text(st, 1, u->username, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, uid, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, text, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, cloud_now());
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    free(text);
+    if (rc != SQLITE_DONE) {
+        CMN_LOG_E("annotations", "save: %s", sqlite3_errmsg(db));
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    cloud_index_audit(db, u->username, "annotations_write", uid, req->peer);
+    snprintf(out, sizeof(out), "{\"v\":1,\"saved\":%zu}", n);
+    cmn_http_resp_header(resp, "Cache-Control", "no-store");
+    cloud_resp_json_take(resp, 200, "application/json", cmn_xstrdup(out));
+}
+
+static void handle_delete(sqlite3 *db, const cloud_user_t *u, const char *uid,
+                          const cmn_http_req_t *req, cmn_http_resp_t *resp)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    if (cmn_db_prepare(db, "DELETE FROM annotations WHERE username = ? AND study_uid = ?",
+                       &st) < 0) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    sqlite3_bind_text(st, 1, u->username, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, uid, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    cloud_index_audit(db, u->username, "annotations_delete", uid, req->peer);
+    cmn_http_resp_status(resp, 204);
+}
+
+void cloud_annotations_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
+{
+    sqlite3 *db = cloud_index_get();
+    char uid[UID_MAX + 1];
+    cloud_user_t user;
+    int ex;
+
+    if (!db) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    if (!cloud_auth_require(db, req, resp, &user))
+        goto out;
+    if (!parse_path(req->path, uid)) {
+        cloud_resp_error(resp, 404, "not_found", "no such endpoint");
+        goto out;
+    }
+    ex = study_exists(db, uid);
+    if (ex < 0) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        goto out;
+    }
+    if (ex == 0) {
+        cloud_resp_error(resp, 404, "not_found", "no such study");
+        goto out;
+    }
+    if (strcmp(req->method, "GET") == 0)
+        handle_get(db, &user, uid, req, resp);
+    else if (strcmp(req->method, "PUT") == 0)
+        handle_put(db, &user, uid, req, resp);
+    else if (strcmp(req->method, "DELETE") == 0)
+        handle_delete(db, &user, uid, req, resp);
+    else
+        cloud_resp_error(resp, 405, "method_not_allowed", "use GET, PUT or DELETE");
+out:
+    cloud_index_put(db);
+}
