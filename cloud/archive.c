@@ -14,22 +14,37 @@
  * Every call blocks (file I/O): run them on the threadpool.
  *
  * Backend "s3" (archive.backend): the same layout is the object key space
- * (key = path relative to archive.dir, e.g. "ab/<study>/<series>/<sop>.dcm").
- * cloud_archive_place() uploads first (x-amz-content-sha256 = the file's
- * SHA-256, so the server refuses a corrupted body; an object exists only
- * once complete) and only then renames the file into the local directory,
- * which serves as a cache. Readers call cloud_archive_fetch() before opening
- * a path (downloads a missing file, temp name + rename) or
- * cloud_archive_read_range() for frames (ranged GET when not cached).
- * The S3 client is created once (cloud_archive_open(), or lazily) and is
- * shared by all threadpool workers.
+ * (key = archive.s3_prefix + path relative to archive.dir, e.g.
+ * "ab/<study>/<series>/<sop>.dcm"). cloud_archive_place_sha() uploads first
+ * (x-amz-content-sha256 = the file's SHA-256, so the server refuses a
+ * corrupted body; an object exists only once complete) and only then renames
+ * the file into the local directory, which serves as a cache. Readers call
+ * cloud_archive_fetch() before opening a path (downloads a missing file,
+ * temp name + rename) or cloud_archive_read_range() for frames (ranged GET
+ * when not cached). The S3 client is created once (cloud_archive_open(), or
+ * lazily) and is shared by all threadpool workers.
+ *
+ * Cache (backend "s3", archive.cache_max_mb > 0): every placed or fetched
+ * file counts towards the cap; a hit refreshes the file's atime (set
+ * explicitly: relatime/noatime mounts do not). When the count passes the
+ * cap, the thread that passed it scans the cache and unlinks the least
+ * recently used files down to 90 % of the cap. A file is evicted only if
+ * (a) its last use is older than archive.cache_min_age_s (a response being
+ * streamed from it keeps working: the server opens files after the handler
+ * returned), and (b) HEAD shows an object of the same size in the bucket
+ * (so a file left from a "dir" archive, or one whose upload never finished,
+ * is never the only copy that is deleted). One eviction runs at a time.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cmn/crypto.h"
@@ -49,9 +64,16 @@ const cmn_conf_opt_t cloud__archive_opts[] = {
     CMN_CONF_OPT_STR(cloud_archive_conf_t, s3_bucket, "", "S3 bucket (must exist)"),
     CMN_CONF_OPT_STR(cloud_archive_conf_t, s3_access_key, "", "S3 access key id"),
     CMN_CONF_OPT_STR(cloud_archive_conf_t, s3_secret_file, "",
-                     "file holding the S3 secret key (absolute path)"),
+                     "file holding the S3 secret key (relative paths: to the working directory)"),
     CMN_CONF_OPT_BOOL(cloud_archive_conf_t, s3_path_style, 1,
                       "path-style URLs (ENDPOINT/BUCKET/KEY); false = virtual-host style"),
+    CMN_CONF_OPT_STR(cloud_archive_conf_t, s3_prefix, "",
+                     "prefix of every object key (e.g. \"site1/\"), so clouds can share a bucket"),
+    CMN_CONF_OPT_INT(cloud_archive_conf_t, cache_max_mb, 0, 0, 1LL << 30,
+                     "backend s3: cap on the local cache (archive.dir), MiB; least recently used"
+                     " files already in the bucket are evicted; 0 = no cap"),
+    CMN_CONF_OPT_INT(cloud_archive_conf_t, cache_min_age_s, 300, 0, 86400,
+                     "backend s3: a cached file used within this many seconds is not evicted"),
 };
 const size_t cloud__archive_nopts = CMN_ARRAY_SIZE(cloud__archive_opts);
 
@@ -59,6 +81,11 @@ const size_t cloud__archive_nopts = CMN_ARRAY_SIZE(cloud__archive_opts);
 
 static pthread_mutex_t s3_mu = PTHREAD_MUTEX_INITIALIZER;
 static cmn_s3_t *archive_s3;       /* shared client once created (guarded by s3_mu) */
+
+static const char *key_prefix(void)
+{
+    return cloud_conf->archive.s3_prefix ? cloud_conf->archive.s3_prefix : "";
+}
 
 bool cloud_archive_is_s3(void)
 {
@@ -96,6 +123,9 @@ static int archive_client(cmn_s3_t **out)
             CMN_LOG_E("archive", "archive.backend s3 needs s3_endpoint, s3_bucket, "
                       "s3_access_key and s3_secret_file");
             rc = CMN_ECONFIG;
+        } else if (c->s3_prefix && (c->s3_prefix[0] == '/' || strlen(c->s3_prefix) > 256)) {
+            CMN_LOG_E("archive", "archive.s3_prefix must not start with '/' (max 256 bytes)");
+            rc = CMN_ECONFIG;
         } else {
             rc = cmn_s3_create(&sc, &archive_s3);
             if (rc < 0)
@@ -114,6 +144,33 @@ int cloud_archive_open(void)
     return archive_client(&s3);
 }
 
+/* Lists a prefix that holds nothing: proves endpoint, bucket and credentials. */
+static int probe_cb(const cmn_s3_obj_t *obj, void *arg)
+{
+    (void)obj;
+    (void)arg;
+    return 1;
+}
+
+int cloud_archive_probe(void)
+{
+    char prefix[512];
+    cmn_s3_t *s3;
+    int rc;
+
+    rc = archive_client(&s3);
+    if (rc < 0 || !s3)
+        return rc;
+    snprintf(prefix, sizeof(prefix), "%s.yy-probe/", key_prefix());
+    rc = cmn_s3_list(s3, prefix, probe_cb, NULL);
+    if (rc == 1)
+        rc = 0;
+    if (rc < 0)
+        CMN_LOG_E("archive", "S3 bucket=%s not usable: %s", cloud_conf->archive.s3_bucket,
+                  cmn_strerror(rc));
+    return rc;
+}
+
 void cloud_archive_shutdown(void)
 {
     pthread_mutex_lock(&s3_mu);
@@ -122,17 +179,42 @@ void cloud_archive_shutdown(void)
     pthread_mutex_unlock(&s3_mu);
 }
 
-/* The object key of an archive path: the path relative to archive.dir. */
-static const char *archive_key(const char *path)
+/* archive.dir without trailing slashes: its length. */
+static size_t dir_len(void)
 {
     const char *dir = cloud_conf->archive.dir;
     size_t n = strlen(dir);
 
     while (n > 1 && dir[n - 1] == '/')
         n--;
-    if (strncmp(path, dir, n) != 0 || path[n] != '/' || path[n + 1] == '\0')
+    return n;
+}
+
+/* The path relative to archive.dir, or NULL when path is not under it. */
+static const char *archive_rel(const char *path)
+{
+    size_t n = dir_len();
+
+    if (strncmp(path, cloud_conf->archive.dir, n) != 0 || path[n] != '/' || path[n + 1] == '\0')
         return NULL;
     return path + n + 1;
+}
+
+/* The object key of an archive path: s3_prefix + the path relative to archive.dir. */
+static int archive_key(const char *path, char *out, size_t outlen)
+{
+    const char *rel = archive_rel(path);
+    int n;
+
+    if (!rel)
+        return -EINVAL;
+    n = snprintf(out, outlen, "%s%s", key_prefix(), rel);
+    return (n < 0 || (size_t)n >= outlen) ? -ENAMETOOLONG : 0;
+}
+
+int cloud_archive_key(const char *path, char *out, size_t outlen)
+{
+    return archive_key(path, out, outlen);
 }
 
 static void uid_hash(const char *uid, char out[33])
@@ -216,9 +298,165 @@ static void dir_of(const char *path, char *out, size_t outlen)
         snprintf(out, outlen, "%.*s", (int)(slash - path), path);
 }
 
-int cloud_archive_place(const char *src, const char *dst)
+/* ------------------------------------------------------------- cache */
+
+static struct {
+    pthread_mutex_t mu;
+    bool known;                  /* bytes was measured by a scan */
+    bool evicting;               /* a thread is evicting (only one at a time) */
+    uint64_t bytes;              /* cached bytes (grows on place/fetch; reset by each scan) */
+} cache = { .mu = PTHREAD_MUTEX_INITIALIZER };
+
+typedef struct {
+    char *path;                  /* malloc'd */
+    int64_t used;                /* atime, unix seconds */
+    uint64_t size;
+} cache_ent_t;
+
+/* nftw has no user argument: one scan at a time (cache.evicting) owns these. */
+static cache_ent_t *scan_ents;
+static size_t scan_n, scan_cap;
+static uint64_t scan_total;
+
+static int scan_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
 {
-    char dir[4096];
+    size_t n = strlen(p);
+
+    (void)ftw;
+    if (flag != FTW_F || n < 5 || strcmp(p + n - 4, ".dcm") != 0)
+        return 0;
+    if (scan_n == scan_cap) {
+        scan_cap = scan_cap ? scan_cap * 2 : 1024;
+        scan_ents = cmn_xrealloc(scan_ents, scan_cap * sizeof(*scan_ents));
+    }
+    scan_ents[scan_n].path = cmn_xstrdup(p);
+    scan_ents[scan_n].used = (int64_t)sb->st_atime;
+    scan_ents[scan_n].size = (uint64_t)sb->st_size;
+    scan_n++;
+    scan_total += (uint64_t)sb->st_size;
+    return 0;
+}
+
+static int ent_cmp(const void *a, const void *b)
+{
+    const cache_ent_t *x = a, *y = b;
+
+    return x->used < y->used ? -1 : x->used > y->used;
+}
+
+/* True when the bucket holds an object of the same size as the cached file. */
+static bool safely_in_s3(cmn_s3_t *s3, const cache_ent_t *e)
+{
+    char key[CMN_S3_MAX_KEY + 1];
+    cmn_s3_stat_t st;
+
+    if (archive_key(e->path, key, sizeof(key)) < 0)
+        return false;
+    return cmn_s3_head(s3, key, &st) == 0 && st.size == e->size;
+}
+
+/*
+ * Scans the cache and evicts LRU files down to 90 % of the cap, never keep
+ * (the file the caller is about to serve; may be NULL). The caller set
+ * cache.evicting.
+ */
+static void cache_evict(cmn_s3_t *s3, const char *keep)
+{
+    uint64_t cap = (uint64_t)cloud_conf->archive.cache_max_mb << 20;
+    uint64_t goal = cap / 10 * 9;
+    int64_t young = (int64_t)time(NULL) - cloud_conf->archive.cache_min_age_s;
+    uint64_t freed = 0;
+    size_t evicted = 0;
+
+    scan_n = 0;
+    scan_total = 0;
+    nftw(cloud_conf->archive.dir, scan_cb, 32, FTW_PHYS);
+    uint64_t total = scan_total;
+    if (total > cap) {
+        qsort(scan_ents, scan_n, sizeof(*scan_ents), ent_cmp);
+        for (size_t i = 0; i < scan_n && total > goal; i++) {
+            cache_ent_t *e = &scan_ents[i];
+            if (e->used > young)
+                break;   /* sorted: every later file was used more recently */
+            if ((keep && strcmp(e->path, keep) == 0) || !safely_in_s3(s3, e))
+                continue;
+            if (unlink(e->path) == 0) {
+                total -= e->size;
+                freed += e->size;
+                evicted++;
+            }
+        }
+    }
+    for (size_t i = 0; i < scan_n; i++)
+        free(scan_ents[i].path);
+    free(scan_ents);
+    scan_ents = NULL;
+    scan_n = scan_cap = 0;
+    if (evicted)
+        CMN_LOG_I("archive", "cache evicted files=%zu bytes=%" PRIu64 " cached=%" PRIu64
+                  " cap=%" PRIu64, evicted, freed, total, cap);
+    else if (total > cap)
+        CMN_LOG_D("archive", "cache over cap (cached=%" PRIu64 " cap=%" PRIu64 "): nothing"
+                  " evictable yet", total, cap);
+    pthread_mutex_lock(&cache.mu);
+    cache.bytes = total;
+    cache.known = true;
+    cache.evicting = false;
+    pthread_mutex_unlock(&cache.mu);
+}
+
+/* Counts bytes newly cached at path and evicts (others) when over the cap (S3 backend only). */
+static void cache_added(cmn_s3_t *s3, const char *path, uint64_t bytes)
+{
+    uint64_t cap = (uint64_t)cloud_conf->archive.cache_max_mb << 20;
+    bool run = false;
+
+    if (!s3 || cap == 0)
+        return;
+    pthread_mutex_lock(&cache.mu);
+    cache.bytes += bytes;
+    if (!cache.evicting && (!cache.known || cache.bytes > cap)) {
+        cache.evicting = true;
+        run = true;
+    }
+    pthread_mutex_unlock(&cache.mu);
+    if (run)
+        cache_evict(s3, path);
+}
+
+int cloud_archive_cache_trim(void)
+{
+    cmn_s3_t *s3;
+    int rc = archive_client(&s3);
+
+    if (rc < 0 || !s3 || cloud_conf->archive.cache_max_mb == 0)
+        return rc;
+    pthread_mutex_lock(&cache.mu);
+    if (cache.evicting) {
+        pthread_mutex_unlock(&cache.mu);
+        return 0;
+    }
+    cache.evicting = true;
+    pthread_mutex_unlock(&cache.mu);
+    cache_evict(s3, NULL);
+    return 0;
+}
+
+/* Marks a cache hit: atime = now, written only when older than a minute. */
+static void cache_touch(const char *path, const struct stat *sb)
+{
+    struct timespec ts[2] = { { 0, UTIME_NOW }, { 0, UTIME_OMIT } };
+
+    if ((int64_t)sb->st_atime < (int64_t)time(NULL) - 60)
+        utimensat(AT_FDCWD, path, ts, 0);
+}
+
+/* ------------------------------------------------------------ placement */
+
+int cloud_archive_place_sha(const char *src, const char *dst, const char *sha256_hex)
+{
+    char dir[4096], key[CMN_S3_MAX_KEY + 1];
+    struct stat sb;
     cmn_s3_t *s3;
     int rc;
 
@@ -226,10 +464,12 @@ int cloud_archive_place(const char *src, const char *dst)
     if (rc < 0)
         return rc;
     if (s3) {
-        const char *key = archive_key(dst);
-        if (!key)
-            return -EINVAL;
-        cmn_s3_put_opts_t po = {.content_type = "application/dicom"};
+        if ((rc = archive_key(dst, key, sizeof(key))) < 0)
+            return rc;
+        cmn_s3_put_opts_t po = {
+            .content_type = "application/dicom",
+            .sha256_hex = sha256_hex && strlen(sha256_hex) == 64 ? sha256_hex : NULL,
+        };
         rc = cmn_s3_put_file(s3, key, src, &po);
         if (rc < 0) {
             CMN_LOG_E("archive", "upload key=%s: %s", key, cmn_strerror(rc));
@@ -242,7 +482,15 @@ int cloud_archive_place(const char *src, const char *dst)
         return rc;
     if (rename(src, dst) < 0)
         return -errno;
-    return cloud_fsync_dir(dir);
+    rc = cloud_fsync_dir(dir);
+    if (rc == 0 && s3 && stat(dst, &sb) == 0)
+        cache_added(s3, dst, (uint64_t)sb.st_size);
+    return rc;
+}
+
+int cloud_archive_place(const char *src, const char *dst)
+{
+    return cloud_archive_place_sha(src, dst, NULL);
 }
 
 int cloud_write_file_atomic(const char *path, const void *p, size_t len)
@@ -287,31 +535,41 @@ out_unlink:
     return rc;
 }
 
+/* --------------------------------------------------------------- reading */
+
 int cloud_archive_fetch(const char *path)
 {
-    char dir[4096];
+    char dir[4096], key[CMN_S3_MAX_KEY + 1];
+    cmn_s3_stat_t st;
+    struct stat sb;
     cmn_s3_t *s3;
-    const char *key;
     int rc;
 
     rc = archive_client(&s3);
     if (rc < 0)
         return rc;
-    if (access(path, F_OK) == 0)
+    if (stat(path, &sb) == 0) {
+        if (s3)
+            cache_touch(path, &sb);
         return 0;
-    if (!s3)
+    }
+    if (errno != ENOENT || !s3)
         return errno == ENOENT ? CMN_ENOTFOUND : -errno;
-    key = archive_key(path);
-    if (!key)
-        return -EINVAL;
+    if ((rc = archive_key(path, key, sizeof(key))) < 0)
+        return rc;
     dir_of(path, dir, sizeof(dir));
     rc = cloud_mkdirs(dir);
     if (rc < 0)
         return rc;
-    rc = cmn_s3_get_to_file(s3, key, path, NULL);
-    if (rc < 0 && rc != CMN_ENOTFOUND)
-        CMN_LOG_E("archive", "fetch key=%s: %s", key, cmn_strerror(rc));
-    return rc;
+    rc = cmn_s3_get_to_file(s3, key, path, &st);
+    if (rc < 0) {
+        if (rc != CMN_ENOTFOUND)
+            CMN_LOG_E("archive", "fetch key=%s: %s", key, cmn_strerror(rc));
+        return rc;
+    }
+    CMN_LOG_D("archive", "fetched key=%s bytes=%" PRIu64, key, st.size);
+    cache_added(s3, path, st.size);
+    return 0;
 }
 
 int cloud_archive_read_range(const char *path, uint64_t off, size_t len, void *buf,
@@ -329,9 +587,9 @@ int cloud_archive_read_range(const char *path, uint64_t off, size_t len, void *b
     if (fd < 0 && (errno != ENOENT || !s3))
         return errno == ENOENT ? CMN_ENOTFOUND : -errno;
     if (fd < 0) {
-        const char *key = archive_key(path);
-        if (!key)
-            return -EINVAL;
+        char key[CMN_S3_MAX_KEY + 1];
+        if ((rc = archive_key(path, key, sizeof(key))) < 0)
+            return rc;
         return cmn_s3_get_range(s3, key, off, len, buf, got, NULL);
     }
     struct stat sb;
@@ -343,6 +601,8 @@ int cloud_archive_read_range(const char *path, uint64_t off, size_t len, void *b
         rc = -ERANGE;
         goto out_close;
     }
+    if (s3)
+        cache_touch(path, &sb);
     while (done < len) {
         ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
         if (n < 0 && errno == EINTR)
@@ -359,4 +619,125 @@ int cloud_archive_read_range(const char *path, uint64_t off, size_t len, void *b
 out_close:
     close(fd);
     return rc;
+}
+
+bool cloud_archive_is_local(const char *path)
+{
+    return access(path, F_OK) == 0;
+}
+
+/* ------------------------------------------------- integrity and deletion */
+
+#define HASH_STEP (8u << 20)
+
+int cloud_archive_hash(const char *path, bool remote, char hex[65], uint64_t *size)
+{
+    uint8_t digest[CMN_SHA256_LEN];
+    cmn_sha256_ctx_t c;
+    uint64_t off = 0;
+    cmn_s3_t *s3;
+    char *buf;
+    int rc;
+
+    *size = 0;
+    hex[0] = '\0';
+    rc = archive_client(&s3);
+    if (rc < 0)
+        return rc;
+    if (remote && !s3)
+        return -EINVAL;
+    buf = cmn_xmalloc(HASH_STEP);
+    cmn_sha256_init(&c);
+    if (remote) {
+        char key[CMN_S3_MAX_KEY + 1];
+        if ((rc = archive_key(path, key, sizeof(key))) < 0)
+            goto out_free;
+        for (;;) {
+            size_t got = 0;
+            rc = cmn_s3_get_range(s3, key, off, HASH_STEP, buf, &got, NULL);
+            if (rc == -ERANGE && off > 0) {   /* the object ends exactly at a step */
+                rc = 0;
+                break;
+            }
+            if (rc == -ERANGE) {              /* empty object */
+                rc = 0;
+                break;
+            }
+            if (rc < 0)
+                goto out_free;
+            cmn_sha256_update(&c, buf, got);
+            off += got;
+            if (got < HASH_STEP)
+                break;
+        }
+    } else {
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            rc = errno == ENOENT ? CMN_ENOTFOUND : -errno;
+            goto out_free;
+        }
+        for (;;) {
+            ssize_t n = read(fd, buf, HASH_STEP);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0) {
+                rc = -errno;
+                break;
+            }
+            if (n == 0)
+                break;
+            cmn_sha256_update(&c, buf, (size_t)n);
+            off += (uint64_t)n;
+        }
+        close(fd);
+        if (rc < 0)
+            goto out_free;
+    }
+    cmn_sha256_final(&c, digest);
+    cmn_hex(digest, sizeof(digest), hex);
+    *size = off;
+out_free:
+    free(buf);
+    return rc;
+}
+
+/* Removes the now empty parent directories of an archive file (up to archive.dir). */
+static void prune_dirs(const char *path)
+{
+    char dir[4096];
+    size_t root = dir_len();
+
+    dir_of(path, dir, sizeof(dir));
+    while (strlen(dir) > root && rmdir(dir) == 0) {
+        char *slash = strrchr(dir, '/');
+        if (!slash)
+            break;
+        *slash = '\0';
+    }
+}
+
+int cloud_archive_delete(const char *path)
+{
+    char key[CMN_S3_MAX_KEY + 1];
+    cmn_s3_t *s3;
+    int rc;
+
+    rc = archive_client(&s3);
+    if (rc < 0)
+        return rc;
+    if (!archive_rel(path))
+        return -EINVAL;
+    if (s3) {
+        if ((rc = archive_key(path, key, sizeof(key))) < 0)
+            return rc;
+        rc = cmn_s3_delete(s3, key);
+        if (rc < 0 && rc != CMN_ENOTFOUND) {
+            CMN_LOG_E("archive", "delete key=%s: %s", key, cmn_strerror(rc));
+            return rc;
+        }
+    }
+    if (unlink(path) < 0 && errno != ENOENT)
+        return -errno;
+    prune_dirs(path);
+    return 0;
 }

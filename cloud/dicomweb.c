@@ -78,6 +78,7 @@
 #define MAX_INCLUDE 64
 #define MAX_ACCEPT 16
 #define GZIP_MIN 1024
+#define FRAME_RANGE_MAX ((uint64_t)64 << 20)  /* frames read by ranged GETs at most, bytes */
 
 typedef enum { LEVEL_STUDY, LEVEL_SERIES, LEVEL_INSTANCE } level_t;
 
@@ -89,6 +90,20 @@ static const char *col_str(sqlite3_stmt *st, int i)
     return s ? (const char *)s : "";
 }
 
+/*
+ * Makes an archived file readable at its path before it is opened: a no-op
+ * for the directory archive; with S3 a cache miss downloads the object into
+ * the local cache. 0, or < 0 with the error logged.
+ */
+static int archive_ready(const char *path)
+{
+    int rc = cloud_archive_fetch(path);
+
+    if (rc < 0)
+        CMN_LOG_E("dicomweb", "archive file unavailable: %s: %s", path, cmn_strerror(rc));
+    return rc;
+}
+
 void cloud__dicomweb_base_url(const cmn_http_req_t *req, char *out, size_t outlen)
 {
     const char *host = cmn_http_req_header(req, "Host");
@@ -97,28 +112,6 @@ void cloud__dicomweb_base_url(const cmn_http_req_t *req, char *out, size_t outle
         snprintf(out, outlen, "%s://%s" ROOT, req->tls ? "https" : "http", host);
     else
         snprintf(out, outlen, ROOT);
-}
-
-/* True when the Accept-Encoding header allows gzip (q > 0). */
-static bool accepts_gzip(const cmn_http_req_t *req)
-{
-    const char *ae = cmn_http_req_header(req, "Accept-Encoding");
-    const char *p;
-
-    if (!ae)
-        return false;
-    for (p = ae; (p = strcasestr(p, "gzip")) != NULL; p += 4) {
-        const char *q = p + 4, *end = strchr(q, ',');
-        const char *qv;
-
-        if (p > ae && p[-1] != ' ' && p[-1] != ',')
-            continue;
-        qv = strstr(q, "q=");
-        if (qv && (!end || qv < end) && strtod(qv + 2, NULL) <= 0.0)
-            return false;
-        return true;
-    }
-    return false;
 }
 
 /* gzip of in (level 1: JSON shrinks 5-10x even so, at a small CPU cost). NULL on failure. */
@@ -185,7 +178,7 @@ static void not_modified(cmn_http_resp_t *resp, const char *etag, const char *ca
 static void send_json(const cmn_http_req_t *req, cmn_http_resp_t *resp, char *text, size_t len,
                       const char *cache, const char *base_etag, const char *warning)
 {
-    bool gz = len >= GZIP_MIN && accepts_gzip(req);
+    bool gz = len >= GZIP_MIN && cmn_http_accepts_encoding(req, "gzip");
     char etag[96];
 
     cmn_http_resp_status(resp, 200);
@@ -1436,6 +1429,10 @@ static void handle_retrieve(sqlite3 *db, const cmn_http_req_t *req, cmn_http_res
     /* Choose every representation and check every file first: once parts
      * are appended the answer is committed. */
     for (size_t i = 0; i < n; i++) {
+        if (archive_ready(parts[i].path) < 0) {
+            cloud_resp_error(resp, 500, "archive", "archived file unavailable");
+            goto out;
+        }
         if (stat(parts[i].path, &sb) < 0 || (uint64_t)sb.st_size != parts[i].size) {
             CMN_LOG_E("dicomweb", "archive file missing or changed: %s", parts[i].path);
             cloud_resp_error(resp, 500, "archive", "archived file unavailable");
@@ -1725,6 +1722,10 @@ static void handle_frames(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_
                              "no decoder for the stored transfer syntax; ask for it as stored");
             return;
         }
+        if (archive_ready(path) < 0) {
+            cloud_resp_error(resp, 500, "archive", "archived file unavailable");
+            return;
+        }
         fr = cmn_xmalloc(sizeof(*fr) * (size_t)n);
         rc = cloud_frames_get(path, list, n, rep == FR_NATIVE, fr, NULL, err, sizeof(err));
         if (rc < 0) {
@@ -1735,6 +1736,33 @@ static void handle_frames(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_
             else
                 cloud_resp_error(resp, 500, "decode", "cannot read the frames");
             return;
+        }
+    } else if (!cloud_archive_is_local(path)) {
+        /* Native pixel data not in the local cache (backend s3): ranged GETs
+         * of just the frames asked for; the whole value (bulk) or a large
+         * request downloads the file into the cache instead. */
+        if (!frames || frame_len * (uint64_t)n > FRAME_RANGE_MAX) {
+            if (archive_ready(path) < 0) {
+                cloud_resp_error(resp, 500, "archive", "archived file unavailable");
+                return;
+            }
+        } else {
+            fr = cmn_xcalloc((size_t)n, sizeof(*fr));
+            for (int i = 0; i < n; i++) {
+                size_t got = 0;
+                fr[i].data = cmn_xmalloc((size_t)frame_len);
+                rc = cloud_archive_read_range(path, off + (uint64_t)(list[i] - 1) * frame_len,
+                                              (size_t)frame_len, fr[i].data, &got);
+                fr[i].len = got;
+                if (rc < 0 || got != frame_len) {
+                    CMN_LOG_E("dicomweb", "frame read sop=%s frame=%u: %s", sop, list[i],
+                              rc < 0 ? cmn_strerror(rc) : "short read");
+                    cloud_frames_free(fr, n);
+                    free(fr);
+                    cloud_resp_error(resp, 500, "archive", "archived file unavailable");
+                    return;
+                }
+            }
         }
     }
     if (rep == FR_NATIVE)
@@ -1798,6 +1826,10 @@ static void handle_bulk_tag(sqlite3 *db, cmn_http_resp_t *resp, const char *stud
     sqlite3_finalize(st);
     if (rc != SQLITE_ROW) {
         cloud_resp_error(resp, 404, "not_found", "no such instance");
+        return;
+    }
+    if (archive_ready(path) < 0) {
+        cloud_resp_error(resp, 500, "archive", "archived file unavailable");
         return;
     }
     rc = cloud_element_get(path, tag, &val, &len, err, sizeof(err));
@@ -2113,6 +2145,10 @@ void cloud_wado_uri_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
     sqlite3_finalize(st);
     if (rc != SQLITE_ROW) {
         cloud_resp_error(resp, 404, "not_found", "no such instance");
+        goto out;
+    }
+    if (archive_ready(path) < 0) {
+        cloud_resp_error(resp, 500, "archive", "archived file unavailable");
         goto out;
     }
     cmn_http_resp_status(resp, 200);

@@ -184,6 +184,58 @@ static const char *const migrations[] = {
     "  doc TEXT NOT NULL,"
     "  updated INTEGER NOT NULL,"
     "  PRIMARY KEY(username, study_uid));",
+
+    /* 5: bundles (several instances per upload object) and study manifests (issue 3) */
+    "ALTER TABLE uploads ADD COLUMN kind TEXT NOT NULL DEFAULT 'instance';"  /* instance | bundle */
+    "ALTER TABLE uploads ADD COLUMN members TEXT;"   /* a committed bundle's answer (JSON) */
+    "CREATE TABLE manifests ("
+    "  study_uid TEXT PRIMARY KEY,"
+    "  edge_id TEXT NOT NULL,"
+    "  expected INTEGER NOT NULL,"
+    "  received INTEGER NOT NULL);"                    /* unix seconds */
+    "CREATE TABLE manifest_entries ("
+    "  study_uid TEXT NOT NULL,"
+    "  sop_uid TEXT NOT NULL,"
+    "  series_uid TEXT NOT NULL,"
+    "  sha256 TEXT NOT NULL,"
+    "  PRIMARY KEY(study_uid, sop_uid)) WITHOUT ROWID;",
+
+    /* 6: retention, scrub and storage report (issue 4, R-1.10). instances.source
+     * names who sent an instance (edge id, "stow:<user>"): the storage report's
+     * hospital. Filled by cloud_index_set_source() and, for single-instance edge
+     * uploads, by a trigger when the upload commits as "stored"; back-filled here. */
+    "ALTER TABLE instances ADD COLUMN source TEXT NOT NULL DEFAULT '';"
+    "UPDATE instances SET source = coalesce((SELECT u.edge_id FROM uploads u"
+    "  WHERE u.sop_uid = instances.sop_uid AND u.state = 'committed'"
+    "  AND u.result = 'stored' LIMIT 1), '');"
+    "CREATE TRIGGER uploads_instance_source AFTER UPDATE OF state ON uploads"
+    "  WHEN NEW.state = 'committed' AND NEW.result = 'stored' BEGIN"
+    "  UPDATE instances SET source = NEW.edge_id"
+    "    WHERE sop_uid = NEW.sop_uid AND source = ''; END;"
+    "CREATE INDEX instances_created ON instances(created);"
+    "ALTER TABLE instances ADD COLUMN scrubbed INTEGER NOT NULL DEFAULT 0;"  /* last scrub run id */
+    "CREATE INDEX instances_scrubbed ON instances(scrubbed, sop_uid);"
+    "CREATE TABLE scrub_runs ("
+    "  id INTEGER PRIMARY KEY,"
+    "  origin TEXT NOT NULL,"          /* cli | daemon */
+    "  state TEXT NOT NULL,"           /* running | done | failed | stopped */
+    "  started INTEGER NOT NULL,"
+    "  heartbeat INTEGER NOT NULL,"    /* unix seconds, updated while running */
+    "  finished INTEGER,"
+    "  checked INTEGER NOT NULL DEFAULT 0,"
+    "  bytes INTEGER NOT NULL DEFAULT 0,"
+    "  mismatches INTEGER NOT NULL DEFAULT 0,"
+    "  missing INTEGER NOT NULL DEFAULT 0,"
+    "  errors INTEGER NOT NULL DEFAULT 0);"
+    "CREATE INDEX scrub_runs_started ON scrub_runs(started);"
+    "CREATE TABLE scrub_findings ("
+    "  run_id INTEGER NOT NULL REFERENCES scrub_runs(id) ON DELETE CASCADE,"
+    "  sop_uid TEXT NOT NULL,"
+    "  path TEXT NOT NULL,"
+    "  kind TEXT NOT NULL,"            /* mismatch | missing | error | cache-mismatch */
+    "  detail TEXT NOT NULL DEFAULT '',"
+    "  ts INTEGER NOT NULL);"
+    "CREATE INDEX scrub_findings_run ON scrub_findings(run_id);",
 };
 
 /* ------------------------------------------------------------------- pool */
@@ -708,4 +760,19 @@ void cloud_index_tokens_cleanup(sqlite3 *db, int64_t before)
     sqlite3_bind_int64(st, 1, before);
     (void)step_done(db, st, "token cleanup");
     sqlite3_finalize(st);
+}
+
+/* ------------------------------------------------ retention, scrub, report */
+
+int cloud_index_set_source(sqlite3 *db, const char *sop_uid, const char *source)
+{
+    sqlite3_stmt *st;
+
+    if (cmn_db_prepare(db, "UPDATE instances SET source = ? WHERE sop_uid = ?", &st) < 0)
+        return CMN_EDB;
+    bind_text(st, 1, source ? source : "");
+    bind_text(st, 2, sop_uid);
+    int rc = step_done(db, st, "instance source");
+    sqlite3_finalize(st);
+    return rc;
 }

@@ -6,6 +6,13 @@
  *   PUT  /api/v1/objects/{id}/chunks/{i}  one chunk, with X-YY-Chunk-SHA256
  *   GET  /api/v1/objects/{id}             which chunks the cloud holds
  *   POST /api/v1/objects/{id}/commit      verify, parse, archive, index
+ *   POST /api/v1/studies/{uid}/manifest   the edge's list of a study (manifest.c)
+ *
+ * An object is one instance (kind "instance") or a bundle of instances of
+ * one study (kind "bundle", split by bundle.c). A bundle's commit archives
+ * and indexes all its good members in one transaction and answers with a
+ * result per member; the answer is stored with the upload, so a repeated
+ * commit repeats it.
  *
  * Every request is signed by the edge (proto_verify, timestamp within
  * ingest.max_skew_s): the token request with the edge secret, every other
@@ -48,7 +55,9 @@
 #include "cmn/errors.h"
 #include "cmn/log.h"
 #include "proto/proto.h"
+#include "bundle.h"
 #include "internal.h"
+#include "manifest.h"
 
 const cmn_conf_opt_t cloud__ingest_opts[] = {
     CMN_CONF_OPT_STR(cloud_ingest_conf_t, staging_dir, "var/cloud/staging",
@@ -79,7 +88,9 @@ typedef struct {
     uint64_t size;
     uint32_t chunk_size;
     uint32_t nchunks;
+    char kind[16];                         /* "instance" | "bundle" */
     char *decl;                            /* JSON text; malloc'd */
+    char *members;                         /* committed bundle: the answer (JSON); malloc'd or NULL */
 } upload_t;
 
 static void reject(cmn_http_resp_t *resp, const signed_req_t *sr, int status, const char *code,
@@ -339,6 +350,17 @@ out:
     return ok;
 }
 
+bool cloud__ingest_verify(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+                          char edge_id[PROTO_EDGE_ID_MAX + 1])
+{
+    signed_req_t sr;
+
+    if (!verify_request(db, req, resp, &sr))
+        return false;
+    memcpy(edge_id, sr.edge_id, sizeof(sr.edge_id));
+    return true;
+}
+
 /* ----------------------------------------------------------------- tokens */
 
 /* POST /api/v1/token: issues a fresh token to an authenticated edge. */
@@ -391,6 +413,8 @@ static void upload_free(upload_t *u)
 {
     free(u->decl);
     u->decl = NULL;
+    free(u->members);
+    u->members = NULL;
 }
 
 static void col_copy(sqlite3_stmt *st, int i, char *out, size_t outlen)
@@ -409,7 +433,8 @@ static int upload_load(sqlite3 *db, const char *object_id, upload_t *u)
     memset(u, 0, sizeof(*u));
     if (cmn_db_prepare(db,
                        "SELECT edge_id, sha256, size, chunk_size, nchunks, state,"
-                       " coalesce(result, ''), sop_uid, decl FROM uploads WHERE object_id = ?",
+                       " coalesce(result, ''), sop_uid, decl, kind, members"
+                       " FROM uploads WHERE object_id = ?",
                        &st) < 0)
         return CMN_EDB;
     sqlite3_bind_text(st, 1, object_id, -1, SQLITE_STATIC);
@@ -425,6 +450,9 @@ static int upload_load(sqlite3 *db, const char *object_id, upload_t *u)
         col_copy(st, 6, u->result, sizeof(u->result));
         col_copy(st, 7, u->sop_uid, sizeof(u->sop_uid));
         u->decl = cmn_xstrdup((const char *)sqlite3_column_text(st, 8));
+        col_copy(st, 9, u->kind, sizeof(u->kind));
+        if (sqlite3_column_type(st, 10) != SQLITE_NULL)
+            u->members = cmn_xstrdup((const char *)sqlite3_column_text(st, 10));
         rc = 0;
     } else if (rc == SQLITE_DONE) {
         rc = CMN_ENOTFOUND;
@@ -508,8 +536,8 @@ static void handle_declare(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp
     snprintf(id, sizeof(id), "%s", d.sha256);
     if (cmn_db_prepare(db,
                        "INSERT INTO uploads(object_id, edge_id, decl, sha256, size, chunk_size,"
-                       " nchunks, state, sop_uid, created, updated)"
-                       " VALUES(?,?,?,?,?,?,?,'open',?,?,?)"
+                       " nchunks, state, sop_uid, created, updated, kind)"
+                       " VALUES(?,?,?,?,?,?,?,'open',?,?,?,?)"
                        " ON CONFLICT(object_id) DO UPDATE SET state = 'open', updated = ?"
                        " WHERE state = 'rejected'",
                        &st) < 0) {
@@ -526,7 +554,9 @@ static void handle_declare(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp
     sqlite3_bind_text(st, 8, d.sop_uid, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 9, cloud_now());
     sqlite3_bind_int64(st, 10, cloud_now());
-    sqlite3_bind_int64(st, 11, cloud_now());
+    sqlite3_bind_text(st, 11, d.kind == PROTO_KIND_BUNDLE ? "bundle" : "instance", -1,
+                      SQLITE_STATIC);
+    sqlite3_bind_int64(st, 12, cloud_now());   /* the ON CONFLICT update */
     rc = sqlite3_step(st);
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE) {
@@ -539,8 +569,14 @@ static void handle_declare(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
     }
-    CMN_LOG_D("ingest", "declared object=%.16s edge=%s sop=%s size=%" PRIu64 " state=%s", id,
-              sr->edge_id, d.sop_uid, d.size, u.state);
+    if (strcmp(u.kind, d.kind == PROTO_KIND_BUNDLE ? "bundle" : "instance") != 0) {
+        /* The same bytes declared as the other kind: the first one stands. */
+        reject(resp, sr, 400, "bad_request", "object already declared with another kind");
+        upload_free(&u);
+        return;
+    }
+    CMN_LOG_D("ingest", "declared object=%.16s edge=%s kind=%s sop=%s size=%" PRIu64 " state=%s",
+              id, sr->edge_id, u.kind, d.sop_uid, d.size, u.state);
     status_respond(db, resp, &u);
     upload_free(&u);
 }
@@ -791,6 +827,136 @@ static int count_chunks(sqlite3 *db, const char *id, int64_t *n)
     return rc == SQLITE_ROW ? 0 : CMN_EDB;
 }
 
+/* The answer of a committed upload: stored per-member JSON for bundles. */
+static void commit_respond_upload(cmn_http_resp_t *resp, const upload_t *u)
+{
+    if (strcmp(u->kind, "bundle") == 0) {
+        if (u->members)
+            cloud_resp_json_take(resp, 200, "application/json", cmn_xstrdup(u->members));
+        else
+            cloud_resp_error(resp, 500, "internal", "bundle answer lost");
+        return;
+    }
+    commit_respond(resp, u->result, u->sop_uid);
+}
+
+static int upload_set_members(sqlite3 *db, const char *id, const char *members)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    if (cmn_db_prepare(db, "UPDATE uploads SET members = ? WHERE object_id = ?", &st) < 0)
+        return CMN_EDB;
+    sqlite3_bind_text(st, 1, members, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st) == SQLITE_DONE ? 0 : CMN_EDB;
+    sqlite3_finalize(st);
+    return rc;
+}
+
+static proto_commit_result_t store_result(cloud_store_result_t r)
+{
+    switch (r) {
+    case CLOUD_STORE_STORED: return PROTO_COMMIT_STORED;
+    case CLOUD_STORE_DUPLICATE: return PROTO_COMMIT_DUPLICATE;
+    case CLOUD_STORE_CONFLICT: return PROTO_COMMIT_CONFLICT;
+    }
+    return PROTO_COMMIT_REJECTED;
+}
+
+/*
+ * Commit of a bundle whose chunks are all here: split and check it
+ * (bundle.c, outside the write lock), then archive and index every good
+ * member in one transaction; the per-member answer is stored with the
+ * upload so that a repeated commit repeats it.
+ */
+static void handle_bundle_commit(sqlite3 *db, cmn_http_resp_t *resp, const signed_req_t *sr,
+                                 upload_t *u)
+{
+    char dir[4096], err[256], id[PROTO_HEX256 + 1];
+    cloud_bundle_item_t *items = NULL;
+    proto_bundle_commit_t c;
+    uint32_t n = 0, nstored = 0, ndup = 0, nconf = 0, nrej = 0;
+    char *json = NULL;
+    int rc;
+
+    memset(&c, 0, sizeof(c));
+    snprintf(id, sizeof(id), "%s", u->object_id);
+    if (staging_dir(id, dir, sizeof(dir)) < 0) {
+        cloud_resp_error(resp, 500, "storage", "staging path too long");
+        return;
+    }
+    rc = cloud__bundle_split(dir, u->nchunks, u->size, u->sha256, &items, &n, err, sizeof(err));
+    if (rc == CMN_EPARSE) {
+        (void)upload_set(db, id, "rejected", NULL);
+        staging_remove(u);
+        CMN_LOG_W("ingest", "bad bundle object=%.16s edge=%s: %s", id, sr->edge_id, err);
+        reject(resp, sr, 422, "bad_object", err);
+        return;
+    }
+    if (rc < 0) {
+        CMN_LOG_E("ingest", "bundle split object=%.16s: %s", id, cmn_strerror(rc));
+        cloud_resp_error(resp, rc == -ENOSPC ? 507 : 500, "storage", "cannot split the bundle");
+        return;
+    }
+    c.n = n;
+    c.m = cmn_xcalloc(n, sizeof(*c.m));
+    if (cloud_index_begin(db) < 0) {
+        cloud_resp_error(resp, 503, "unavailable", "index busy");
+        goto out;
+    }
+    upload_free(u);
+    if (upload_load(db, id, u) < 0)
+        goto out_rollback;
+    if (strcmp(u->state, "committed") == 0) {   /* a concurrent commit won */
+        cloud_index_rollback(db);
+        commit_respond_upload(resp, u);
+        goto out;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        cloud_bundle_item_t *it = &items[i];
+        cloud_store_result_t r;
+
+        snprintf(c.m[i].sop_uid, sizeof(c.m[i].sop_uid), "%s", it->m.sop_uid);
+        if (!it->ok) {
+            c.m[i].result = PROTO_COMMIT_REJECTED;
+            nrej++;
+            CMN_LOG_W("ingest", "bundle member rejected object=%.16s i=%" PRIu32
+                      " sop=%s edge=%s: %s", id, i, it->m.sop_uid, sr->edge_id, it->why);
+            continue;
+        }
+        if (cloud_store_place(db, it->tmp, it->info, it->sha256, it->m.size, it->json,
+                              sr->edge_id, &r) < 0)
+            goto out_rollback;
+        c.m[i].result = store_result(r);
+        nstored += r == CLOUD_STORE_STORED;
+        ndup += r == CLOUD_STORE_DUPLICATE;
+        nconf += r == CLOUD_STORE_CONFLICT;
+    }
+    json = proto_bundle_commit_encode(&c);
+    if (!json || upload_set(db, id, "committed", "bundle") < 0 ||
+        upload_set_members(db, id, json) < 0 || cloud_index_commit(db) < 0)
+        goto out_rollback;
+    cloud__bundle_items_free(items, n);
+    items = NULL;
+    staging_remove(u);
+    CMN_LOG_I("ingest", "commit bundle object=%.16s edge=%s members=%" PRIu32 " stored=%" PRIu32
+              " duplicate=%" PRIu32 " conflict=%" PRIu32 " rejected=%" PRIu32 " size=%" PRIu64,
+              id, sr->edge_id, n, nstored, ndup, nconf, nrej, u->size);
+    cloud_resp_json_take(resp, 200, "application/json", json);
+    json = NULL;
+    goto out;
+
+out_rollback:
+    cloud_index_rollback(db);
+    CMN_LOG_E("ingest", "bundle commit failed object=%.16s edge=%s", id, sr->edge_id);
+    cloud_resp_error(resp, 500, "internal", "commit failed; retry");
+out:
+    free(json);
+    proto_bundle_commit_free(&c);
+    cloud__bundle_items_free(items, n);
+}
+
 static void handle_commit(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                           const signed_req_t *sr, const char *id)
 {
@@ -816,7 +982,7 @@ static void handle_commit(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_
         return;
     }
     if (strcmp(u.state, "committed") == 0) {
-        commit_respond(resp, u.result, u.sop_uid);
+        commit_respond_upload(resp, &u);
         goto out;
     }
     if (strcmp(u.state, "open") != 0) {
@@ -829,6 +995,10 @@ static void handle_commit(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_
     }
     if (n != (int64_t)u.nchunks) {
         reject(resp, sr, 409, "incomplete", "not all chunks have been received");
+        goto out;
+    }
+    if (strcmp(u.kind, "bundle") == 0) {
+        handle_bundle_commit(db, resp, sr, &u);
         goto out;
     }
 
@@ -890,7 +1060,7 @@ static void handle_commit(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_
     if (strcmp(u.state, "committed") == 0) {   /* a concurrent commit won */
         cloud_index_rollback(db);
         unlink(tmp);
-        commit_respond(resp, u.result, u.sop_uid);
+        commit_respond_upload(resp, &u);
         goto out;
     }
     rc = cloud_index_find_instance(db, info->sop_uid, &have);

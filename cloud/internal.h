@@ -26,6 +26,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <sqlite3.h>
+#include <uv.h>
 
 #include "cmn/conf.h"
 #include "cmn/dicom.h"
@@ -60,6 +61,9 @@ typedef struct {
     char *s3_access_key;
     char *s3_secret_file;        /* file holding the secret key */
     bool s3_path_style;          /* true: ENDPOINT/BUCKET/KEY; false: BUCKET.HOST/KEY */
+    char *s3_prefix;             /* prefix of every object key ("" = none) */
+    long long cache_max_mb;      /* s3: cap on the local cache, MiB; 0 = none */
+    long long cache_min_age_s;   /* s3: files used more recently are never evicted, s */
 } cloud_archive_conf_t;
 
 typedef struct {
@@ -69,11 +73,23 @@ typedef struct {
 } cloud_ingest_conf_t;
 
 typedef struct {
+    long long min_days;          /* a study stays at least this long (>= 1095) */
+    long long delete_after_days; /* policy: studies older than this may be deleted; 0 = never */
+} cloud_retention_conf_t;
+
+typedef struct {
+    long long interval_h;        /* daemon scrub period, hours; 0 = off */
+    long long rate_mb_s;         /* read rate cap of a scrub, MiB/s; 0 = unlimited */
+} cloud_scrub_conf_t;
+
+typedef struct {
     cloud_log_conf_t log;
     cloud_http_conf_t http;
     cloud_index_conf_t index;
     cloud_archive_conf_t archive;
     cloud_ingest_conf_t ingest;
+    cloud_retention_conf_t retention;
+    cloud_scrub_conf_t scrub;
 } cloud_conf_t;
 
 /** The loaded configuration; read-only once the server runs. Owned by main.c. */
@@ -86,6 +102,10 @@ extern const cmn_conf_opt_t cloud__archive_opts[];
 extern const size_t cloud__archive_nopts;
 extern const cmn_conf_opt_t cloud__ingest_opts[];
 extern const size_t cloud__ingest_nopts;
+extern const cmn_conf_opt_t cloud__retention_opts[];
+extern const size_t cloud__retention_nopts;
+extern const cmn_conf_opt_t cloud__scrub_opts[];
+extern const size_t cloud__scrub_nopts;
 
 /* -------------------------------------------------------------------- index */
 
@@ -136,6 +156,9 @@ int cloud_index_add_instance(sqlite3 *db, const cmn_dicom_info_t *info, const ch
 /** Records a conflicting copy kept aside. The caller holds a transaction. */
 int cloud_index_add_conflict(sqlite3 *db, const char *sop_uid, const char *sha256,
                              const char *path, const char *edge_id);
+
+/** Records who sent an instance (edge id, "stow:<user>"): the storage report's hospital. */
+int cloud_index_set_source(sqlite3 *db, const char *sop_uid, const char *source);
 
 /** Appends an audit row (best effort, logs failures). */
 void cloud_index_audit(sqlite3 *db, const char *user, const char *action,
@@ -206,11 +229,22 @@ int cloud_archive_conflict_path(const char *sop_uid, const char *sha256, char *o
  */
 int cloud_archive_place(const char *src, const char *dst);
 /**
+ * cloud_archive_place() with the file's known SHA-256 (hex), which the S3
+ * PUT then carries instead of hashing the file again. NULL = compute it.
+ */
+int cloud_archive_place_sha(const char *src, const char *dst, const char *sha256_hex);
+/**
  * Validates the archive configuration and, for "s3", creates the client
  * (otherwise done lazily on first use). 0 or CMN_ECONFIG (logged). Call once
  * at start for fail-fast configuration errors.
  */
 int cloud_archive_open(void);
+/**
+ * Backend "s3": one listing request under the key prefix, which proves that
+ * endpoint, credentials and bucket work. 0 (also for "dir") or the S3 error
+ * (logged). Blocking.
+ */
+int cloud_archive_probe(void);
 /** Releases the S3 client. Call after all handlers have finished. */
 void cloud_archive_shutdown(void);
 /** True when archive.backend is "s3". */
@@ -229,6 +263,24 @@ int cloud_archive_fetch(const char *path);
  */
 int cloud_archive_read_range(const char *path, uint64_t off, size_t len, void *buf,
                              size_t *got);
+/** True when the archive file at path is on the local disk (dir archive, or cached). */
+bool cloud_archive_is_local(const char *path);
+/** The S3 object key of an archive path (s3_prefix + path below archive.dir). 0 or -errno. */
+int cloud_archive_key(const char *path, char *out, size_t outlen);
+/**
+ * SHA-256 (hex) and size of the archived bytes at path: the local file
+ * (remote false), or the S3 object read with ranged GETs (remote true,
+ * backend s3 only). 0, CMN_ENOTFOUND, -errno or an S3 error. Blocking.
+ */
+int cloud_archive_hash(const char *path, bool remote, char hex[65], uint64_t *size);
+/**
+ * Deletes an archived file: the S3 object (backend s3; a missing one is
+ * fine) and the local file or cached copy, then empty parent directories.
+ * 0, -EINVAL (path not under archive.dir), -errno or an S3 error.
+ */
+int cloud_archive_delete(const char *path);
+/** Backend s3 with a cache cap: runs one eviction pass now (tests, scrub). */
+int cloud_archive_cache_trim(void);
 /** mkdir -p with mode 0750. 0 or -errno. */
 int cloud_mkdirs(const char *path);
 /** fsync a directory. 0 or -errno. */
@@ -299,6 +351,35 @@ typedef enum {
 int cloud_store_place(sqlite3 *db, const char *tmp, const cmn_dicom_info_t *info,
                       const char *sha256, uint64_t size, const char *json, const char *source,
                       cloud_store_result_t *result);
+
+/* ------------------------------------------------- retention, scrub, report */
+
+/**
+ * yunying-cloud retention-plan / retention-apply (retention.c): lists the
+ * studies the configured policy allows deleting, or (apply, confirm true)
+ * deletes them: archive objects, then index rows, each with an audit row.
+ * json: machine-readable output. Returns the process exit code.
+ */
+int cloud_retention_cmd(bool apply, bool confirm, bool json, long long limit);
+
+/** yunying-cloud storage-report (retention.c). Returns the process exit code. */
+int cloud_storage_report_cmd(bool json);
+
+/**
+ * yunying-cloud scrub (scrub.c): re-hashes up to limit (0 = all) archived
+ * instances against the index. Exit code 0 when everything matched, 1 when
+ * something is missing or differs, 2 on an operational error.
+ */
+int cloud_scrub_cmd(long long limit, bool json);
+
+/**
+ * Starts the periodic scrub of the daemon (scrub.interval_h > 0) on loop:
+ * a timer checks the scrub_runs table, and one node claims a due run and
+ * does it on the threadpool. No-op when scrub.interval_h is 0.
+ */
+int cloud_scrub_daemon_start(uv_loop_t *loop);
+/** Stops the timer and asks a running scrub to finish early (its work item then completes). */
+void cloud_scrub_daemon_stop(void);
 
 /* ------------------------------------------------------------------- static */
 

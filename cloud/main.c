@@ -10,6 +10,15 @@
  *   yunying-cloud edge-enable --config FILE --id EDGE_ID
  *   yunying-cloud user-add --config FILE --user NAME --password PASS
  *                          [--role doctor|admin]
+ *   yunying-cloud retention-plan --config FILE [--json] [--limit N]
+ *   yunying-cloud retention-apply --config FILE --confirm [--json] [--limit N]
+ *   yunying-cloud scrub --config FILE [--limit N] [--json]   exit 1 on findings
+ *   yunying-cloud storage-report --config FILE [--json]
+ *
+ * The archive (archive.c) is opened right after the configuration is
+ * loaded, so --check-config also validates the S3 settings (and makes one
+ * listing request to prove endpoint, bucket and credentials); the daemon
+ * does the same before it listens.
  *
  * Running: one libuv loop serves HTTP; every route handler runs on the libuv
  * threadpool (SQLite, files, DCMTK), whose size is set here before the loop
@@ -34,6 +43,7 @@
 #include "cmn/log.h"
 #include "proto/proto.h"
 #include "internal.h"
+#include "manifest.h"
 
 #define THREADPOOL_SIZE "8"   /* handlers are short; 8 keeps 2 cores busy across I/O waits */
 
@@ -64,6 +74,8 @@ static cmn_conf_section_t sections[] = {
     { "index", NULL, 0, offsetof(cloud_conf_t, index) },
     { "archive", NULL, 0, offsetof(cloud_conf_t, archive) },
     { "ingest", NULL, 0, offsetof(cloud_conf_t, ingest) },
+    { "retention", NULL, 0, offsetof(cloud_conf_t, retention) },
+    { "scrub", NULL, 0, offsetof(cloud_conf_t, scrub) },
 };
 
 static cloud_conf_t conf;
@@ -72,8 +84,8 @@ const cloud_conf_t *cloud_conf = &conf;
 typedef struct {
     const char *cmd;             /* "run", "edge-add", "user-add" */
     const char *config;
-    const char *id, *user, *password, *role, *allow;
-    bool check, dump;
+    const char *id, *user, *password, *role, *allow, *limit;
+    bool check, dump, confirm, json;
 } args_t;
 
 static void usage(FILE *f)
@@ -86,7 +98,11 @@ static void usage(FILE *f)
             "       yunying-cloud edge-disable --config FILE --id EDGE_ID\n"
             "       yunying-cloud edge-enable --config FILE --id EDGE_ID\n"
             "       yunying-cloud user-add --config FILE --user NAME --password PASS"
-            " [--role doctor|admin]\n");
+            " [--role doctor|admin]\n"
+            "       yunying-cloud retention-plan --config FILE [--json] [--limit N]\n"
+            "       yunying-cloud retention-apply --config FILE --confirm [--json] [--limit N]\n"
+            "       yunying-cloud scrub --config FILE [--limit N] [--json]\n"
+            "       yunying-cloud storage-report --config FILE [--json]\n");
 }
 
 static int parse_args(int argc, char **argv, args_t *a)
@@ -101,7 +117,9 @@ static int parse_args(int argc, char **argv, args_t *a)
     if (strcmp(a->cmd, "run") != 0 && strcmp(a->cmd, "edge-add") != 0 &&
         strcmp(a->cmd, "edge-allow") != 0 && strcmp(a->cmd, "edge-revoke-tokens") != 0 &&
         strcmp(a->cmd, "edge-disable") != 0 && strcmp(a->cmd, "edge-enable") != 0 &&
-        strcmp(a->cmd, "user-add") != 0) {
+        strcmp(a->cmd, "user-add") != 0 && strcmp(a->cmd, "retention-plan") != 0 &&
+        strcmp(a->cmd, "retention-apply") != 0 && strcmp(a->cmd, "scrub") != 0 &&
+        strcmp(a->cmd, "storage-report") != 0) {
         fprintf(stderr, "yunying-cloud: unknown command '%s'\n", a->cmd);
         return -1;
     }
@@ -115,6 +133,14 @@ static int parse_args(int argc, char **argv, args_t *a)
         }
         if (strcmp(o, "--dump-config") == 0) {
             a->dump = true;
+            continue;
+        }
+        if (strcmp(o, "--confirm") == 0) {
+            a->confirm = true;
+            continue;
+        }
+        if (strcmp(o, "--json") == 0) {
+            a->json = true;
             continue;
         }
         if (strcmp(o, "-h") == 0 || strcmp(o, "--help") == 0) {
@@ -133,6 +159,8 @@ static int parse_args(int argc, char **argv, args_t *a)
             dst = &a->role;
         else if (strcmp(o, "--allow") == 0)
             dst = &a->allow;
+        else if (strcmp(o, "--limit") == 0)
+            dst = &a->limit;
         if (!dst || i + 1 >= argc) {
             fprintf(stderr, "yunying-cloud: %s '%s'\n", dst ? "missing value for" : "unknown option", o);
             return -1;
@@ -152,6 +180,10 @@ static int load_config(const args_t *a)
     sections[3].nopts = cloud__archive_nopts;
     sections[4].opts = cloud__ingest_opts;
     sections[4].nopts = cloud__ingest_nopts;
+    sections[5].opts = cloud__retention_opts;
+    sections[5].nopts = cloud__retention_nopts;
+    sections[6].opts = cloud__scrub_opts;
+    sections[6].nopts = cloud__scrub_nopts;
     cmn_conf_defaults(sections, CMN_ARRAY_SIZE(sections), &conf);
     if (a->config &&
         cmn_conf_load(sections, CMN_ARRAY_SIZE(sections), &conf, a->config, err, sizeof(err)) < 0) {
@@ -357,6 +389,41 @@ static int cmd_user_add(const args_t *a)
     return 0;
 }
 
+/* --limit N: 0 when absent; -1 when not a positive number. */
+static long long parse_limit(const char *v)
+{
+    char *end;
+    long long n;
+
+    if (!v)
+        return 0;
+    errno = 0;
+    n = strtoll(v, &end, 10);
+    if (errno || *end || end == v || n <= 0)
+        return -1;
+    return n;
+}
+
+static int cmd_maintenance(const args_t *a)
+{
+    long long limit = parse_limit(a->limit);
+
+    if (limit < 0) {
+        fprintf(stderr, "yunying-cloud: --limit must be a positive number\n");
+        return 2;
+    }
+    if (strcmp(a->cmd, "storage-report") == 0)
+        return cloud_storage_report_cmd(a->json);
+    if (cloud_archive_probe() < 0) {
+        fprintf(stderr, "yunying-cloud: the archive is not reachable (see the log)\n");
+        return 2;
+    }
+    if (strcmp(a->cmd, "scrub") == 0)
+        return cloud_scrub_cmd(limit, a->json);
+    return cloud_retention_cmd(strcmp(a->cmd, "retention-apply") == 0, a->confirm, a->json,
+                               limit);
+}
+
 /* ------------------------------------------------------------------ run */
 
 static struct {
@@ -382,6 +449,7 @@ static void on_signal(uv_signal_t *h, int signum)
         return;
     app.stopping = true;
     CMN_LOG_I("cloud", "signal=%d stopping", signum);
+    cloud_scrub_daemon_stop();
     uv_signal_stop(&app.sigterm);
     uv_signal_stop(&app.sigint);
     cmn_http_server_close(app.srv, on_server_closed, NULL);
@@ -394,7 +462,8 @@ static int cmd_run(void)
     const cmn_http_route_t routes[] = {
         { NULL, "/api/v1/objects", cloud_ingest_handle, NULL, big, true },
         { NULL, PROTO_TOKEN_PATH, cloud_ingest_handle, NULL, 4 << 10, true },
-        { NULL, "/api/v1/studies/", cloud_annotations_handle, NULL, (1 << 20) + (4 << 10), true },
+        /* manifests (manifest.c) and annotations: cloud_studies_handle dispatches */
+        { NULL, "/api/v1/studies/", cloud_studies_handle, NULL, 6 << 20, true },
         { NULL, "/api/v1/", cloud_auth_handle, NULL, 64 << 10, true },
         { "POST", "/dicomweb/studies", cloud_stow_handle, NULL, CLOUD_STOW_MAX_BODY, true },
         { NULL, "/dicomweb", cloud_dicomweb_handle, NULL, 64 << 10, true },
@@ -406,6 +475,11 @@ static int cmd_run(void)
 
     if (cmn_dicom_global_init() < 0) {
         fprintf(stderr, "yunying-cloud: DICOM dictionary not available\n");
+        return 1;
+    }
+    if (cloud_archive_probe() < 0) {
+        fprintf(stderr, "yunying-cloud: archive: S3 bucket %s not usable (see the log)\n",
+                conf.archive.s3_bucket);
         return 1;
     }
     snprintf(tmp_dir, sizeof(tmp_dir), "%s/.tmp", conf.ingest.staging_dir);
@@ -437,11 +511,13 @@ static int cmd_run(void)
     uv_signal_init(&app.loop, &app.sigint);
     uv_signal_start(&app.sigterm, on_signal, SIGTERM);
     uv_signal_start(&app.sigint, on_signal, SIGINT);
+    if ((rc = cloud_scrub_daemon_start(&app.loop)) < 0)
+        CMN_LOG_W("cloud", "periodic scrub not started: %s", uv_strerror(rc));
 
-    CMN_LOG_I("cloud", "started port=%d tls=%s mtls=%s web_root=%s archive=%s threadpool=%s",
-              cmn_http_server_port(app.srv), tls ? "on" : "off",
+    CMN_LOG_I("cloud", "started port=%d tls=%s mtls=%s web_root=%s archive=%s backend=%s"
+              " threadpool=%s", cmn_http_server_port(app.srv), tls ? "on" : "off",
               opts.tls_client_ca_file ? "on" : "off", conf.http.web_root, conf.archive.dir,
-              getenv("UV_THREADPOOL_SIZE"));
+              conf.archive.backend, getenv("UV_THREADPOOL_SIZE"));
     printf("yunying-cloud: listening %s://%s:%d\n", tls ? "https" : "http", conf.http.bind,
            cmn_http_server_port(app.srv));
     fflush(stdout);
@@ -474,16 +550,30 @@ int main(int argc, char **argv)
     if (a.dump)
         cmn_conf_dump(sections, CMN_ARRAY_SIZE(sections), &conf, stdout);
     if (a.check) {
-        if (!a.dump)
+        /* The archive settings too: S3 configuration, secret file, bucket access. */
+        rc = cloud_archive_open() < 0 || cloud_archive_probe() < 0;
+        cloud_archive_shutdown();
+        if (rc) {
+            fprintf(stderr, "yunying-cloud: config: %s: archive: S3 settings not usable"
+                            " (see the log)\n", a.config ? a.config : "(defaults)");
+        } else if (!a.dump) {
             printf("yunying-cloud: config OK\n");
+        }
         cmn_conf_free(sections, CMN_ARRAY_SIZE(sections), &conf);
-        return 0;
+        return rc ? 1 : 0;
     }
     if (a.dump) {
         cmn_conf_free(sections, CMN_ARRAY_SIZE(sections), &conf);
         return 0;
     }
+    if (cloud_archive_open() < 0) {
+        fprintf(stderr, "yunying-cloud: config: %s: archive: bad S3 settings (see the log)\n",
+                a.config ? a.config : "(defaults)");
+        cmn_conf_free(sections, CMN_ARRAY_SIZE(sections), &conf);
+        return 1;
+    }
     if (prepare_storage() < 0) {
+        cloud_archive_shutdown();
         cmn_conf_free(sections, CMN_ARRAY_SIZE(sections), &conf);
         return 1;
     }
@@ -493,9 +583,12 @@ int main(int argc, char **argv)
         rc = cmd_edge_admin(&a);
     else if (strcmp(a.cmd, "user-add") == 0)
         rc = cmd_user_add(&a);
+    else if (strcmp(a.cmd, "run") != 0)
+        rc = cmd_maintenance(&a);
     else
         rc = cmd_run();
     cloud_index_shutdown();
+    cloud_archive_shutdown();
     cmn_conf_free(sections, CMN_ARRAY_SIZE(sections), &conf);
     return rc;
 }

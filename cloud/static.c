@@ -81,12 +81,19 @@ static void not_found(cmn_http_resp_t *resp)
     cmn_http_resp_simple(resp, 404, "text/plain; charset=utf-8", msg, sizeof(msg) - 1);
 }
 
-/* Serves root+rel if it is a regular file inside root. 0, or CMN_ENOTFOUND. */
-static int serve(cmn_http_resp_t *resp, const char *root_real, const char *rel, bool immutable)
+/*
+ * Serves root+rel if it is a regular file inside root. When gzip is true and
+ * the build wrote a gzip twin (rel + ".gz", see cloud/web/scripts/
+ * precompress.mjs) that is not older than the file, the twin is sent with
+ * Content-Encoding: gzip. 0, or CMN_ENOTFOUND.
+ */
+static int serve(cmn_http_resp_t *resp, const char *root_real, const char *rel, bool immutable,
+                 bool gzip)
 {
-    char full[PATH_MAX + 64], real[PATH_MAX];
+    char full[PATH_MAX + 64], real[PATH_MAX], twin[PATH_MAX + 4];
     size_t rl = strlen(root_real);
-    struct stat sb;
+    struct stat sb, zb;
+    const char *send = NULL;
 
     if (snprintf(full, sizeof(full), "%s%s", root_real, rel) >= (int)sizeof(full))
         return CMN_ENOTFOUND;
@@ -94,12 +101,25 @@ static int serve(cmn_http_resp_t *resp, const char *root_real, const char *rel, 
         return CMN_ENOTFOUND;
     if (stat(real, &sb) < 0 || !S_ISREG(sb.st_mode))
         return CMN_ENOTFOUND;
+    if (snprintf(twin, sizeof(twin), "%s.gz", real) < (int)sizeof(twin) &&
+        stat(twin, &zb) == 0 && S_ISREG(zb.st_mode) && zb.st_mtime >= sb.st_mtime)
+        send = twin;
     cmn_http_resp_status(resp, 200);
     cmn_http_resp_header(resp, "Content-Type", content_type(real));
     cmn_http_resp_header(resp, "Cache-Control",
                          immutable ? "public, max-age=31536000, immutable" : "no-cache");
     cmn_http_resp_header(resp, "X-Content-Type-Options", "nosniff");
-    if (cmn_http_resp_file(resp, real, 0, UINT64_MAX) < 0)
+    if (send) {
+        /* Caches must keep both variants apart, whichever is sent. */
+        cmn_http_resp_header(resp, "Vary", "Accept-Encoding");
+        if (gzip)
+            cmn_http_resp_header(resp, "Content-Encoding", "gzip");
+        else
+            send = real;
+    } else {
+        send = real;
+    }
+    if (cmn_http_resp_file(resp, send, 0, UINT64_MAX) < 0)
         return CMN_ENOTFOUND;
     return 0;
 }
@@ -131,6 +151,7 @@ void cloud_static_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
     char path[2048], root_real[PATH_MAX];
     const char *last;
     size_t n;
+    bool gzip;
 
     if (strcmp(req->method, "GET") != 0 && strcmp(req->method, "HEAD") != 0) {
         cmn_http_resp_header(resp, "Allow", "GET, HEAD");
@@ -151,14 +172,15 @@ void cloud_static_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
         }
         memcpy(path + n, "index.html", sizeof("index.html"));
     }
-    if (serve(resp, root_real, path, strncmp(path, "/assets/", 8) == 0) == 0)
+    gzip = cmn_http_accepts_encoding(req, "gzip");
+    if (serve(resp, root_real, path, strncmp(path, "/assets/", 8) == 0, gzip) == 0)
         return;
     /* SPA fallback: client-side routes have no file extension; never for the
      * API or for missing assets. */
     last = strrchr(path, '/');
     if (!has_file_ext(last) && strncmp(path, "/api/", 5) != 0 &&
         strncmp(path, "/assets/", 8) != 0 &&
-        serve(resp, root_real, "/index.html", false) == 0)
+        serve(resp, root_real, "/index.html", false, gzip) == 0)
         return;
     not_found(resp);
 }

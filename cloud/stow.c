@@ -67,7 +67,7 @@ int cloud_store_place(sqlite3 *db, const char *tmp, const cmn_dicom_info_t *info
     }
     if (rc == 0) {
         if ((rc = cloud_archive_conflict_path(info->sop_uid, sha256, dst, sizeof(dst))) < 0 ||
-            (rc = cloud_archive_place(tmp, dst)) < 0 ||
+            (rc = cloud_archive_place_sha(tmp, dst, sha256)) < 0 ||
             (rc = cloud_index_add_conflict(db, info->sop_uid, sha256, dst, source)) < 0)
             return rc;
         CMN_LOG_W("store", "conflict sop=%s sha=%.16s kept=%.16s source=%s", info->sop_uid,
@@ -79,8 +79,9 @@ int cloud_store_place(sqlite3 *db, const char *tmp, const cmn_dicom_info_t *info
         return rc;
     if ((rc = cloud_archive_path(info->study_uid, info->series_uid, info->sop_uid, dst,
                                  sizeof(dst))) < 0 ||
-        (rc = cloud_archive_place(tmp, dst)) < 0 ||
-        (rc = cloud_index_add_instance(db, info, dst, size, sha256, json)) < 0)
+        (rc = cloud_archive_place_sha(tmp, dst, sha256)) < 0 ||
+        (rc = cloud_index_add_instance(db, info, dst, size, sha256, json)) < 0 ||
+        (rc = cloud_index_set_source(db, info->sop_uid, source)) < 0)
         return rc;
     *result = CLOUD_STORE_STORED;
     return 0;

@@ -52,7 +52,9 @@
  * so the in-buffer never holds more than one read (64 KiB). The handshake
  * runs in IDLE under the handshake timer. Only one ciphertext write is in
  * flight (tls->fly); records produced meanwhile (alerts, close_notify) wait
- * in the session's output buffer. Closing sends close_notify first.
+ * in the session's output buffer. Closing sends close_notify first. A plain
+ * HTTP request on the TLS port is closed unanswered, with a (rate-limited)
+ * warning naming the cause: the client only sees an empty reply.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -82,6 +84,7 @@
 #define TLS_FLIGHT      (256 * 1024)  /* plaintext encrypted per ciphertext write */
 #define TLS_RECORD      16384         /* max plaintext per TLS record */
 #define TLS_HANDSHAKE_MS 10000
+#define PLAIN_HTTP_LOG_MS 60000       /* at most one "plain HTTP on the TLS port" warning */
 
 /* ------------------------------------------------------------------ types */
 
@@ -220,6 +223,9 @@ struct cmn_http_server {
     char *tmp_dir;                /* owned */
     int port;
     cmn_tls_conf_t *tls_conf;     /* NULL = plain HTTP (owned, shared by connections) */
+    uint64_t plain_http_log_ms;   /* uv_now() of the last plain-HTTP warning */
+    unsigned plain_http_quiet;    /* plain-HTTP connections not warned about since */
+    bool plain_http_logged;       /* plain_http_log_ms is set */
     conn_t *conns;                /* list of live connections */
     int nconns;
     bool closing;
@@ -1598,6 +1604,27 @@ static void tls_read_start(conn_t *c)
         tls_pump_in(c); /* else the running pump sees c->reading */
 }
 
+/* A plain HTTP request on the TLS port: the client has an http:// URL for an
+ * https server and only sees "empty reply" (the connection is closed without
+ * an answer), so say so here, at most once a minute. */
+static void log_plain_http(conn_t *c)
+{
+    cmn_http_server_t *srv = c->srv;
+    uint64_t now = uv_now(srv->loop);
+
+    if (srv->plain_http_logged && now - srv->plain_http_log_ms < PLAIN_HTTP_LOG_MS) {
+        srv->plain_http_quiet++;
+        return;
+    }
+    CMN_LOG_W(SUBSYS,
+              "peer=%s sent plain HTTP to the TLS port, closed without an answer (its URL must "
+              "be https://); %u more since the last warning",
+              c->req.peer, srv->plain_http_quiet);
+    srv->plain_http_logged = true;
+    srv->plain_http_log_ms = now;
+    srv->plain_http_quiet = 0;
+}
+
 /* Runs the handshake, then decrypts buffered records into rbuf and feeds
  * them to the parser while it wants input; starts socket reads once the
  * buffer is drained. Never re-entered: read_start() from inside only sets
@@ -1625,7 +1652,9 @@ static void tls_pump_in(conn_t *c)
             if (rc < 0) {
                 const char *why = cmn_tls_last_error(t->sess);
 
-                if (strncmp(why, "client certificate", 18) == 0)
+                if (cmn_tls_is_plain_http(t->sess))
+                    log_plain_http(c);
+                else if (strncmp(why, "client certificate", 18) == 0)
                     CMN_LOG_W(SUBSYS, "peer=%s TLS handshake refused: %s", c->req.peer, why);
                 else
                     CMN_LOG_D(SUBSYS, "peer=%s TLS handshake failed: %s", c->req.peer, why);
@@ -1799,7 +1828,10 @@ static void on_tls_write(uv_write_t *req, int status)
     if (err == 0 && t->app_write && t->isrc >= t->nsrc && cmn_tls_out_len(t->sess) == 0) {
         /* Every record of the pieces is written: may start the next write. */
         tls_app_write_done(c, 0);
-    } else if (err == 0) {
+    } else if (err == 0 && c->state == CONN_WRITING) {
+        /* Progress restarts the stall timer. Only while WRITING: the other
+         * states' records (close_notify, alerts, "100 Continue") must not
+         * replace their timers (LINGERING would last the idle timeout). */
         timer_arm(c, c->srv->opts.idle_timeout_ms);
     }
     if (err == 0 && c->state != CONN_CLOSING)

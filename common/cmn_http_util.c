@@ -2,7 +2,9 @@
  * cmn_http_util.c - pure HTTP helpers shared by the server and its users:
  * percent-decoding and query-string iteration. No I/O, no allocation.
  */
+#include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "cmn/errors.h"
 #include "cmn/http.h"
@@ -87,4 +89,37 @@ int cmn_http_query_next(const char **cursor, char *key, size_t keylen, char *val
         return err;
     *cursor = end;
     return 1;
+}
+
+bool cmn_http_accepts_encoding(const cmn_http_req_t *req, const char *coding)
+{
+    const char *p = cmn_http_req_header(req, "Accept-Encoding");
+    size_t clen = strlen(coding);
+
+    while (p && *p) {
+        size_t len = strcspn(p, ",");
+        const char *semi = memchr(p, ';', len);
+        size_t name = semi ? (size_t)(semi - p) : len;
+        double q = 1.0;
+
+        while (name && (*p == ' ' || *p == '\t')) {
+            p++;
+            len--;
+            name--;
+        }
+        while (name && (p[name - 1] == ' ' || p[name - 1] == '\t'))
+            name--;
+        if (semi) {
+            const char *qs = strstr(semi, "q=");
+            if (qs && qs < p + len)
+                q = strtod(qs + 2, NULL);
+        }
+        if (((name == clen && strncasecmp(p, coding, clen) == 0) || (name == 1 && *p == '*')) &&
+            q > 0)
+            return true;
+        p += len;
+        if (*p == ',')
+            p++;
+    }
+    return false;
 }

@@ -55,6 +55,8 @@ struct cmn_tls {
     cmn_buf_t out;               /* records waiting to be sent (owned) */
     bool established;
     bool notify_sent;
+    bool got_input;              /* a first byte has been received */
+    bool plain_http;             /* ... and it started a plain HTTP request */
     int last_err;                /* last mbedTLS error, for logs */
     char errtext[128];
     char *peer_cn;               /* owned, NULL when no client certificate */
@@ -254,7 +256,20 @@ void cmn_tls_in_commit(cmn_tls_t *t, size_t n)
 {
     if (CMN_NEVER(n > TLS_IN_CAP - t->in_len))
         n = TLS_IN_CAP - t->in_len;
+    if (n > 0 && !t->got_input) {
+        /* A TLS stream starts with a record type (0x14-0x17; 0x80 for an
+         * SSLv2-style hello), an HTTP request with an upper-case method. */
+        unsigned char first = (unsigned char)t->in[t->in_len];
+
+        t->got_input = true;
+        t->plain_http = first >= 'A' && first <= 'Z';
+    }
     t->in_len += n;
+}
+
+bool cmn_tls_is_plain_http(const cmn_tls_t *t)
+{
+    return t->plain_http;
 }
 
 size_t cmn_tls_in_pending(const cmn_tls_t *t)

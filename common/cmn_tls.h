@@ -52,6 +52,12 @@ void cmn_tls_in_space(cmn_tls_t *t, char **p, size_t *room);
 void cmn_tls_in_commit(cmn_tls_t *t, size_t n);
 /** Bytes received but not yet consumed by mbedTLS. */
 size_t cmn_tls_in_pending(const cmn_tls_t *t);
+/**
+ * The peer's first byte started a plain HTTP request instead of a TLS record
+ * (a client configured with http:// for an https server): for a clear log
+ * line when the handshake then fails.
+ */
+bool cmn_tls_is_plain_http(const cmn_tls_t *t);
 
 /** Runs the handshake: 0 done, CMN_TLS_AGAIN, or CMN_ECRYPTO (failed; an alert may be queued). */
 int cmn_tls_handshake(cmn_tls_t *t);

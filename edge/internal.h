@@ -55,6 +55,9 @@ typedef struct {
     bool compress;               /* transcode to JPEG-LS lossless before upload */
     long long compress_parallel; /* instances transcoded at once (threadpool) */
     char *urgent_calling_aes;    /* comma-separated calling AE titles whose images go first */
+    long long bundle_max_bytes;  /* bundles of small instances up to this size; 0 = no bundles */
+    long long bundle_max_count;  /* instances per bundle */
+    long long manifest_quiet_ms; /* study manifest once a study is uploaded and quiet this long; -1 = off */
 } edge_conf_upload_t;
 
 typedef struct {

@@ -146,8 +146,12 @@ unsigned edge__store_end(void *ud, const edge_scp_store_t *st)
 
     /* A file shorter than what arrived means a write was lost (buffered
      * data dropped at close on a full disk). */
-    if (stat(st->tmp_path, &sb) < 0 ||
-        (uint64_t)sb.st_size < st->dataset_bytes + PART10_PREFIX) {
+    if (st->sha256) {
+        sb.st_size = (off_t)st->file_bytes;
+    } else if (stat(st->tmp_path, &sb) < 0) {
+        sb.st_size = 0;
+    }
+    if ((uint64_t)sb.st_size < st->dataset_bytes + PART10_PREFIX) {
         CMN_LOG_W("scp", "received file incomplete sop=%s (disk full?): A700", req_sop);
         status = EDGE_STATUS_OUT_OF_RESOURCES;
         goto out_unlink;
@@ -182,7 +186,12 @@ unsigned edge__store_end(void *ud, const edge_scp_store_t *st)
         .series_uid = info->series_uid,
         .calling_ae = st->calling_ae,
     };
-    rc = edge_spool_add(ctx->spool, st->tmp_path, &uids, &id, sha);
+    if (st->sha256) {
+        snprintf(sha, sizeof(sha), "%s", st->sha256);
+        rc = edge_spool_add_received(ctx->spool, st->tmp_path, &uids, sha, st->file_bytes, &id);
+    } else {
+        rc = edge_spool_add(ctx->spool, st->tmp_path, &uids, &id, sha);
+    }
     if (rc < 0) {
         CMN_LOG_W("scp", "spooling failed sop=%s: %s: A700", req_sop, cmn_strerror(rc));
         free(info);

@@ -52,6 +52,8 @@
 #include "dcmtk/dcmnet/dul.h"
 #include "dcmtk/dcmnet/scppool.h"
 #include "dcmtk/dcmnet/scpthrd.h"
+#include "dcmtk/dcmdata/dcostrma.h"
+#include "dcmtk/dcmdata/dcostrmf.h"
 #include "dcmtk/oflog/oflog.h"
 
 extern "C" {
@@ -59,6 +61,7 @@ extern "C" {
 }
 #include "proto/proto.h"
 #include "scp_dcmtk.h"
+#include "sha256.h"
 
 /* ------------------------------------------------------------ SOP classes */
 
@@ -167,18 +170,68 @@ static std::string trim(const OFString &s)
     return r.substr(i);
 }
 
+/* ------------------------------------------------------------ receive */
+
+/* Where DIMSE_receiveDataSetInFile puts the data set bytes: straight into
+ * the file, hashed on the way (so the spool need not read the file back).
+ * A write error is remembered and the rest of the data set is consumed and
+ * dropped, so the association stays in step and the C side answers A700. */
+class HashFileConsumer : public DcmConsumer
+{
+public:
+    HashFileConsumer(int fd, edge_sha256_t *sha, int err) : m_fd(fd), m_sha(sha), m_err(err) {}
+    virtual OFBool good() const { return OFTrue; }
+    virtual OFCondition status() const { return EC_Normal; }
+    virtual OFBool isFlushed() const { return OFTrue; }
+    virtual offile_off_t avail() const { return (offile_off_t)1 << 30; }
+    virtual void flush() {}
+    virtual offile_off_t write(const void *buf, offile_off_t len)
+    {
+        if (m_err == 0 && len > 0) {
+            const char *p = (const char *)buf;
+            size_t left = (size_t)len;
+            edge_sha256_update(m_sha, p, left);
+            while (left > 0) {
+                ssize_t n = ::write(m_fd, p, left);
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n <= 0) {
+                    m_err = n < 0 ? errno : EIO;
+                    break;
+                }
+                p += n;
+                left -= (size_t)n;
+            }
+        }
+        return len;
+    }
+    int error() const { return m_err; }
+
+private:
+    int m_fd;
+    edge_sha256_t *m_sha;
+    int m_err;                   /* first write errno, 0 = none */
+};
+
+class HashFileStream : public DcmOutputStream
+{
+public:
+    explicit HashFileStream(HashFileConsumer *c) : DcmOutputStream(c) {}
+};
+
 /* ------------------------------------------------------------ worker */
 
 class EdgeStoreSCP : public DcmThreadSCP
 {
 public:
-    EdgeStoreSCP() : m_received(0) {}
+    EdgeStoreSCP() : m_received(0), m_assoc(NULL) {}
 
     virtual OFCondition run(T_ASC_Association *assoc)
     {
         /* DcmSCPPool never joins its threads: without this each association
          * leaks a stack mapping (c-stack.md). */
         pthread_detach(pthread_self());
+        m_assoc = assoc;         /* DcmSCP keeps its copy private */
         try {
             return DcmThreadSCP::run(assoc);
         } catch (...) {
@@ -276,7 +329,10 @@ private:
         }
 
         m_received = 0;
-        cond = receiveSTORERequest(req, presID, OFString(path));
+        char sha[PROTO_HEX256 + 1];
+        uint64_t file_bytes = 0;
+        int write_err = 0;
+        cond = receiveToFile(req, presID, path, sha, &file_bytes, &write_err);
 
         OFString calling = getPeerAETitle();
         OFString peer = getPeerIP();
@@ -293,6 +349,12 @@ private:
              * the association is still usable. */
             if (cond.module() == OFM_dcmnet && cond.code() == DIMSEC_OUTOFRESOURCES)
                 st.out_of_resources = 1;
+        } else if (write_err != 0) {
+            st.receive_failed = 1;
+            st.out_of_resources = 1;
+        } else {
+            st.sha256 = sha;
+            st.file_bytes = file_bytes;
         }
         status = s->opts.store_end(s->opts.ud, &st);
         if (cond.bad() && !st.out_of_resources)
@@ -300,7 +362,65 @@ private:
         return sendSTOREResponse(presID, req, (Uint16)status);
     }
 
+    /* What DcmSCP::receiveSTORERequest(filename) does, with our stream:
+     * the meta header through DCMTK's own writer, then the data set
+     * exactly as received, hashed while it is written. On a write error
+     * the data set is still read to its end (*write_err set, cond good). */
+    OFCondition receiveToFile(T_DIMSE_C_StoreRQ &req, T_ASC_PresentationContextID presID,
+                              const char *path, char sha_hex[PROTO_HEX256 + 1],
+                              uint64_t *file_bytes, int *write_err)
+    {
+        DcmOutputFileStream *meta = NULL;
+        T_ASC_PresentationContextID ds_pres = 0;
+        edge_sha256_t sha;
+        OFCondition cond;
+        char buf[4096];
+
+        *write_err = 0;
+        cond = DIMSE_createFilestream(OFFilename(path), &req, m_assoc, presID, OFTrue, &meta);
+        delete meta;             /* flushes and closes the meta header */
+        int fd = cond.good() ? open(path, O_RDWR | O_APPEND | O_CLOEXEC) : -1;
+        if (fd < 0) {
+            DIC_UL bytes = 0, pdvs = 0;
+            cond = DIMSE_ignoreDataSet(m_assoc, getConfig().getDIMSEBlockingMode(),
+                                       (int)getConfig().getDIMSETimeout(), &bytes, &pdvs);
+            if (cond.good())
+                cond = DIMSE_OUTOFRESOURCES;
+            return cond;
+        }
+        edge_sha256_init(&sha);
+        uint64_t total = 0;
+        for (;;) {              /* the meta header just written, from the page cache */
+            ssize_t n = pread(fd, buf, sizeof(buf), (off_t)total);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0) {
+                *write_err = errno;
+                break;
+            }
+            if (n == 0)
+                break;
+            edge_sha256_update(&sha, buf, (size_t)n);
+            total += (uint64_t)n;
+        }
+        HashFileConsumer cons(fd, &sha, *write_err);
+        HashFileStream out(&cons);
+        cond = DIMSE_receiveDataSetInFile(m_assoc, getConfig().getDIMSEBlockingMode(),
+                                          (int)getConfig().getDIMSETimeout(), &ds_pres, &out,
+                                          callbackRECEIVEProgress, this);
+        if (cond.good() && ds_pres != presID)
+            cond = DIMSE_RECEIVEFAILED;    /* data set on another context than its command */
+        if (*write_err == 0)
+            *write_err = cons.error();
+        if (close(fd) < 0 && *write_err == 0)
+            *write_err = errno;
+        edge_sha256_final_hex(&sha, sha_hex);
+        *file_bytes = total + (uint64_t)out.tell();
+        return cond;
+    }
+
     unsigned long m_received;    /* data set bytes received so far (progress callback) */
+    T_ASC_Association *m_assoc;  /* this worker's association (owned by DcmSCP) */
 };
 
 /* ------------------------------------------------------------ pool */

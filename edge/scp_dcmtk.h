@@ -39,6 +39,9 @@ typedef struct {
     const char *sop_instance_uid;/* Affected SOP Instance UID from the request */
     const char *calling_ae;      /* the peer's AE title */
     const char *peer_ip;
+    /* Set when receiving succeeded: the file was hashed while it was written. */
+    const char *sha256;          /* hex SHA-256 of the whole file, or NULL */
+    uint64_t file_bytes;         /* size of the file */
 } edge_scp_store_t;
 
 typedef struct {

@@ -26,7 +26,7 @@
  * refuses new instances while that count is at or above it, and the
  * quota alarm is raised (logged as an error, shown by the status page).
  *
- * Every function here blocks (SQLite with synchronous=FULL, fsync): call it
+ * Every function here blocks (SQLite, fsync, the journal): call it
  * from an SCP worker thread or the libuv threadpool, never the loop thread.
  * All functions are thread-safe (one connection guarded by a mutex).
  */
@@ -124,6 +124,17 @@ int edge_spool_add(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids
                    int64_t *id_out, char sha_out[PROTO_HEX256 + 1]);
 
 /**
+ * Records a received file that was hashed while it was written (sha256,
+ * size): through the ingest journal - one group-committed fdatasync, the
+ * file renamed to dir/objects/<sha256>.dcm, the row inserted - or, for
+ * instances too big for the journal, like edge_spool_add. Returns once the
+ * instance and its row are durable (the caller may acknowledge it). The
+ * temporary file no longer exists afterwards. 0 or as edge_spool_add.
+ */
+int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids_t *uids,
+                            const char *sha256, uint64_t size, int64_t *id_out);
+
+/**
  * Claims up to max prepared PENDING rows due at now_ms (wall clock),
  * highest priority first, then oldest, marking them UPLOADING. *n is the
  * number claimed. *next_due_ms is the earliest next_attempt_at among
@@ -195,5 +206,54 @@ typedef struct {
 int edge_spool_stats(edge_spool_t *sp, int64_t now_ms, edge_spool_stats_t *st);
 
 const char *edge_spool_state_name(edge_spool_state_t s);
+
+
+/* ======================================================================
+ * Upload groups (bundles) and study manifests - added for the upload
+ * engine (issue 3 bundles); implemented in the matching block at the end
+ * of spool.c. Blocking, thread-safe, like everything above.
+ * ====================================================================== */
+
+/**
+ * Claims one upload group: the first due prepared PENDING row (priority,
+ * then due time, then id) and, with it, either the rows it was grouped
+ * with before (a bundle being resumed: same members, still PENDING and
+ * prepared), or - when it is not grouped and its upload file is at most
+ * small_max bytes - other due, prepared, ungrouped PENDING rows of the same
+ * study and priority with files of at most small_max bytes, lowest id
+ * first, up to max_count rows and max_bytes in total; a new group of two
+ * or more is recorded. All are marked UPLOADING; items come back ordered
+ * by id. *n = 0 when nothing is due. *next_due_ms as edge_spool_claim.
+ * 0 or CMN_EDB.
+ */
+int edge_spool_claim_group(edge_spool_t *sp, int64_t now_ms, uint64_t small_max, int max_count,
+                           uint64_t max_bytes, edge_spool_item_t *items, int *n,
+                           int64_t *next_due_ms);
+
+/** DONE for n rows in one transaction (and forgets their group). 0 or CMN_EDB. */
+int edge_spool_mark_done_many(edge_spool_t *sp, const int64_t *ids, int n, uint64_t bytes_sent);
+
+/** Forgets the group of row id (its rows are grouped afresh at the next claim). */
+int edge_spool_group_dissolve(edge_spool_t *sp, int64_t id);
+
+/** A study manifest to send: DONE rows of a study with their uploaded hashes. */
+typedef struct {
+    char study_uid[PROTO_UID_MAX + 1];
+    char sig[48];                    /* "<done count>:<max id>": what this manifest covers */
+    int n;
+    proto_manifest_entry_t *e;       /* n entries; owned, edge_spool_manifest_free */
+} edge_spool_manifest_t;
+
+/**
+ * Finds a study whose manifest is due: no PENDING/UPLOADING rows, no row
+ * received in the last quiet_ms, and DONE rows other than the last
+ * acknowledged manifest covered. out->study_uid is "" when none is due;
+ * else up to max entries (by row id). 0 or CMN_EDB.
+ */
+int edge_spool_manifest_next(edge_spool_t *sp, int64_t quiet_ms, int max,
+                             edge_spool_manifest_t *out);
+/** Records that the cloud acknowledged the manifest with this sig. */
+int edge_spool_manifest_sent(edge_spool_t *sp, const char *study_uid, const char *sig);
+void edge_spool_manifest_free(edge_spool_manifest_t *m);
 
 #endif /* EDGE_SPOOL_H */

@@ -10,9 +10,24 @@
  * instance, the original itself is recorded. upload.compress_parallel rows
  * per batch; a batch is listed, run, and the next listed when it is done.
  *
- * UPLOAD: the worker claims up to upload.parallel prepared, due rows from
- * the spool (PENDING -> UPLOADING, urgent first, in the threadpool) and runs
- * one job per row - only while the schedule (schedule.h) has a window open.
+ * UPLOAD: the worker claims up to upload.parallel upload groups from the
+ * spool (PENDING -> UPLOADING, urgent first, in the threadpool) and runs one
+ * job per group - only while the schedule (schedule.h) has a window open.
+ * A group is one instance, or a bundle: small instances of one study
+ * (edge_spool_claim_group; upload.bundle_max_bytes/_count) sent as one
+ * object of kind "bundle" (PROTOCOL.md "Bundles"). A bundle's bytes are
+ * never written out: HASHING builds its header from the spool rows and
+ * hashes header + member files in one pass; READING maps a chunk onto the
+ * header and the member files. The group is persisted, so a retried or
+ * restarted bundle has the same bytes and resumes from the cloud's "have".
+ * The commit answer settles each member's row (DONE, or FAILED when the
+ * cloud rejected it).
+ *
+ * MANIFESTS: after rows become DONE the worker looks, every quarter of
+ * upload.manifest_quiet_ms for a while, for studies with nothing left to
+ * upload and nothing new for manifest_quiet_ms, and POSTs their manifest
+ * (one manifest job at a time, outside upload.parallel; it reuses the job
+ * states HASHING = list, COMMITTING = POST, RECORDING = remember it).
  * Worker state:
  *
  *     IDLE --pump: window open, free slots--> CLAIMING --claimed--> IDLE
@@ -109,6 +124,14 @@ const cmn_conf_opt_t edge__upload_opts[] = {
                      "instances transcoded at once"),
     CMN_CONF_OPT_STR(edge_conf_upload_t, urgent_calling_aes, "",
                      "comma-separated calling AE titles (e.g. the ER's CT) uploaded first"),
+    CMN_CONF_OPT_INT(edge_conf_upload_t, bundle_max_bytes, 4 << 20, 0, 256 << 20,
+                     "bundle instances of one study (each at most a quarter of this) into one "
+                     "upload object of up to this many bytes; 0 = one object per instance"),
+    CMN_CONF_OPT_INT(edge_conf_upload_t, bundle_max_count, 100, 2, PROTO_BUNDLE_MAX_MEMBERS,
+                     "instances per bundle"),
+    CMN_CONF_OPT_INT(edge_conf_upload_t, manifest_quiet_ms, 5000, -1, 86400000,
+                     "send a study's manifest once all of it is uploaded and nothing new came "
+                     "for this long; -1 = no manifests"),
 };
 const size_t edge__upload_nopts = CMN_ARRAY_SIZE(edge__upload_opts);
 
@@ -276,17 +299,32 @@ typedef enum {
     JOB_OUT_FAILED,
     JOB_OUT_RELEASE,                 /* window closed: back to PENDING, no attempt counted */
     JOB_OUT_REPREPARE,               /* the prepared file is bad: prepare again */
+    JOB_OUT_SPLIT,                   /* bundle with a bad member: members settled one by one */
 } job_outcome_t;
 
 /* Local hash check result: the original is fine, the prepared file is not. */
 #define JOB_E_REPREPARE 1
+/* A bundle member's file is unusable: the bundle is dissolved (mstat says who). */
+#define JOB_E_SPLIT 2
 
 typedef struct edge_job edge_job_t;
 
 struct edge_job {
     edge_upload_t *up;
     edge_job_state_t state;
-    edge_spool_item_t item;          /* the claimed row */
+    edge_spool_item_t item;          /* the claimed row (a bundle's first member) */
+    edge_spool_item_t *members;      /* nmembers claimed rows, members[0] == item; owned */
+    int nmembers;
+    bool bundle;                     /* nmembers > 1: one object of kind "bundle" */
+    uint8_t *bhdr;                   /* bundle header bytes (blayout.header_len); owned */
+    proto_bundle_t blayout;          /* member offsets in the bundle; blayout.m owned */
+    char obj_sha[PROTO_HEX256 + 1];  /* the uploaded object (instance file or bundle) */
+    uint64_t obj_size;
+    int *mstat;                      /* HASHING: per member 0, JOB_E_REPREPARE or -errno; owned */
+    proto_commit_result_t *mres;     /* commit result per member; owned */
+    long next_timeout_ms;            /* > 0: timeout of the next request only */
+    bool manifest;                   /* a study-manifest job (not an upload) */
+    edge_spool_manifest_t mf;        /* its manifest (owned) */
     uv_work_t work;                  /* threadpool step in flight (HASHING/READING/RECORDING) */
     int work_rc;
     bool busy;                       /* a work item or HTTP request is in flight */
@@ -334,14 +372,20 @@ struct edge_upload {
     uv_async_t wake;                 /* SCP threads -> pump */
     uv_timer_t timer;                /* next retry due */
     uv_work_t claim_work;
-    edge_spool_item_t *claimed;      /* claim_max items; owned */
+    edge_spool_item_t **claimed;     /* claim_max groups (each owned until a job takes it) */
+    int *claimed_n;                  /* rows per group */
     int claim_max, claim_n, claim_rc;
     int64_t claim_next_due;
     bool pump_again;                 /* woken while CLAIMING */
     bool claiming;                   /* claim_work in flight (also while CLOSING) */
     edge_job_t *jobs;                /* in flight */
     int njobs;
-    int handles_open;                /* wake + timer + pace_timer, until their close callbacks */
+    int handles_open;                /* wake + timer + pace_timer + manifest_timer */
+    /* study manifests */
+    uv_timer_t manifest_timer;
+    edge_job_t *manifest_job;        /* the one manifest job in flight, not in jobs */
+    uint64_t manifest_next_ms;       /* edge__now_ms() of the next check */
+    uint64_t manifest_until_ms;      /* keep checking until then (set when rows get DONE) */
     void (*done)(void *ud);
     void *done_ud;
     /* schedule and bandwidth */
@@ -374,6 +418,8 @@ static void job_finish(edge_job_t *job, job_outcome_t out, const char *kind, con
     __attribute__((format(printf, 4, 5)));
 static void maybe_closed(edge_upload_t *up);
 static void on_timer(uv_timer_t *t);
+static void manifest_poke(edge_upload_t *up);
+static void manifest_finished(edge_upload_t *up, edge_job_t *job);
 
 static const char *job_state_name(edge_job_state_t s)
 {
@@ -394,7 +440,8 @@ static void job_set_state(edge_job_t *job, edge_job_state_t to)
     case EDGE_JOB_PACING: ok = from == EDGE_JOB_READING; break;
     case EDGE_JOB_SENDING: ok = from == EDGE_JOB_PACING; break;
     case EDGE_JOB_COMMITTING:
-        ok = from == EDGE_JOB_DECLARING || from == EDGE_JOB_SENDING || from == EDGE_JOB_READING;
+        ok = from == EDGE_JOB_DECLARING || from == EDGE_JOB_SENDING || from == EDGE_JOB_READING ||
+             (job->manifest && from == EDGE_JOB_HASHING);
         break;
     case EDGE_JOB_RECORDING: ok = from != EDGE_JOB_RECORDING && from != EDGE_JOB_FINISHED; break;
     case EDGE_JOB_FINISHED: ok = true; break;
@@ -428,6 +475,7 @@ typedef struct {
     char extra_header[160];          /* "" = none */
     char token_id[PROTO_TOKEN_ID_HEX + 1];   /* the token the last send used */
     bool resent;                     /* re-sent once after a token rejection */
+    long timeout_ms;
 } http_ctx_t;
 
 static void on_http(const cmn_http_result_t *res, void *ud)
@@ -528,7 +576,7 @@ static int signed_send_now(http_ctx_t *ctx, const proto_token_t *tok)
         .headers = headers,
         .body = ctx->body,
         .body_len = ctx->body_len,
-        .timeout_ms = (long)c->timeout_ms,
+        .timeout_ms = ctx->timeout_ms,
         .max_response = 1 << 20,
         .ca_file = c->ca_file && *c->ca_file ? c->ca_file : NULL,
         .pinned_pubkey = c->pinned_pubkey && *c->pinned_pubkey ? c->pinned_pubkey : NULL,
@@ -622,6 +670,8 @@ static int send_signed(edge_job_t *job, const char *method, const char *rel_path
     snprintf(ctx->body_sha, sizeof(ctx->body_sha), "%s", body_sha);
     snprintf(ctx->content_type, sizeof(ctx->content_type), "%s", content_type);
     snprintf(ctx->extra_header, sizeof(ctx->extra_header), "%s", extra_header ? extra_header : "");
+    ctx->timeout_ms = job->next_timeout_ms > 0 ? job->next_timeout_ms : (long)job->up->conf->timeout_ms;
+    job->next_timeout_ms = 0;
     rc = signed_dispatch(ctx);
     if (rc < 0) {
         free(ctx);
@@ -848,6 +898,12 @@ static void pace_enqueue(edge_job_t *job)
 
 static void job_free(edge_job_t *job)
 {
+    free(job->members);
+    free(job->bhdr);
+    proto_bundle_free(&job->blayout);
+    free(job->mstat);
+    free(job->mres);
+    edge_spool_manifest_free(&job->mf);
     free(job->have);
     free(job->chunk);
     free(job->json);
@@ -883,11 +939,12 @@ static int check_file(const char *path, const char *sha, uint64_t want_size)
 
 /* HASHING: the spooled original must still be what was received, and the
  * prepared file what was recorded (else it is prepared again). */
-static void hash_work(uv_work_t *w)
+static void hash_work_one(edge_job_t *job)
 {
-    edge_job_t *job = container_of(w, edge_job_t, work);
     const edge_spool_item_t *it = &job->item;
 
+    snprintf(job->obj_sha, sizeof(job->obj_sha), "%s", it->up_sha256);
+    job->obj_size = it->up_size;
     job->work_rc = check_file(it->path, it->sha256, it->size);
     if (job->work_rc < 0)
         return;
@@ -896,35 +953,259 @@ static void hash_work(uv_work_t *w)
         job->work_rc = JOB_E_REPREPARE;
 }
 
-static void read_work(uv_work_t *w)
+/* Hashes path into hex (and into outer, when not NULL). 0 or -errno. */
+static int hash_into(const char *path, cmn_sha256_ctx_t *outer, char hex[PROTO_HEX256 + 1],
+                     uint64_t *size)
 {
-    edge_job_t *job = container_of(w, edge_job_t, work);
-    uint64_t off = (uint64_t)job->next_chunk * job->chunk_size;
-    uint8_t d[CMN_SHA256_LEN];
-    size_t got = 0;
-    int fd;
+    uint8_t d[CMN_SHA256_LEN], *buf;
+    cmn_sha256_ctx_t c;
+    int fd, rc = 0;
+    ssize_t n;
 
-    job->work_rc = 0;
-    fd = open(job->item.up_path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        job->work_rc = -errno;
+    *size = 0;
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    buf = cmn_xmalloc(1 << 16);
+    cmn_sha256_init(&c);
+    while ((n = read(fd, buf, 1 << 16)) != 0) {
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = -errno;
+            break;
+        }
+        cmn_sha256_update(&c, buf, (size_t)n);
+        if (outer)
+            cmn_sha256_update(outer, buf, (size_t)n);
+        *size += (uint64_t)n;
+    }
+    free(buf);
+    close(fd);
+    cmn_sha256_final(&c, d);
+    cmn_hex(d, sizeof(d), hex);
+    return rc;
+}
+
+/*
+ * HASHING of a bundle: every member's original and prepared file must
+ * match the spool (else the bundle is split: JOB_E_SPLIT, per member in
+ * mstat); the bundle's header is built from the spool rows and its
+ * SHA-256 computed over the header and the prepared files in one pass.
+ */
+static void hash_work_bundle(edge_job_t *job)
+{
+    cmn_sha256_ctx_t bctx;
+    uint8_t d[CMN_SHA256_LEN];
+    char hex[PROTO_HEX256 + 1];
+    bool bad = false;
+    uint64_t size;
+
+    free(job->mstat);
+    job->mstat = cmn_xcalloc((size_t)job->nmembers, sizeof(*job->mstat));
+    free(job->bhdr);
+    proto_bundle_free(&job->blayout);
+    memset(&job->blayout, 0, sizeof(job->blayout));
+    snprintf(job->blayout.study_uid, sizeof(job->blayout.study_uid), "%s", job->item.study_uid);
+    job->blayout.n = (uint32_t)job->nmembers;
+    job->blayout.m = cmn_xcalloc((size_t)job->nmembers, sizeof(*job->blayout.m));
+    for (int i = 0; i < job->nmembers; i++) {
+        const edge_spool_item_t *it = &job->members[i];
+        proto_bundle_member_t *m = &job->blayout.m[i];
+        snprintf(m->sop_uid, sizeof(m->sop_uid), "%s", it->sop_uid);
+        snprintf(m->series_uid, sizeof(m->series_uid), "%s", it->series_uid);
+        snprintf(m->sha256, sizeof(m->sha256), "%s", it->up_sha256);
+        m->size = it->up_size;
+    }
+    job->bhdr = proto_bundle_header_encode(&job->blayout);
+    if (!job->bhdr) {
+        job->work_rc = CMN_EPARSE;   /* a row with a bad UID: retried, logged */
         return;
     }
-    while (got < job->chunk_len) {
-        ssize_t n = pread(fd, job->chunk + got, job->chunk_len - got, (off_t)(off + got));
+    cmn_sha256_init(&bctx);
+    cmn_sha256_update(&bctx, job->bhdr, job->blayout.header_len);
+    for (int i = 0; i < job->nmembers; i++) {
+        const edge_spool_item_t *it = &job->members[i];
+        bool same = strcmp(it->up_path, it->path) == 0;
+        int rc;
+
+        if (!same && (rc = check_file(it->path, it->sha256, it->size)) < 0) {
+            job->mstat[i] = rc;
+            bad = true;
+            continue;
+        }
+        rc = hash_into(it->up_path, bad ? NULL : &bctx, hex, &size);
+        if (rc < 0 || size != it->up_size || strcmp(hex, it->up_sha256) != 0) {
+            job->mstat[i] = same ? (rc < 0 ? rc : CMN_EHASH) : JOB_E_REPREPARE;
+            bad = true;
+        }
+    }
+    cmn_sha256_final(&bctx, d);
+    if (bad) {
+        job->work_rc = JOB_E_SPLIT;
+        return;
+    }
+    cmn_hex(d, sizeof(d), job->obj_sha);
+    job->obj_size = job->blayout.size;
+    job->work_rc = 0;
+}
+
+static void manifest_list_work(uv_work_t *w)
+{
+    edge_job_t *job = container_of(w, edge_job_t, work);
+    edge_spool_manifest_free(&job->mf);
+    job->work_rc = edge_spool_manifest_next(job->up->spool, job->up->conf->manifest_quiet_ms,
+                                            (int)PROTO_MANIFEST_MAX, &job->mf);
+}
+
+static void hash_work(uv_work_t *w)
+{
+    edge_job_t *job = container_of(w, edge_job_t, work);
+
+    if (job->bundle)
+        hash_work_bundle(job);
+    else
+        hash_work_one(job);
+}
+
+/* Reads len bytes at off of path into buf. 0 or -errno (-EIO when short). */
+static int read_at(const char *path, uint64_t off, uint8_t *buf, size_t len)
+{
+    size_t got = 0;
+    int fd, rc = 0;
+
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    while (got < len) {
+        ssize_t n = pread(fd, buf + got, len - got, (off_t)(off + got));
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {
-            job->work_rc = n < 0 ? -errno : -EIO;
+            rc = n < 0 ? -errno : -EIO;
             break;
         }
         got += (size_t)n;
     }
     close(fd);
+    return rc;
+}
+
+/* The bytes [off, off+len) of the bundle: header, then the members' files. */
+static int read_bundle_range(edge_job_t *job, uint64_t off, uint8_t *buf, size_t len)
+{
+    const proto_bundle_t *b = &job->blayout;
+    uint64_t end = off + len;
+    int rc;
+
+    if (off < b->header_len) {
+        size_t n = (size_t)((end < b->header_len ? end : b->header_len) - off);
+        memcpy(buf, job->bhdr + off, n);
+    }
+    for (uint32_t i = 0; i < b->n; i++) {
+        uint64_t ms = b->m[i].offset, me = ms + b->m[i].size;
+        if (me <= off || ms >= end)
+            continue;
+        uint64_t a = off > ms ? off : ms, z = end < me ? end : me;
+        rc = read_at(job->members[i].up_path, a - ms, buf + (a - off), (size_t)(z - a));
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+static void read_work(uv_work_t *w)
+{
+    edge_job_t *job = container_of(w, edge_job_t, work);
+    uint64_t off = (uint64_t)job->next_chunk * job->chunk_size;
+    uint8_t d[CMN_SHA256_LEN];
+
+    if (job->bundle)
+        job->work_rc = read_bundle_range(job, off, job->chunk, job->chunk_len);
+    else
+        job->work_rc = read_at(job->item.up_path, off, job->chunk, job->chunk_len);
     if (job->work_rc == 0) {
         cmn_sha256(job->chunk, job->chunk_len, d);
         cmn_hex(d, sizeof(d), job->chunk_sha);
     }
+}
+
+/* True when the cloud holds (or may hold) part of this job's object. */
+static bool has_cloud_progress(const edge_job_t *job)
+{
+    if (job->bytes_sent > 0)
+        return true;
+    for (uint32_t i = 0; job->have && i < job->nchunks; i++) {
+        if (job->have[i])
+            return true;
+    }
+    return false;
+}
+
+/* RECORDING of a bundle: every member's row, the bytes counted once. */
+static void record_bundle(edge_job_t *job)
+{
+    edge_spool_t *sp = job->up->spool;
+    int64_t *ids = cmn_xcalloc((size_t)job->nmembers, sizeof(*ids));
+    int n = 0, rc = 0;
+
+    switch (job->outcome) {
+    case JOB_OUT_DONE:
+        for (int i = 0; i < job->nmembers; i++) {
+            if (job->mres && job->mres[i] == PROTO_COMMIT_REJECTED) {
+                int r = edge_spool_mark_failed(sp, job->members[i].id,
+                                               "rejected by the cloud in a bundle");
+                rc = rc < 0 ? rc : r;
+            } else {
+                ids[n++] = job->members[i].id;
+            }
+        }
+        if (n > 0) {
+            int r = edge_spool_mark_done_many(sp, ids, n, job->bytes_sent);
+            rc = rc < 0 ? rc : r;
+        }
+        break;
+    case JOB_OUT_SPLIT:
+        rc = edge_spool_group_dissolve(sp, job->item.id);
+        for (int i = 0; i < job->nmembers; i++) {
+            int64_t id = job->members[i].id, st = job->mstat ? job->mstat[i] : 0;
+            uint64_t sent = i == 0 ? job->bytes_sent : 0;
+            int r;
+            if (st < 0) {
+                r = edge_spool_mark_failed(sp, id, "spooled file unusable");
+            } else if (st == JOB_E_REPREPARE) {
+                r = edge_spool_clear_upload_file(sp, id);
+                if (r == 0)
+                    r = edge_spool_release(sp, id, sent);
+            } else {
+                r = edge_spool_release(sp, id, sent);
+            }
+            rc = rc < 0 ? rc : r;
+        }
+        break;
+    default:
+        /* Nothing of it reached the cloud yet: let the next claim group
+         * afresh (it may form a fuller bundle). With chunks held there, the
+         * same members are taken again so that they are resumed. */
+        if (!has_cloud_progress(job))
+            rc = edge_spool_group_dissolve(sp, job->item.id);
+        for (int i = 0; i < job->nmembers; i++) {
+            int64_t id = job->members[i].id;
+            uint64_t sent = i == 0 ? job->bytes_sent : 0;
+            int r = 0;
+            if (job->outcome == JOB_OUT_RETRY)
+                r = edge_spool_mark_retry(sp, id, job->next_at_ms, job->errmsg,
+                                          i == 0 ? job->errkind : NULL, sent);
+            else if (job->outcome == JOB_OUT_FAILED)
+                r = edge_spool_mark_failed(sp, id, job->errmsg);
+            else
+                r = edge_spool_release(sp, id, sent);
+            rc = rc < 0 ? rc : r;
+        }
+        break;
+    }
+    free(ids);
+    job->work_rc = rc;
 }
 
 static void record_work(uv_work_t *w)
@@ -933,6 +1214,16 @@ static void record_work(uv_work_t *w)
     edge_spool_t *sp = job->up->spool;
     int64_t id = job->item.id;
 
+    if (job->manifest) {
+        job->work_rc = job->outcome == JOB_OUT_DONE
+                           ? edge_spool_manifest_sent(sp, job->mf.study_uid, job->mf.sig)
+                           : 0;
+        return;
+    }
+    if (job->bundle) {
+        record_bundle(job);
+        return;
+    }
     switch (job->outcome) {
     case JOB_OUT_DONE: job->work_rc = edge_spool_mark_done(sp, id, job->bytes_sent); break;
     case JOB_OUT_RETRY:
@@ -949,6 +1240,9 @@ static void record_work(uv_work_t *w)
         if (job->work_rc == 0 || job->outcome == JOB_OUT_RELEASE)
             job->work_rc = edge_spool_release(sp, id, job->bytes_sent);
         break;
+    case JOB_OUT_SPLIT:
+        job->work_rc = CMN_EINTERNAL;   /* bundles only */
+        break;
     }
 }
 
@@ -963,8 +1257,10 @@ static void after_work(uv_work_t *w, int status)
         if (job->work_rc < 0)
             CMN_LOG_E("upload", "cannot record outcome id=%lld sop=%s: %s", (long long)job->item.id,
                       job->item.sop_uid, cmn_strerror(job->work_rc));
-        if (job->outcome == JOB_OUT_REPREPARE)
+        if (job->outcome == JOB_OUT_REPREPARE || job->outcome == JOB_OUT_SPLIT)
             prep_pump(job->up);
+        if (job->outcome == JOB_OUT_DONE && !job->manifest)
+            manifest_poke(job->up);
         job_set_state(job, EDGE_JOB_FINISHED);
         job_step(job);
         return;
@@ -976,6 +1272,21 @@ static void after_work(uv_work_t *w, int status)
     }
     switch (job->state) {
     case EDGE_JOB_HASHING:
+        if (job->manifest) {
+            if (job->work_rc < 0 || !job->mf.study_uid[0]) {
+                job_set_state(job, EDGE_JOB_FINISHED);
+                job_step(job);
+                return;
+            }
+            job_set_state(job, EDGE_JOB_COMMITTING);
+            job_step(job);
+            return;
+        }
+        if (job->work_rc == JOB_E_SPLIT) {
+            job_finish(job, JOB_OUT_SPLIT, "file", "a bundle member's file does not match its "
+                       "hash; members=%d", job->nmembers);
+            return;
+        }
         if (job->work_rc == JOB_E_REPREPARE) {
             job_finish(job, JOB_OUT_REPREPARE, "file", "prepared file %s does not match its hash",
                        job->item.up_kind);
@@ -1031,7 +1342,7 @@ static void on_declared(edge_job_t *job, const cmn_http_result_t *res)
         job_finish(job, JOB_OUT_RETRY, "protocol", "declare: bad status from cloud: %s", err);
         return;
     }
-    if (st.nchunks != proto_chunk_count(job->item.up_size, st.chunk_size)) {
+    if (st.nchunks != proto_chunk_count(job->obj_size, st.chunk_size)) {
         proto_object_status_free(&st);
         job_finish(job, JOB_OUT_RETRY, "protocol",
                    "declare: cloud chunk layout does not match the object");
@@ -1073,11 +1384,95 @@ static void on_chunk(edge_job_t *job, const cmn_http_result_t *res)
     job_step(job);
 }
 
+/* The per-member answer of a bundle commit. */
+static void on_bundle_committed(edge_job_t *job, const cmn_http_result_t *res)
+{
+    proto_bundle_commit_t c;
+    int counts[PROTO_COMMIT_REJECTED + 1] = { 0 };
+    char err[200];
+
+    if (proto_bundle_commit_decode(res->body.data ? res->body.data : "", res->body.len, &c, err,
+                                   sizeof(err)) < 0) {
+        job_finish(job, JOB_OUT_RETRY, "protocol", "commit: bad bundle answer from cloud: %s",
+                   err);
+        return;
+    }
+    if (c.n != (uint32_t)job->nmembers) {
+        proto_bundle_commit_free(&c);
+        job_finish(job, JOB_OUT_RETRY, "protocol", "commit: bundle answer lists %u of %d members",
+                   c.n, job->nmembers);
+        return;
+    }
+    free(job->mres);
+    job->mres = cmn_xcalloc((size_t)job->nmembers, sizeof(*job->mres));
+    for (int i = 0; i < job->nmembers; i++) {
+        if (strcmp(c.m[i].sop_uid, job->members[i].sop_uid) != 0) {
+            proto_bundle_commit_free(&c);
+            job_finish(job, JOB_OUT_RETRY, "protocol", "commit: bundle answer out of order");
+            return;
+        }
+        const edge_spool_item_t *it = &job->members[i];
+        job->mres[i] = c.m[i].result;
+        counts[c.m[i].result]++;
+        /* One line per instance, as for single uploads (grep a SOP UID). */
+        if (c.m[i].result == PROTO_COMMIT_STORED)
+            CMN_LOG_I("upload", "stored sop=%s sha256=%s size=%llu kind=%s priority=%d id=%lld "
+                      "bundle=%.16s", it->sop_uid, it->up_sha256,
+                      (unsigned long long)it->up_size, it->up_kind, it->priority,
+                      (long long)it->id, job->obj_sha);
+        else if (c.m[i].result == PROTO_COMMIT_DUPLICATE)
+            CMN_LOG_I("upload", "duplicate sop=%s sha256=%s (already archived) id=%lld "
+                      "bundle=%.16s", it->sop_uid, it->up_sha256, (long long)it->id,
+                      job->obj_sha);
+        else if (c.m[i].result == PROTO_COMMIT_CONFLICT)
+            CMN_LOG_W("upload", "conflict sop=%s sha256=%s: the cloud holds different bytes for "
+                      "this SOP Instance UID; kept aside there id=%lld", job->members[i].sop_uid,
+                      job->members[i].up_sha256, (long long)job->members[i].id);
+        else if (c.m[i].result == PROTO_COMMIT_REJECTED)
+            CMN_LOG_E("upload", "giving up sop=%s id=%lld: rejected by the cloud (not DICOM or "
+                      "not as declared)", job->members[i].sop_uid, (long long)job->members[i].id);
+    }
+    proto_bundle_commit_free(&c);
+    CMN_LOG_I("upload", "committed bundle sha256=%s size=%llu members=%d stored=%d duplicate=%d "
+              "conflict=%d rejected=%d priority=%d first_id=%lld", job->obj_sha,
+              (unsigned long long)job->obj_size, job->nmembers, counts[PROTO_COMMIT_STORED],
+              counts[PROTO_COMMIT_DUPLICATE], counts[PROTO_COMMIT_CONFLICT],
+              counts[PROTO_COMMIT_REJECTED], job->item.priority, (long long)job->item.id);
+    job_finish(job, JOB_OUT_DONE, NULL, NULL);
+}
+
+static void on_manifest(edge_job_t *job, const cmn_http_result_t *res)
+{
+    proto_manifest_status_t s;
+    char err[200];
+
+    if (res->err < 0 || res->status != 200) {
+        describe_failure(res, err, sizeof(err));
+        CMN_LOG_W("upload", "manifest study=%s: %s", job->mf.study_uid, err);
+        job_finish(job, JOB_OUT_RETRY, NULL, NULL);
+        return;
+    }
+    if (proto_manifest_status_decode(res->body.data ? res->body.data : "", res->body.len, &s,
+                                     err, sizeof(err)) < 0) {
+        CMN_LOG_W("upload", "manifest study=%s: bad answer: %s", job->mf.study_uid, err);
+        job_finish(job, JOB_OUT_RETRY, NULL, NULL);
+        return;
+    }
+    CMN_LOG_I("upload", "manifest study=%s instances=%d: cloud has %u of %u (missing=%u "
+              "mismatched=%u) complete=%s", job->mf.study_uid, job->mf.n, s.received,
+              s.expected, s.missing, s.mismatched, s.complete ? "yes" : "no");
+    job_finish(job, JOB_OUT_DONE, NULL, NULL);
+}
+
 static void on_committed(edge_job_t *job, const cmn_http_result_t *res)
 {
     proto_commit_t c;
     char err[200];
 
+    if (res->err == 0 && res->status == 200 && job->bundle) {
+        on_bundle_committed(job, res);
+        return;
+    }
     if (res->err < 0 || res->status != 200) {
         describe_failure(res, err, sizeof(err));
         job_finish(job, JOB_OUT_RETRY, classify_failure(res), "commit: %s", err);
@@ -1103,6 +1498,8 @@ static void on_committed(edge_job_t *job, const cmn_http_result_t *res)
                   "SOP Instance UID; kept aside there id=%lld", job->item.sop_uid,
                   job->item.up_sha256, (long long)job->item.id);
         break;
+    case PROTO_COMMIT_REJECTED:   /* not decoded for single instances */
+        break;
     }
     job_finish(job, JOB_OUT_DONE, NULL, NULL);
 }
@@ -1116,19 +1513,23 @@ static void job_step(edge_job_t *job)
 
     switch (job->state) {
     case EDGE_JOB_HASHING:
-        queue(job, hash_work);
+        queue(job, job->manifest ? manifest_list_work : hash_work);
         return;
 
     case EDGE_JOB_DECLARING: {
         proto_object_decl_t d;
         memset(&d, 0, sizeof(d));
-        d.kind = PROTO_KIND_INSTANCE;
-        snprintf(d.sha256, sizeof(d.sha256), "%s", job->item.up_sha256);
-        d.size = job->item.up_size;
+        d.kind = job->bundle ? PROTO_KIND_BUNDLE : PROTO_KIND_INSTANCE;
+        snprintf(d.sha256, sizeof(d.sha256), "%s", job->obj_sha);
+        d.size = job->obj_size;
         d.chunk_size = chunk_size_for(up);
         snprintf(d.study_uid, sizeof(d.study_uid), "%s", job->item.study_uid);
-        snprintf(d.series_uid, sizeof(d.series_uid), "%s", job->item.series_uid);
-        snprintf(d.sop_uid, sizeof(d.sop_uid), "%s", job->item.sop_uid);
+        if (job->bundle) {
+            d.members = (uint32_t)job->nmembers;
+        } else {
+            snprintf(d.series_uid, sizeof(d.series_uid), "%s", job->item.series_uid);
+            snprintf(d.sop_uid, sizeof(d.sop_uid), "%s", job->item.sop_uid);
+        }
         char *json = proto_object_decl_encode(&d);
         if (!json) {
             job_finish(job, JOB_OUT_RETRY, "local", "declare: out of memory");
@@ -1148,7 +1549,7 @@ static void job_step(edge_job_t *job)
             job_step(job);
             return;
         }
-        job->chunk_len = proto_chunk_len(job->item.up_size, job->chunk_size, job->next_chunk);
+        job->chunk_len = proto_chunk_len(job->obj_size, job->chunk_size, job->next_chunk);
         if (!job->chunk) {
             job->chunk = cmn_try_malloc(job->chunk_size);
             if (!job->chunk) {
@@ -1173,7 +1574,23 @@ static void job_step(edge_job_t *job)
         break;
 
     case EDGE_JOB_COMMITTING:
+        if (job->manifest) {
+            proto_manifest_t m = { .n = (uint32_t)job->mf.n, .e = job->mf.e };
+            snprintf(m.study_uid, sizeof(m.study_uid), "%s", job->mf.study_uid);
+            char *json = proto_manifest_encode(&m);
+            if (!json) {
+                CMN_LOG_W("upload", "manifest study=%s: cannot encode", job->mf.study_uid);
+                job_finish(job, JOB_OUT_RETRY, NULL, NULL);
+                return;
+            }
+            snprintf(rel, sizeof(rel), "/api/v1/studies/%s/manifest", job->mf.study_uid);
+            rc = send_json(job, "POST", rel, json, on_manifest);
+            break;
+        }
         snprintf(rel, sizeof(rel), "/api/v1/objects/%s/commit", job->object_id);
+        /* The cloud parses and archives every member before it answers. */
+        if (job->bundle)
+            job->next_timeout_ms = (long)up->conf->timeout_ms + 30000 + 200L * job->nmembers;
         rc = send_json(job, "POST", rel, NULL, on_committed);
         break;
 
@@ -1182,7 +1599,10 @@ static void job_step(edge_job_t *job)
         return;
 
     case EDGE_JOB_FINISHED:
-        job_unlink(job);
+        if (job->manifest)
+            manifest_finished(up, job);
+        else
+            job_unlink(job);
         job_free(job);
         live_update(up);
         if (up->state == EDGE_UPLOAD_CLOSING)
@@ -1235,7 +1655,9 @@ static void job_finish(edge_job_t *job, job_outcome_t out, const char *kind, con
         vsnprintf(job->errmsg, sizeof(job->errmsg), fmt, ap);
         va_end(ap);
     }
-    if (out == JOB_OUT_RETRY) {
+    if (job->manifest) {
+        /* manifest_finished decides when to look again */
+    } else if (out == JOB_OUT_RETRY) {
         int64_t d = backoff_ms(job->up->conf, job->item.attempts + 1);
         job->next_at_ms = edge__wall_ms() + d;
         if (retry_log_allowed())
@@ -1421,11 +1843,93 @@ static void prep_pump(edge_upload_t *up)
 
 /* ------------------------------------------------------------ worker */
 
+/* Claims up to claim_max upload groups (a bundle, or one instance). */
 static void claim_work(uv_work_t *w)
 {
     edge_upload_t *up = container_of(w, edge_upload_t, claim_work);
-    up->claim_rc = edge_spool_claim(up->spool, edge__wall_ms(), up->claimed, up->claim_max,
-                                    &up->claim_n, &up->claim_next_due);
+    const edge_conf_upload_t *c = up->conf;
+    int maxc = c->bundle_max_bytes > 0 ? (int)c->bundle_max_count : 1;
+    uint64_t small = (uint64_t)c->bundle_max_bytes / 4;
+
+    up->claim_rc = 0;
+    up->claim_n = 0;
+    for (int i = 0; i < up->claim_max; i++) {
+        edge_spool_item_t *items = cmn_xcalloc((size_t)maxc, sizeof(*items));
+        int n = 0;
+        int rc = edge_spool_claim_group(up->spool, edge__wall_ms(), small, maxc,
+                                        (uint64_t)c->bundle_max_bytes, items, &n,
+                                        &up->claim_next_due);
+        if (rc < 0 || n == 0) {
+            free(items);
+            up->claim_rc = rc;
+            break;
+        }
+        up->claimed[i] = items;
+        up->claimed_n[i] = n;
+        up->claim_n++;
+    }
+}
+
+static void manifest_check(edge_upload_t *up);
+
+/* Rows became DONE: look for due study manifests for a while. */
+static void manifest_poke(edge_upload_t *up)
+{
+    const edge_conf_upload_t *c = up->conf;
+
+    if (c->manifest_quiet_ms < 0)
+        return;
+    up->manifest_until_ms = edge__now_ms() + (uint64_t)c->manifest_quiet_ms + 3000;
+    manifest_check(up);
+}
+
+static void on_manifest_timer(uv_timer_t *t)
+{
+    edge_upload_t *up = container_of(t, edge_upload_t, manifest_timer);
+    manifest_check(up);
+}
+
+/* Starts a manifest job when one is due to look (one at a time). */
+static void manifest_check(edge_upload_t *up)
+{
+    uint64_t now = edge__now_ms();
+
+    if (up->state == EDGE_UPLOAD_CLOSING || up->manifest_job || up->conf->manifest_quiet_ms < 0 ||
+        now >= up->manifest_until_ms || !up->sched_now.open)
+        return;
+    if (now < up->manifest_next_ms) {
+        uv_timer_start(&up->manifest_timer, on_manifest_timer, up->manifest_next_ms - now, 0);
+        return;
+    }
+    edge_job_t *job = cmn_xcalloc(1, sizeof(*job));
+    job->up = up;
+    job->manifest = true;
+    job->state = EDGE_JOB_HASHING;
+    snprintf(job->item.sop_uid, sizeof(job->item.sop_uid), "manifest");
+    up->manifest_job = job;
+    job_step(job);
+}
+
+/* The manifest job is done: look again at once after a sent manifest,
+ * later after nothing was due or a failure. */
+static void manifest_finished(edge_upload_t *up, edge_job_t *job)
+{
+    int64_t q = up->conf->manifest_quiet_ms;
+    uint64_t now = edge__now_ms(), d;
+
+    up->manifest_job = NULL;
+    if (up->state == EDGE_UPLOAD_CLOSING)
+        return;
+    if (job->outcome == JOB_OUT_DONE && job->mf.study_uid[0])
+        d = 0;
+    else if (job->outcome == JOB_OUT_RETRY && job->mf.study_uid[0])
+        d = (uint64_t)up->conf->retry_min_ms;
+    else
+        d = (uint64_t)(q / 4 < 50 ? 50 : q / 4 > 1000 ? 1000 : q / 4);
+    if (job->outcome == JOB_OUT_RETRY && job->mf.study_uid[0])
+        up->manifest_until_ms = now + (uint64_t)q + 3000 + d;   /* keep trying */
+    up->manifest_next_ms = now + d;
+    uv_timer_start(&up->manifest_timer, on_manifest_timer, d, 0);
 }
 
 /* Re-checks the schedule at the next change (at most a minute away, so a
@@ -1445,6 +1949,10 @@ static void claim_done(uv_work_t *w, int status)
     up->claiming = false;
     if (up->state == EDGE_UPLOAD_CLOSING) {
         /* Claimed rows stay UPLOADING; the next start recovers them. */
+        for (int i = 0; i < up->claim_n; i++) {
+            free(up->claimed[i]);
+            up->claimed[i] = NULL;
+        }
         maybe_closed(up);
         return;
     }
@@ -1455,12 +1963,16 @@ static void claim_done(uv_work_t *w, int status)
         edge_job_t *job = cmn_xcalloc(1, sizeof(*job));
         job->up = up;
         job->state = EDGE_JOB_HASHING;
-        job->item = up->claimed[i];
+        job->members = up->claimed[i];
+        job->nmembers = up->claimed_n[i];
+        up->claimed[i] = NULL;
+        job->bundle = job->nmembers > 1;
+        job->item = job->members[0];
         job->next = up->jobs;
         up->jobs = job;
         up->njobs++;
-        CMN_LOG_D("upload", "claimed id=%lld sop=%s attempts=%d priority=%d",
-                  (long long)job->item.id, job->item.sop_uid, job->item.attempts,
+        CMN_LOG_D("upload", "claimed id=%lld sop=%s members=%d attempts=%d priority=%d",
+                  (long long)job->item.id, job->item.sop_uid, job->nmembers, job->item.attempts,
                   job->item.priority);
         job_step(job);
     }
@@ -1581,6 +2093,7 @@ int edge_upload_create(uv_loop_t *loop, const edge_conf_upload_t *conf, edge_spo
         goto out_free;
     }
     up->claimed = cmn_xcalloc((size_t)conf->parallel, sizeof(*up->claimed));
+    up->claimed_n = cmn_xcalloc((size_t)conf->parallel, sizeof(*up->claimed_n));
     rc = cmn_http_client_create(loop, (int)conf->parallel, &up->http);
     if (rc < 0) {
         snprintf(err, errlen, "HTTP client: %s", cmn_strerror(rc));
@@ -1609,16 +2122,24 @@ int edge_upload_create(uv_loop_t *loop, const edge_conf_upload_t *conf, edge_spo
     uv_async_init(loop, &up->wake, on_wake);
     uv_timer_init(loop, &up->timer);
     uv_timer_init(loop, &up->pace_timer);
-    up->handles_open = 3;
+    uv_timer_init(loop, &up->manifest_timer);
+    up->handles_open = 4;
     up->preps = cmn_xcalloc((size_t)conf->compress_parallel, sizeof(*up->preps));
     *out = up;
     /* First pump from the loop, after the caller set the schedule. */
     uv_timer_start(&up->timer, on_timer, 0, 0);
     prep_pump(up);
+    /* Studies finished before a restart get their manifest too. */
+    if (conf->manifest_quiet_ms >= 0) {
+        up->manifest_until_ms = edge__now_ms() + (uint64_t)conf->manifest_quiet_ms + 3000;
+        up->manifest_next_ms = edge__now_ms() + 100;
+        uv_timer_start(&up->manifest_timer, on_manifest_timer, 100, 0);
+    }
     return 0;
 
 out_free_claimed:
     free(up->claimed);
+    free(up->claimed_n);
 out_free:
     wipe(secret, sizeof(secret));
     pthread_mutex_destroy(&up->live_mu);
@@ -1637,12 +2158,13 @@ static void on_handle_closed(uv_handle_t *h)
 static void maybe_closed(edge_upload_t *up)
 {
     if (up->handles_open > 0 || up->claiming || up->njobs > 0 || up->prep_listing ||
-        up->prep_inflight > 0)
+        up->prep_inflight > 0 || up->manifest_job)
         return;
     /* Jobs can only be waiting on the threadpool now; none are left. */
     void (*done)(void *) = up->done;
     void *ud = up->done_ud;
     free(up->claimed);
+    free(up->claimed_n);
     free(up->preps);
     pthread_mutex_destroy(&up->live_mu);
     free(up);
@@ -1659,12 +2181,15 @@ void edge_upload_close(edge_upload_t *up, void (*done)(void *ud), void *ud)
     up->done_ud = ud;
     uv_timer_stop(&up->timer);
     uv_timer_stop(&up->pace_timer);
+    uv_timer_stop(&up->manifest_timer);
     up->wake.data = up;
     up->timer.data = up;
     up->pace_timer.data = up;
+    up->manifest_timer.data = up;
     uv_close((uv_handle_t *)&up->wake, on_handle_closed);
     uv_close((uv_handle_t *)&up->timer, on_handle_closed);
     uv_close((uv_handle_t *)&up->pace_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&up->manifest_timer, on_handle_closed);
     /* Jobs waiting for tokens have nothing in flight: finish them (their
      * rows stay UPLOADING and are recovered at the next start). */
     while (up->pace_head) {

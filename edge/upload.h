@@ -4,7 +4,9 @@
  * spool row DONE only after the cloud confirms the commit.
  *
  * Runs on the libuv loop; file reads, hashing and SQLite go to the
- * threadpool. upload.parallel instances are in flight at once.
+ * threadpool. upload.parallel objects are in flight at once; an object is
+ * one instance or a bundle of small instances of one study. Once a study
+ * is uploaded and quiet, its manifest is sent (PROTOCOL.md).
  */
 #ifndef EDGE_UPLOAD_H
 #define EDGE_UPLOAD_H
@@ -25,7 +27,7 @@ typedef struct {
     bool schedule_open;              /* an upload window is open now */
     int window;                      /* index of the open window, -1 = none/immediate */
     int64_t rate_limit_bps;          /* byte/s cap now; 0 = unlimited */
-    int jobs;                        /* instances being uploaded */
+    int jobs;                        /* objects (instances or bundles) being uploaded */
     int pacing;                      /* of which waiting for bandwidth tokens */
     int preparing;                   /* instances being transcoded */
     int64_t tokens;                  /* bucket level, bytes (negative = debt) */

@@ -14,18 +14,32 @@
 
 #include "cmn/crypto.h"
 #include "cmn/errors.h"
+#include "proto_internal.h"
 
 static const char *kind_name(proto_kind_t k)
 {
-    return k == PROTO_KIND_INSTANCE ? "instance" : NULL;
+    switch (k) {
+    case PROTO_KIND_INSTANCE: return "instance";
+    case PROTO_KIND_BUNDLE: return "bundle";
+    }
+    return NULL;
 }
 
-static char *dump(json_t *o)
+char *proto__dump(json_t *o)
 {
     char *s = o ? json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
     json_decref(o);
     return s;
 }
+
+#define dump proto__dump
+#define parse_obj proto__parse_obj
+#define check_version proto__check_version
+#define get_str proto__get_str
+#define get_uint proto__get_uint
+#define get_uid proto__get_uid
+#define get_hex256 proto__get_hex256
+
 
 bool proto_uid_valid(const char *uid)
 {
@@ -78,7 +92,7 @@ uint32_t proto_chunk_len(uint64_t size, uint32_t chunk_size, uint32_t i)
 
 /* ---- decode helpers: each sets err and returns CMN_EPARSE on failure ---- */
 
-static json_t *parse_obj(const char *json, size_t len, char *err, size_t errlen)
+json_t *proto__parse_obj(const char *json, size_t len, char *err, size_t errlen)
 {
     json_error_t jerr;
     json_t *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
@@ -95,7 +109,7 @@ static json_t *parse_obj(const char *json, size_t len, char *err, size_t errlen)
     return root;
 }
 
-static int check_version(json_t *root, char *err, size_t errlen)
+int proto__check_version(json_t *root, char *err, size_t errlen)
 {
     json_t *v = json_object_get(root, "v");
     if (!json_is_integer(v) || json_integer_value(v) != PROTO_VERSION) {
@@ -105,7 +119,7 @@ static int check_version(json_t *root, char *err, size_t errlen)
     return 0;
 }
 
-static int get_str(json_t *root, const char *key, char *out, size_t outlen, char *err,
+int proto__get_str(json_t *root, const char *key, char *out, size_t outlen, char *err,
                    size_t errlen)
 {
     json_t *v = json_object_get(root, key);
@@ -119,7 +133,7 @@ static int get_str(json_t *root, const char *key, char *out, size_t outlen, char
     return 0;
 }
 
-static int get_uint(json_t *root, const char *key, uint64_t min, uint64_t max, uint64_t *out,
+int proto__get_uint(json_t *root, const char *key, uint64_t min, uint64_t max, uint64_t *out,
                     char *err, size_t errlen)
 {
     json_t *v = json_object_get(root, key);
@@ -133,7 +147,7 @@ static int get_uint(json_t *root, const char *key, uint64_t min, uint64_t max, u
     return 0;
 }
 
-static int get_uid(json_t *root, const char *key, char *out, char *err, size_t errlen)
+int proto__get_uid(json_t *root, const char *key, char *out, char *err, size_t errlen)
 {
     if (get_str(root, key, out, PROTO_UID_MAX + 1, err, errlen) < 0)
         return CMN_EPARSE;
@@ -144,7 +158,7 @@ static int get_uid(json_t *root, const char *key, char *out, char *err, size_t e
     return 0;
 }
 
-static int get_hex256(json_t *root, const char *key, char *out, char *err, size_t errlen)
+int proto__get_hex256(json_t *root, const char *key, char *out, char *err, size_t errlen)
 {
     if (get_str(root, key, out, PROTO_HEX256 + 1, err, errlen) < 0)
         return CMN_EPARSE;
@@ -162,6 +176,11 @@ char *proto_object_decl_encode(const proto_object_decl_t *d)
     const char *kind = kind_name(d->kind);
     if (!kind)
         return NULL;
+    if (d->kind == PROTO_KIND_BUNDLE)
+        return dump(json_pack("{s:i, s:s, s:s, s:I, s:I, s:s, s:I}", "v", PROTO_VERSION, "kind",
+                              kind, "sha256", d->sha256, "size", (json_int_t)d->size,
+                              "chunk_size", (json_int_t)d->chunk_size, "study_uid", d->study_uid,
+                              "members", (json_int_t)d->members));
     return dump(json_pack("{s:i, s:s, s:s, s:I, s:I, s:s, s:s, s:s}", "v", PROTO_VERSION,
                           "kind", kind, "sha256", d->sha256, "size", (json_int_t)d->size,
                           "chunk_size", (json_int_t)d->chunk_size, "study_uid", d->study_uid,
@@ -182,11 +201,14 @@ int proto_object_decl_decode(const char *json, size_t len, proto_object_decl_t *
     if (check_version(root, err, errlen) < 0 ||
         get_str(root, "kind", kind, sizeof(kind), err, errlen) < 0)
         goto out;
-    if (strcmp(kind, "instance") != 0) {
+    if (strcmp(kind, "instance") == 0) {
+        d->kind = PROTO_KIND_INSTANCE;
+    } else if (strcmp(kind, "bundle") == 0) {
+        d->kind = PROTO_KIND_BUNDLE;
+    } else {
         snprintf(err, errlen, "field \"kind\": unknown object kind");
         goto out;
     }
-    d->kind = PROTO_KIND_INSTANCE;
     if (get_hex256(root, "sha256", d->sha256, err, errlen) < 0 ||
         get_uint(root, "size", 1, PROTO_MAX_OBJECT_SIZE, &d->size, err, errlen) < 0)
         goto out;
@@ -195,6 +217,18 @@ int proto_object_decl_decode(const char *json, size_t len, proto_object_decl_t *
     d->chunk_size = (uint32_t)x;
     if (proto_chunk_count(d->size, d->chunk_size) > PROTO_MAX_CHUNKS) {
         snprintf(err, errlen, "too many chunks: raise chunk_size");
+        goto out;
+    }
+    if (d->kind == PROTO_KIND_BUNDLE) {
+        if (get_uid(root, "study_uid", d->study_uid, err, errlen) < 0 ||
+            get_uint(root, "members", 1, PROTO_BUNDLE_MAX_MEMBERS, &x, err, errlen) < 0)
+            goto out;
+        d->members = (uint32_t)x;
+        if (d->size < PROTO_BUNDLE_PREFIX + 2) {
+            snprintf(err, errlen, "field \"size\": too small for a bundle");
+            goto out;
+        }
+        r = 0;
         goto out;
     }
     if (get_uid(root, "study_uid", d->study_uid, err, errlen) < 0 ||
@@ -293,20 +327,22 @@ void proto_object_status_free(proto_object_status_t *s)
 
 /* -------------------------------------------------------------- commit */
 
-static const char *commit_name(proto_commit_result_t r)
+const char *proto_commit_name(proto_commit_result_t r)
 {
     switch (r) {
     case PROTO_COMMIT_STORED: return "stored";
     case PROTO_COMMIT_DUPLICATE: return "duplicate";
     case PROTO_COMMIT_CONFLICT: return "conflict";
+    case PROTO_COMMIT_REJECTED: return "rejected";
     }
     return NULL;
 }
+#define commit_name proto_commit_name
 
 char *proto_commit_encode(const proto_commit_t *c)
 {
     const char *name = commit_name(c->result);
-    if (!name)
+    if (!name || c->result == PROTO_COMMIT_REJECTED)
         return NULL;
     return dump(json_pack("{s:i, s:s, s:s}", "v", PROTO_VERSION, "result", name, "sop_uid",
                           c->sop_uid));

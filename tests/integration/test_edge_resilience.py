@@ -8,6 +8,7 @@ yunying-cloud, and tests/integration/faultproxy.py between them.
                                   transcoded and uploaded; every instance arrives once,
                                   hashes match, the spool drains
   network_faults_nothing_lost     cloud down, cuts mid-chunk, a stall, flipped bytes
+  network_faults_nothing_lost_tls the same against an HTTPS cloud (flips break TLS records)
   schedule_bandwidth_priority     windows, per-window cap and urgent-first with the
                                   edge's test clock (YY_EDGE_TEST_CLOCK), never sleeping
   quota_alarm_and_a700            spool quota: A700, alarm in log/status/metrics, no PHI
@@ -207,6 +208,14 @@ def verify_exactly_once(cloud, edge, study_uid, sent, sample=0):
         h.eq(a.SOPInstanceUID, b.SOPInstanceUID, "SOP UID")
 
 
+def via_proxy(proxy, cloud):
+    """The edge's cloud_url through the proxy, in the cloud's scheme: the proxy only
+    forwards bytes, so an https cloud needs an https URL (an http URL makes the edge
+    send plaintext to the TLS port)."""
+    scheme = "https" if cloud.tls else "http"
+    return f"{scheme}://127.0.0.1:{proxy.port}"
+
+
 def store_all(edge, files, aet="MODALITY"):
     r = h.storescu(edge.ae, edge.port, files, extra=("-aet", aet), timeout=600)
     h.eq(r.returncode, 0, f"storescu: {r.stderr[-2000:]}")
@@ -225,7 +234,7 @@ def crash_safety_300_ct_sigkill():
         # then slow, so the upload spans every kill; small chunks so kills land
         # between the chunks of one object too.
         proxy.down()
-        edge = Edge(proxy.url, cloud.edge_id, cloud.secret,
+        edge = Edge(via_proxy(proxy, cloud), cloud.edge_id, cloud.secret,
                     upload={"compress": True, "parallel": 4, "chunk_size": 131072,
                             "timeout_ms": 5000})
         store_all(edge, files)
@@ -267,7 +276,7 @@ def network_faults(tls):
     proxy = FaultProxy(cloud.port)
     try:
         proxy.down()
-        edge = Edge(proxy.url, cloud.edge_id, cloud.secret,
+        edge = Edge(via_proxy(proxy, cloud), cloud.edge_id, cloud.secret,
                     upload={"compress": True, "parallel": 4, "chunk_size": 65536,
                             "timeout_ms": 2000})
         store_all(edge, files)                      # acknowledged while the cloud is down
@@ -321,13 +330,9 @@ def network_faults_nothing_lost():
 
 @h.test
 def network_faults_nothing_lost_tls():
-    # Known issue at the time of writing: through the proxy, after the initial
-    # outage, every TLS token request ends in "Empty reply from server" and the
-    # queue never drains (plain HTTP drains). Enabled with YY_TLS_FAULTS=1 until
-    # the TLS/token owners have looked at it.
-    if os.environ.get("YY_TLS_FAULTS") != "1":
-        print("    skipped (set YY_TLS_FAULTS=1): see the comment in the test", flush=True)
-        return
+    # The same faults against an HTTPS cloud. (This once failed with "Empty reply
+    # from server" forever: the edge was given the proxy's http:// URL, so it
+    # sent plaintext to the TLS port; see via_proxy.)
     network_faults(tls=True)
 
 

@@ -12,6 +12,7 @@ import urllib.parse
 
 import numpy as np
 import pydicom
+import tempfile
 
 from yyharness import (manifest_files, CLOUD_BIN, EDGE_BIN, Cloud, Edge, RawScu, RawAssociationRejected, check,
                        dataset_bytes_implicit, dataset_to_implicit, echoscu, eq, generate, parse_multipart, run, storescu,
@@ -32,10 +33,30 @@ def env():
                   "--patient-name", "Li^Si", "--study-date", "20260401",
                   "--accession", "ACC-0002", "--seed", "2")
     cloud = Cloud()
-    edge = Edge(cloud)
+    # The edge compresses to JPEG-LS lossless before upload (issue 3); every
+    # pixel comparison below decodes independently with DCMTK's dcmdjpls.
+    edge = Edge(cloud, extra={"upload": {"compress": True}})
     _env.update(cloud=cloud, edge=edge, ct=list(ct.values())[0], mr=list(mr.values())[0],
                 session=cloud.session())
     return _env
+
+
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def pixels(data):
+    """Pixel array of a Part 10 file in memory; JPEG-LS is decoded by dcmdjpls."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if ds.file_meta.TransferSyntaxUID == JPEG_LS_LOSSLESS:
+        with tempfile.TemporaryDirectory(prefix="yy-djpls-") as d:
+            src, dst = os.path.join(d, "in.dcm"), os.path.join(d, "out.dcm")
+            with open(src, "wb") as f:
+                f.write(data)
+            r = subprocess.run(["dcmdjpls", src, dst], capture_output=True, text=True)
+            check(r.returncode == 0, f"dcmdjpls failed: {r.stderr}")
+            ds = pydicom.dcmread(dst)
+    return ds, ds.pixel_array
 
 
 def study_count(session, study_uid):
@@ -84,7 +105,8 @@ def ct_100_slices_arrive_pixel_identical():
     series_uid = tag_value(series[0], "0020000E")
     # Whole series by WADO-RS, multipart/related application/dicom.
     h, body = s.get(f"/dicomweb/studies/{study}/series/{series_uid}",
-                    headers={"Accept": 'multipart/related; type="application/dicom"'})
+                    headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                       f'transfer-syntax={EXPLICIT_LE}'})
     ctype = h.get("Content-Type", "")
     check(ctype.startswith("multipart/related"), f"content type {ctype}")
     parts = parse_multipart(ctype, body)
@@ -96,6 +118,7 @@ def ct_100_slices_arrive_pixel_identical():
     for hdrs, data in parts:
         check(hdrs.get("content-type", "").startswith("application/dicom"), f"part type {hdrs}")
         got = pydicom.dcmread(io.BytesIO(data))
+        eq(got.file_meta.TransferSyntaxUID, EXPLICIT_LE, "transcoded on request")
         orig = sent.pop(got.SOPInstanceUID)
         check(np.array_equal(got.pixel_array, orig.pixel_array),
               f"pixel data differs for {got.SOPInstanceUID}")
@@ -107,13 +130,14 @@ def ct_100_slices_arrive_pixel_identical():
     h, body = s.get(f"/dicomweb/studies/{study}/series/{series_uid}/instances/{ds.SOPInstanceUID}")
     parts = parse_multipart(h["Content-Type"], body)
     eq(len(parts), 1, "single instance retrieve")
-    check(np.array_equal(pydicom.dcmread(io.BytesIO(parts[0][1])).pixel_array, ds.pixel_array),
-          "WADO-RS instance pixels")
+    stored, px = pixels(parts[0][1])
+    eq(pydicom.dcmread(io.BytesIO(parts[0][1])).file_meta.TransferSyntaxUID, JPEG_LS_LOSSLESS,
+       "the edge uploaded JPEG-LS lossless and the cloud serves it as stored")
+    check(np.array_equal(px, ds.pixel_array), "WADO-RS instance pixels (dcmdjpls decode)")
     q = urllib.parse.urlencode({"requestType": "WADO", "studyUID": study, "seriesUID": series_uid,
                                 "objectUID": ds.SOPInstanceUID, "contentType": "application/dicom"})
     h, body = s.get(f"/wado?{q}")
-    check(np.array_equal(pydicom.dcmread(io.BytesIO(body)).pixel_array, ds.pixel_array),
-          "WADO-URI pixels")
+    check(np.array_equal(pixels(body)[1], ds.pixel_array), "WADO-URI pixels")
     # Series metadata as DICOM JSON, pixel data by reference only.
     meta = s.get_json(f"/dicomweb/studies/{study}/series/{series_uid}/metadata")
     eq(len(meta), 100, "metadata entries")
@@ -191,6 +215,18 @@ def viewer_deep_links_serve_the_app():
               f"{path} must serve the web app's index.html")
     st, _, _ = anon.request("GET", "/assets/missing-1234.js")
     eq(st, 404, "a missing asset is a 404, not the app")
+    # Scripts go out gzip-compressed to browsers that accept it, identical once inflated.
+    import gzip
+    import re
+    _, _, index = anon.request("GET", "/")
+    script = re.search(rb'src="(/assets/[^"]+\.js)"', index).group(1).decode()
+    st, h, raw = anon.request("GET", script)
+    eq(st, 200, script)
+    check("Content-Encoding" not in h, "no gzip unless asked")
+    st, h, z = anon.request("GET", script, headers={"Accept-Encoding": "gzip"})
+    eq(h.get("Content-Encoding"), "gzip", "gzip twin served")
+    eq(gzip.decompress(z), raw, "the gzip twin inflates to the script")
+    check(len(z) < len(raw) / 2, "compressed")
 
 
 @test

@@ -7,6 +7,13 @@ tools and plain HTTP, and stops exactly the processes it started, by PID.
 
 Each test script registers tests with @test and calls run(); the last line
 it prints is "N passed, N failed" (read by tests/run-all.sh).
+
+Archive backends: YY_BACKEND=s3 (or Cloud(backend="s3")) archives to a real
+S3 server, OpenStack Swift with s3api (tests/infra/swift.sh), started once
+per test script on first use and stopped at the end; each cloud gets its
+own key prefix in the shared bucket. YY_SWIFT_DIR=DIR reuses (or starts)
+the instance in DIR and leaves it running (a fast edit loop). The default
+is the local directory archive.
 """
 import http.cookiejar
 import json
@@ -31,6 +38,8 @@ CLOUD_BIN = os.path.join(BUILD, "yunying-cloud")
 EDGE_BIN = os.path.join(BUILD, "yunying-edge")
 GEN = os.path.join(TOP, "tests", "data", "gen_studies.py")
 MAKE_CA = os.path.join(TOP, "deploy", "make-test-ca.sh")
+SWIFT_SH = os.path.join(TOP, "tests", "infra", "swift.sh")
+BACKEND = os.environ.get("YY_BACKEND", "dir")
 
 # ASan: report leaks and UB as failures; DCMTK's own allocations at exit are not ours.
 os.environ.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=66")
@@ -108,6 +117,7 @@ def tempdir(prefix="yy-it-"):
 def _cleanup_all():
     for p in list(_procs):
         p.stop()
+    _swift_stop()
     for d in _dirs:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -230,17 +240,121 @@ def write_json(path, obj):
     return path
 
 
+# ---------------------------------------------------------------------------
+# The test S3 server: OpenStack Swift + s3api via tests/infra/swift.sh.
+
+_swift = {}
+
+
+def swift():
+    """The env of the script's S3 server (YY_S3_ENDPOINT, YY_S3_BUCKET, ...), started on first use."""
+    if not _swift:
+        keep = os.environ.get("YY_SWIFT_DIR")
+        d = keep or tempdir("yy-swift-")
+        t0 = time.monotonic()
+        r = subprocess.run(["sh", SWIFT_SH, "start", d], capture_output=True, text=True,
+                           timeout=600)
+        if r.returncode != 0:
+            raise AssertionError(f"tests/infra/swift.sh start failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        env = {}
+        for line in r.stdout.splitlines():
+            if "=" in line:
+                k, v = line.split("=", 1)
+                env[k.strip()] = v.strip()
+        check(env.get("YY_S3_ENDPOINT") and env.get("YY_S3_BUCKET"), f"swift.sh env: {r.stdout}")
+        env["_dir"] = d
+        env["_keep"] = bool(keep)
+        _swift.update(env)
+        print(f"swift ready in {time.monotonic() - t0:.1f}s ({d})", flush=True)
+    return _swift
+
+
+def _swift_stop():
+    if _swift and not _swift["_keep"]:
+        subprocess.run(["sh", SWIFT_SH, "stop", _swift["_dir"]], capture_output=True, timeout=120)
+    _swift.clear()
+
+
+def _s3_curl(method, key_or_query, data_file=None, sha=None, out=None, timeout=60):
+    """curl --aws-sigv4 against the test bucket; returns (status, body bytes)."""
+    import hashlib
+    sw = swift()
+    url = f"{sw['YY_S3_ENDPOINT']}/{sw['YY_S3_BUCKET']}{key_or_query}"
+    if sha is None:
+        if data_file:
+            with open(data_file, "rb") as f:
+                sha = hashlib.sha256(f.read()).hexdigest()
+        else:
+            sha = hashlib.sha256(b"").hexdigest()
+    argv = ["curl", "-s", "-g", "-X", method, "--max-time", str(timeout), "-w", "\n%{http_code}",
+            "--aws-sigv4", f"aws:amz:{sw['YY_S3_REGION']}:s3", "--netrc-file", sw["YY_S3_NETRC"],
+            "-H", f"x-amz-content-sha256: {sha}"]
+    if data_file:
+        argv += ["--data-binary", "@" + data_file]
+    r = subprocess.run(argv + [url], capture_output=True, timeout=timeout + 10)
+    body, _, code = r.stdout.rpartition(b"\n")
+    return int(code or 0), body
+
+
+def s3_list(prefix):
+    """{key: size} of the objects under prefix in the test bucket (ListObjectsV2)."""
+    import xml.etree.ElementTree as ET
+    keys, token = {}, None
+    while True:
+        q = {"list-type": "2", "prefix": prefix}
+        if token:
+            q["continuation-token"] = token
+        qs = "&".join(f"{k}={urllib.parse.quote(v, safe='')}" for k, v in sorted(q.items()))
+        st, body = _s3_curl("GET", "?" + qs)
+        check(st == 200, f"S3 list: HTTP {st} {body[:300]!r}")
+        root = ET.fromstring(body)
+        ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+        for c in root.findall(f"{ns}Contents"):
+            keys[c.find(f"{ns}Key").text] = int(c.find(f"{ns}Size").text)
+        if (root.findtext(f"{ns}IsTruncated") or "false") != "true":
+            return keys
+        token = root.findtext(f"{ns}NextContinuationToken")
+
+
+def s3_get(key):
+    st, body = _s3_curl("GET", "/" + urllib.parse.quote(key))
+    if st == 404:
+        return None
+    check(st == 200, f"S3 GET {key}: HTTP {st}")
+    return body
+
+
+def s3_put(key, data):
+    d = tempdir("yy-s3put-")
+    path = os.path.join(d, "body")
+    with open(path, "wb") as f:
+        f.write(data)
+    st, body = _s3_curl("PUT", "/" + urllib.parse.quote(key), data_file=path)
+    check(st == 200, f"S3 PUT {key}: HTTP {st} {body[:300]!r}")
+
+
+def s3_delete(key):
+    st, body = _s3_curl("DELETE", "/" + urllib.parse.quote(key))
+    check(st in (200, 204), f"S3 DELETE {key}: HTTP {st}")
+
+
 class Cloud:
-    """A yunying-cloud with a fresh index/archive, one edge and one user."""
+    """A yunying-cloud with a fresh index/archive, one edge and one user.
+
+    backend: "dir" or "s3" (default: $YY_BACKEND, else "dir"). With "s3" the
+    archive lives in the script's Swift bucket under the key prefix
+    self.s3_prefix, and archive.dir (self.archive_dir) is only the cache."""
 
     USER = "doctor"
     PASSWORD = "Yy-test-pass-1"
 
     def __init__(self, root=None, edge_id="edge-test", extra=None, tls=True, mtls=False,
-                 allow=None):
+                 allow=None, backend=None):
         """tls=False serves plain HTTP (for tests that flip bytes through a proxy);
         mtls=True also requires client certificates; allow = the edge's CIDR list."""
         self.dir = root or tempdir("yy-cloud-")
+        self.backend = backend or BACKEND
+        self.archive_dir = os.path.join(self.dir, "archive")
         self.port = free_port()
         self.tls = tls
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
@@ -249,9 +363,20 @@ class Cloud:
             "http": {"bind": "127.0.0.1", "port": self.port,
                      "web_root": os.path.join(TOP, "cloud", "web", "dist")},
             "index": {"path": os.path.join(self.dir, "index.db")},
-            "archive": {"dir": os.path.join(self.dir, "archive")},
+            "archive": {"dir": self.archive_dir},
             "ingest": {"staging_dir": os.path.join(self.dir, "staging")},
         }
+        self.s3_prefix = None
+        if self.backend == "s3":
+            sw = swift()
+            self.s3_prefix = f"t{os.getpid()}-{time.monotonic_ns()}/"
+            cfg["archive"].update({
+                "backend": "s3", "s3_endpoint": sw["YY_S3_ENDPOINT"],
+                "s3_region": sw["YY_S3_REGION"], "s3_bucket": sw["YY_S3_BUCKET"],
+                "s3_access_key": sw["YY_S3_ACCESS_KEY"], "s3_secret_file": sw["YY_S3_SECRET_FILE"],
+                "s3_prefix": self.s3_prefix})
+        elif self.backend != "dir":
+            raise AssertionError(f"unknown backend {self.backend!r}")
         if tls:
             ca = test_ca()
             cfg["http"]["tls_cert_file"] = os.path.join(ca, "server.pem")
@@ -270,12 +395,24 @@ class Cloud:
         self.daemon = None
         self.start()
 
-    def admin(self, *args):
+    def admin(self, *args, ok=(0,)):
         r = subprocess.run([CLOUD_BIN, args[0], "--config", self.config, *args[1:]],
-                           capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
+                           capture_output=True, text=True, timeout=600)
+        self.last_rc = r.returncode
+        if r.returncode not in ok:
             raise AssertionError(f"yunying-cloud {args}: rc={r.returncode}\n{r.stdout}\n{r.stderr}")
         return r.stdout
+
+    def set_config(self, section, **kv):
+        """Changes options in the config file (takes effect at the next start)."""
+        with open(self.config) as f:
+            cfg = json.load(f)
+        cfg.setdefault(section, {}).update(kv)
+        write_json(self.config, cfg)
+
+    def object_key(self, archive_path):
+        """The S3 key of an archive path from the index (backend s3)."""
+        return self.s3_prefix + os.path.relpath(archive_path, self.archive_dir)
 
     def start(self):
         self.daemon = Daemon([CLOUD_BIN, "--config", self.config], "yunying-cloud: listening",

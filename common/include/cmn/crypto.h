@@ -7,13 +7,17 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define CMN_SHA256_LEN 32
 #define CMN_SHA256_HEX_LEN 64
 
 /** Incremental SHA-256. The state is opaque storage big enough for mbedTLS's context. */
 typedef struct {
-    _Alignas(8) unsigned char state[256];
-} cmn_sha256_ctx_t;
+    unsigned char state[256];
+} __attribute__((aligned(8))) cmn_sha256_ctx_t;
 
 void cmn_sha256_init(cmn_sha256_ctx_t *c);
 void cmn_sha256_update(cmn_sha256_ctx_t *c, const void *p, size_t n);
@@ -36,5 +40,9 @@ int cmn_unhex(const char *hex, uint8_t *out, size_t n);
 
 /** Constant-time comparison; returns 0 when equal. */
 int cmn_memeq_ct(const void *a, const void *b, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* CMN_CRYPTO_H */

@@ -144,6 +144,12 @@ const char *cmn_http_req_header(const cmn_http_req_t *req, const char *name);
  */
 int cmn_http_query_next(const char **cursor, char *key, size_t keylen, char *val, size_t vallen);
 
+/**
+ * True when the request's Accept-Encoding admits coding (e.g. "gzip") by
+ * name or by "*", with a quality above zero.
+ */
+bool cmn_http_accepts_encoding(const cmn_http_req_t *req, const char *coding);
+
 /** Percent-decodes src into dst (dstlen incl. NUL). 0 or CMN_EPARSE. */
 int cmn_http_urldecode(const char *src, size_t srclen, char *dst, size_t dstlen);
 

@@ -43,6 +43,7 @@ extern "C" {   /* the edge's DCMTK shim checks peer addresses with proto_cidr_* 
 
 typedef enum {
     PROTO_KIND_INSTANCE = 1,  /* one DICOM Part 10 file */
+    PROTO_KIND_BUNDLE = 2,    /* several instances of one study (proto_bundle_*, PROTOCOL.md) */
 } proto_kind_t;
 
 /** Declaration of an object the edge is about to upload. */
@@ -53,13 +54,19 @@ typedef struct {
     uint32_t chunk_size;                /* proposed; PROTO_MIN_CHUNK..PROTO_MAX_CHUNK */
     char study_uid[PROTO_UID_MAX + 1];
     char series_uid[PROTO_UID_MAX + 1];
-    char sop_uid[PROTO_UID_MAX + 1];
+    char sop_uid[PROTO_UID_MAX + 1];   /* "" for a bundle */
+    uint32_t members;                   /* bundle: member count (1..PROTO_BUNDLE_MAX_MEMBERS); instance: 0 */
 } proto_object_decl_t;
 
 typedef enum {
     PROTO_OBJ_OPEN = 1,       /* accepting chunks */
     PROTO_OBJ_COMMITTED = 2,  /* verified and archived */
 } proto_obj_state_t;
+
+/*
+ * A declaration of kind "bundle" carries study_uid and members; series_uid
+ * and sop_uid are "" (encode omits them, decode leaves them empty).
+ */
 
 /** The cloud's view of an upload: which chunks it holds. */
 typedef struct {
@@ -74,6 +81,7 @@ typedef enum {
     PROTO_COMMIT_STORED = 1,      /* new instance archived */
     PROTO_COMMIT_DUPLICATE = 2,   /* identical bytes already archived: stored once */
     PROTO_COMMIT_CONFLICT = 3,    /* same SOP Instance UID, different bytes: kept aside, flagged */
+    PROTO_COMMIT_REJECTED = 4,    /* bundle members only: not DICOM, or not what the header says */
 } proto_commit_result_t;
 
 typedef struct {
@@ -100,11 +108,136 @@ int proto_object_status_decode(const char *json, size_t len, proto_object_status
                                char *err, size_t errlen);
 void proto_object_status_free(proto_object_status_t *s);
 
+/** "stored", "duplicate", "conflict", "rejected"; NULL for another value. */
+const char *proto_commit_name(proto_commit_result_t r);
+
+/** Encodes a single-instance commit answer (result "rejected" is for bundle members: NULL). */
 char *proto_commit_encode(const proto_commit_t *c);
 int proto_commit_decode(const char *json, size_t len, proto_commit_t *c, char *err, size_t errlen);
 
 char *proto_error_encode(const char *code, const char *message);
 int proto_error_decode(const char *json, size_t len, proto_error_t *e);
+
+/* ------------------------------------------------------------- bundles */
+
+/*
+ * A bundle (kind "bundle") is one object holding several DICOM Part 10
+ * files of one study, so that a CT series is a few round trips, not one per
+ * slice. Layout (all of it covered by the object's SHA-256 and chunking):
+ *
+ *   "YYBNDL01"            8 bytes, magic and format version
+ *   json_len              4 bytes, big-endian, 2..PROTO_BUNDLE_MAX_HEADER
+ *   header JSON           json_len bytes: {"v":1,"study_uid":..,"members":[
+ *                           {"sop_uid":..,"series_uid":..,"sha256":..,"size":N},...]}
+ *   member data           the members' files, concatenated in header order
+ *
+ * A member's offset is PROTO_BUNDLE_PREFIX + json_len + the sizes of the
+ * members before it; the bundle's size is exactly the header plus all member
+ * sizes. The header comes first so a reader can stream the bundle.
+ */
+#define PROTO_BUNDLE_MAGIC "YYBNDL01"
+#define PROTO_BUNDLE_PREFIX 12u                  /* magic + json_len */
+#define PROTO_BUNDLE_MAX_MEMBERS 1024u
+#define PROTO_BUNDLE_MAX_HEADER (1u << 20)
+
+typedef struct {
+    char sop_uid[PROTO_UID_MAX + 1];
+    char series_uid[PROTO_UID_MAX + 1];
+    char sha256[PROTO_HEX256 + 1];       /* of the member's bytes */
+    uint64_t size;                       /* 1..PROTO_MAX_OBJECT_SIZE */
+    uint64_t offset;                     /* from the start of the bundle (set by decode/layout) */
+} proto_bundle_member_t;
+
+typedef struct {
+    char study_uid[PROTO_UID_MAX + 1];
+    uint32_t n;
+    proto_bundle_member_t *m;            /* n entries; owned, proto_bundle_free */
+    uint64_t header_len;                 /* PROTO_BUNDLE_PREFIX + json_len */
+    uint64_t size;                       /* header_len + sum of member sizes */
+} proto_bundle_t;
+
+/**
+ * Encodes the header (prefix + JSON) of a bundle of b->n members (b->m:
+ * uids, sha256, size) and sets b->header_len, b->size and every member's
+ * offset. Returns the malloc'd header bytes (b->header_len of them), or NULL
+ * when a field is invalid or memory runs out. Deterministic: the same
+ * members in the same order give the same bytes.
+ */
+uint8_t *proto_bundle_header_encode(proto_bundle_t *b);
+
+/** Reads json_len from the first PROTO_BUNDLE_PREFIX bytes. 0 or CMN_EPARSE. */
+int proto_bundle_prefix_decode(const uint8_t *p, size_t len, uint32_t *json_len, char *err,
+                               size_t errlen);
+
+/**
+ * Decodes a whole header (prefix + JSON, len bytes) into b (offsets, sizes
+ * set). total is the bundle's declared size: the members must fill it
+ * exactly. 0 or CMN_EPARSE (err says why; nothing allocated).
+ */
+int proto_bundle_header_decode(const uint8_t *p, size_t len, uint64_t total, proto_bundle_t *b,
+                               char *err, size_t errlen);
+void proto_bundle_free(proto_bundle_t *b);
+
+/** One member's outcome in a bundle commit. */
+typedef struct {
+    char sop_uid[PROTO_UID_MAX + 1];
+    proto_commit_result_t result;
+} proto_member_result_t;
+
+/**
+ * The commit answer for a bundle: {"v":1,"result":"bundle","members":[
+ * {"sop_uid":..,"result":"stored"|"duplicate"|"conflict"|"rejected"},...]}
+ * in header order.
+ */
+typedef struct {
+    uint32_t n;
+    proto_member_result_t *m;            /* owned, proto_bundle_commit_free */
+} proto_bundle_commit_t;
+
+char *proto_bundle_commit_encode(const proto_bundle_commit_t *c);
+int proto_bundle_commit_decode(const char *json, size_t len, proto_bundle_commit_t *c, char *err,
+                               size_t errlen);
+void proto_bundle_commit_free(proto_bundle_commit_t *c);
+
+/* ------------------------------------------------------------ manifest */
+
+/*
+ * The study manifest: what the edge holds of a study once all of it is
+ * uploaded (POST /api/v1/studies/{study}/manifest). sha256 is the hash of
+ * the bytes the edge uploaded for the instance (as archived by the cloud).
+ */
+#define PROTO_MANIFEST_MAX 20000u
+
+typedef struct {
+    char series_uid[PROTO_UID_MAX + 1];
+    char sop_uid[PROTO_UID_MAX + 1];
+    char sha256[PROTO_HEX256 + 1];
+} proto_manifest_entry_t;
+
+typedef struct {
+    char study_uid[PROTO_UID_MAX + 1];
+    uint32_t n;                          /* 1..PROTO_MANIFEST_MAX */
+    proto_manifest_entry_t *e;           /* owned, proto_manifest_free */
+} proto_manifest_t;
+
+char *proto_manifest_encode(const proto_manifest_t *m);
+int proto_manifest_decode(const char *json, size_t len, proto_manifest_t *m, char *err,
+                          size_t errlen);
+void proto_manifest_free(proto_manifest_t *m);
+
+/** The cloud's completeness answer for a study with a manifest. */
+typedef struct {
+    char study_uid[PROTO_UID_MAX + 1];
+    uint32_t expected;                   /* instances in the manifest */
+    uint32_t received;                   /* of which archived with the same SHA-256 */
+    uint32_t missing;                    /* of which not archived at all */
+    uint32_t mismatched;                 /* of which archived with other bytes (conflicts) */
+    bool complete;                       /* received == expected */
+} proto_manifest_status_t;
+
+char *proto_manifest_status_encode(const proto_manifest_status_t *s);
+int proto_manifest_status_decode(const char *json, size_t len, proto_manifest_status_t *s,
+                                 char *err, size_t errlen);
 
 /* -------------------------------------------------------------- tokens */
 

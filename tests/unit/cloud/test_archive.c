@@ -2,7 +2,7 @@
  * test_archive.c - cloud/archive.c with both backends: "dir" and "s3"
  * (OpenStack Swift + s3api via tests/infra/swift.sh; see swift_fixture.h).
  *
- * Includes archive.c to reach archive_key(); cloud_conf is ours.
+ * Includes archive.c to reach archive_rel()/archive_key(); cloud_conf is ours.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -70,6 +70,14 @@ static void stage(const char *name, size_t n, uint8_t seed, char *out, size_t ou
     assert_int_equal(fclose(f), 0);
 }
 
+/* The directory part of path (static buffer). */
+static const char *dirname_of(const char *path)
+{
+    static char d[1200];
+    snprintf(d, sizeof(d), "%.*s", (int)(strrchr(path, '/') - path), path);
+    return d;
+}
+
 static void check_content(const char *path, size_t n, uint8_t seed)
 {
     FILE *f = fopen(path, "rb");
@@ -90,11 +98,19 @@ static void test_key(void **state)
     (void)state;
     memset(&test_conf, 0, sizeof(test_conf));
     test_conf.archive.dir = "/srv/archive/";
-    assert_string_equal(archive_key("/srv/archive/ab/cd/ef.dcm"), "ab/cd/ef.dcm");
-    assert_null(archive_key("/srv/archive"));
-    assert_null(archive_key("/srv/archive/"));
-    assert_null(archive_key("/srv/archived/x"));
-    assert_null(archive_key("/elsewhere/x"));
+    char key[64];
+    assert_string_equal(archive_rel("/srv/archive/ab/cd/ef.dcm"), "ab/cd/ef.dcm");
+    assert_null(archive_rel("/srv/archive"));
+    assert_null(archive_rel("/srv/archive/"));
+    assert_null(archive_rel("/srv/archived/x"));
+    assert_null(archive_rel("/elsewhere/x"));
+    assert_int_equal(archive_key("/srv/archive/ab/cd/ef.dcm", key, sizeof(key)), 0);
+    assert_string_equal(key, "ab/cd/ef.dcm");
+    test_conf.archive.s3_prefix = "site1/";
+    assert_int_equal(archive_key("/srv/archive/ab/cd/ef.dcm", key, sizeof(key)), 0);
+    assert_string_equal(key, "site1/ab/cd/ef.dcm");
+    assert_int_equal(archive_key("/elsewhere/x", key, sizeof(key)), -EINVAL);
+    assert_int_equal(archive_key("/srv/archive/ab/cd/ef.dcm", key, 8), -ENAMETOOLONG);
 }
 
 static void test_dir_backend(void **state)
@@ -155,7 +171,9 @@ static void test_s3_backend(void **state)
     cmn_s3_t *s3;
     assert_int_equal(archive_client(&s3), 0);
     assert_non_null(s3);
-    assert_int_equal(cmn_s3_head(s3, archive_key(dst), &st), 0);
+    char key[CMN_S3_MAX_KEY + 1];
+    assert_int_equal(archive_key(dst, key, sizeof(key)), 0);
+    assert_int_equal(cmn_s3_head(s3, key, &st), 0);
     assert_int_equal(st.size, n);
 
     /* Another node (empty cache): ranged read from S3, then fetch. */
@@ -173,7 +191,8 @@ static void test_s3_backend(void **state)
     assert_int_equal(cloud_archive_conflict_path("1.2.840.1.2.3", "ab12", conflict,
                                                  sizeof(conflict)), 0);
     assert_int_equal(cloud_archive_place(src, conflict), 0);
-    assert_int_equal(cmn_s3_head(s3, archive_key(conflict), &st), 0);
+    assert_int_equal(archive_key(conflict, key, sizeof(key)), 0);
+    assert_int_equal(cmn_s3_head(s3, key, &st), 0);
     assert_int_equal(st.size, 1234);
 
     /* Missing everywhere. */
@@ -201,12 +220,102 @@ static void test_s3_backend(void **state)
     cloud_archive_shutdown();
 }
 
+
+/* File hash as hex, for comparing with cloud_archive_hash(). */
+static void file_sha(const char *path, char hex[65])
+{
+    uint8_t d[CMN_SHA256_LEN];
+    uint64_t n;
+
+    assert_int_equal(cmn_sha256_file(path, d, &n), 0);
+    cmn_hex(d, sizeof(d), hex);
+}
+
+static void test_s3_hash_delete_cache(void **state)
+{
+    char src[256], dst[1024], hex[65], want[65], key[CMN_S3_MAX_KEY + 1];
+    char paths[6][1024];
+    uint64_t size;
+    cmn_s3_stat_t st;
+    cmn_s3_t *s3;
+    (void)state;
+
+    if (g.fx.skip)
+        skip();
+    use_conf("s3", "s3cache");
+    test_conf.archive.s3_prefix = "unit-cache/";
+    assert_int_equal(cloud_archive_probe(), 0);
+
+    /* place_sha with the right hash; a wrong one is refused by the server. */
+    stage("h1", 3 << 20, 5, src, sizeof(src));
+    file_sha(src, want);
+    assert_int_equal(cloud_archive_path("7", "7.1", "7.1.1", dst, sizeof(dst)), 0);
+    assert_int_equal(cloud_archive_place_sha(src, dst, want), 0);
+    assert_int_equal(cloud_archive_hash(dst, true, hex, &size), 0);   /* the object */
+    assert_string_equal(hex, want);
+    assert_int_equal(size, 3 << 20);
+    assert_int_equal(cloud_archive_hash(dst, false, hex, &size), 0);  /* the cached copy */
+    assert_string_equal(hex, want);
+    stage("h2", 1000, 6, src, sizeof(src));
+    assert_int_equal(cloud_archive_path("7", "7.1", "7.1.2", paths[0], sizeof(paths[0])), 0);
+    cmn_log_set_level(CMN_LOG_ERROR);
+    assert_int_equal(cloud_archive_place_sha(src, paths[0], want), CMN_EHASH);
+    cmn_log_set_level(CMN_LOG_WARN);
+    assert_int_equal(access(src, F_OK), 0);
+
+    /* Delete: object and cached copy; deleting again is fine. */
+    assert_int_equal(cloud_archive_delete(dst), 0);
+    assert_int_equal(access(dst, F_OK), -1);
+    assert_int_equal(archive_client(&s3), 0);
+    assert_int_equal(archive_key(dst, key, sizeof(key)), 0);
+    assert_int_equal(cmn_s3_head(s3, key, &st), CMN_ENOTFOUND);
+    assert_int_equal(cloud_archive_hash(dst, true, hex, &size), CMN_ENOTFOUND);
+    assert_int_equal(cloud_archive_delete(dst), 0);
+    assert_int_equal(cloud_archive_delete("/not/under/the/archive.dcm"), -EINVAL);
+
+    /* Cache cap 1 MiB, files of 400 KiB: old files in the bucket are evicted,
+     * a file that is not in the bucket never is. */
+    test_conf.archive.cache_max_mb = 1;
+    test_conf.archive.cache_min_age_s = 0;
+    char orphan[1200];
+    snprintf(orphan, sizeof(orphan), "%s/zz/orphan.dcm", g.dir);
+    assert_int_equal(cloud_mkdirs(dirname_of(orphan)), 0);
+    stage("orphan", 400 << 10, 1, src, sizeof(src));
+    assert_int_equal(rename(src, orphan), 0);
+    struct timespec old[2] = { { time(NULL) - 3600, 0 }, { time(NULL) - 3600, 0 } };
+    assert_int_equal(utimensat(AT_FDCWD, orphan, old, 0), 0);
+    for (int i = 0; i < 5; i++) {
+        char sop[32];
+        snprintf(sop, sizeof(sop), "7.2.%d", i);
+        stage("c", 400 << 10, (uint8_t)i, src, sizeof(src));
+        assert_int_equal(cloud_archive_path("7", "7.2", sop, paths[i], sizeof(paths[i])), 0);
+        assert_int_equal(cloud_archive_place(src, paths[i]), 0);
+        assert_int_equal(access(paths[i], F_OK), 0);   /* the newest file stays */
+        assert_int_equal(utimensat(AT_FDCWD, paths[i], old, 0), 0);
+    }
+    int cached = 0;
+    for (int i = 0; i < 5; i++)
+        cached += access(paths[i], F_OK) == 0;
+    assert_true(cached <= 2);
+    assert_int_equal(access(orphan, F_OK), 0);
+    /* Evicted files come back from the bucket. */
+    for (int i = 0; i < 5; i++) {
+        assert_int_equal(cloud_archive_fetch(paths[i]), 0);
+        check_content(paths[i], 400 << 10, (uint8_t)i);
+    }
+    test_conf.archive.cache_max_mb = 0;
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(cloud_archive_delete(paths[i]), 0);
+    cloud_archive_shutdown();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_key),
         cmocka_unit_test(test_dir_backend),
         cmocka_unit_test(test_s3_backend),
+        cmocka_unit_test(test_s3_hash_delete_cache),
     };
 
     return cmocka_run_group_tests_name("archive", tests, group_setup, group_teardown);

@@ -190,6 +190,34 @@ static void test_static_paths(void **state)
     assert_true(has_file_ext("/x.mp4"));
 }
 
+static void test_accept_gzip(void **state)
+{
+    static const struct {
+        const char *ae;
+        bool want;
+    } cases[] = {
+        { "gzip, deflate, br", true },
+        { "br;q=1.0, gzip;q=0.8", true },
+        { " GZIP ", true },
+        { "*", true },
+        { "gzip;q=0", false },
+        { "gzip;q=0.000", false },
+        { "deflate, br", false },
+        { "x-gzip-not", false },
+        { "", false },
+    };
+    (void)state;
+    for (size_t i = 0; i < CMN_ARRAY_SIZE(cases); i++) {
+        cmn_http_header_t h = { "Accept-Encoding", cases[i].ae };
+        cmn_http_req_t req;
+        memset(&req, 0, sizeof(req));
+        req.headers = &h;
+        req.nheaders = 1;
+        if (cmn_http_accepts_encoding(&req, "gzip") != cases[i].want)
+            fail_msg("cmn_http_accepts_encoding(\"%s\") != %d", cases[i].ae, cases[i].want);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -199,6 +227,7 @@ int main(void)
         cmocka_unit_test(test_frames),
         cmocka_unit_test(test_paths),
         cmocka_unit_test(test_static_paths),
+        cmocka_unit_test(test_accept_gzip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

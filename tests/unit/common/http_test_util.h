@@ -278,6 +278,7 @@ typedef struct {
     char *body;            /* malloc'd copy */
     size_t body_len;
     char content_type[128];
+    char errmsg[256];      /* the client's error text, "" when none */
 } client_res_t;
 
 static __attribute__((unused)) void client_res_free(client_res_t *r)
@@ -297,6 +298,7 @@ static __attribute__((unused)) void run_request_cb(const cmn_http_result_t *res,
     memcpy(r->body, res->body.data, res->body.len);
     r->body[res->body.len] = '\0';
     r->body_len = res->body.len;
+    snprintf(r->errmsg, sizeof(r->errmsg), "%s", res->errmsg ? res->errmsg : "");
     snprintf(r->content_type, sizeof(r->content_type), "%s",
              res->content_type ? res->content_type : "");
 }

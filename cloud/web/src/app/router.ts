@@ -4,6 +4,12 @@ import { useSession } from '../composables/useSession'
 import YyLogin from '../components/YyLogin.vue'
 import YyStudyList from '../components/YyStudyList.vue'
 
+// Cornerstone3D is large: load it only with the viewer.
+const loadViewer = () => import('../components/YyViewer.vue')
+// Opened straight on a viewer URL (a shared link, a reload): fetch the viewer
+// chunk now, in parallel with the session probe, not after it.
+if (/^\/(studies\/[^/]+\/viewer|viewer\/)/.test(window.location.pathname)) void loadViewer().catch(() => {})
+
 export const router = createRouter({
   history: createWebHistory(),
   routes: [
@@ -17,8 +23,7 @@ export const router = createRouter({
     {
       path: '/studies/:studyUID/viewer',
       name: 'viewer',
-      // Cornerstone3D is large: load it only with the viewer.
-      component: () => import('../components/YyViewer.vue'),
+      component: loadViewer,
       props: true,
     },
     { path: '/:rest(.*)*', redirect: '/studies' },

@@ -1,0 +1,572 @@
+/*
+ * journal.c - the ingest journal: a preallocated ring with group commit
+ * (see journal.h for the record format, replay and checkpoints).
+ *
+ * Locking: j->mu guards everything below it in the struct. Appends copy
+ * their data into the ring while holding it, so records reach the page
+ * cache in sequence order and an fdatasync that starts after record N was
+ * written covers every record up to N. The fdatasync itself runs without
+ * the lock, by whichever waiter finds none in progress (the others wait
+ * for it and then, if their record was written after it started, for the
+ * next one).
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include "cmn/errors.h"
+#include "cmn/log.h"
+
+#include "journal.h"
+
+#define J_MAGIC 0x314a5959u           /* "YYJ1" little endian */
+#define J_VERSION 1u
+#define J_ALIGN 4096u
+#define J_HDR 48u
+#define J_MAX_META 4096u
+
+typedef struct {
+    uint32_t magic;
+    uint32_t version;
+    uint64_t seq;
+    uint32_t meta_len;
+    uint32_t crc;                     /* crc32 of this header (crc = 0) and the meta */
+    uint64_t data_len;
+    uint64_t reserved[2];
+} j_hdr_t;
+_Static_assert(sizeof(j_hdr_t) == J_HDR, "journal header size");
+
+typedef struct {
+    uint64_t seq;
+    uint64_t off;                     /* start in the ring */
+    uint64_t len;                     /* bytes taken (aligned) */
+    bool done;
+} j_rec_t;
+
+struct edge_journal {
+    int fd;                           /* owned */
+    uint64_t size;                    /* ring bytes */
+    edge_journal_checkpoint_cb cp_cb;
+    void *cp_ud;
+    pthread_t cp_thread;
+    bool started;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cond;              /* space freed, sync finished, records done */
+    pthread_cond_t cp_cond;           /* wakes the checkpoint thread */
+    uint64_t head;                    /* next append offset */
+    uint64_t next_seq;
+    j_rec_t *recs;                    /* FIFO of live records (from xmalloc), cap entries */
+    size_t cap, first, count;
+    uint64_t used;                    /* ring bytes held by live records (incl. skipped tails) */
+    uint64_t written_seq;             /* last record fully in the page cache */
+    uint64_t synced_seq;              /* last record on stable storage */
+    bool syncing;
+    int sync_err;                     /* sticky fdatasync error (-errno) */
+    bool stopping;
+    bool full_waiters;
+    int64_t last_append_ms;
+    edge_journal_stats_t stats;
+};
+
+static uint64_t align_up(uint64_t v, uint64_t a)
+{
+    return (v + a - 1) / a * a;
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = pwrite(fd, p, len, (off_t)off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO;
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int pread_all(int fd, void *buf, size_t len, uint64_t off)
+{
+    char *p = buf;
+    while (len > 0) {
+        ssize_t n = pread(fd, p, len, (off_t)off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO;
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+/* Copies len bytes of src (from 0) to the ring at off: copy_file_range
+ * stays in the kernel; plain read/write when the file system refuses. */
+static int copy_data(int src, int dst, uint64_t len, uint64_t off)
+{
+    loff_t in = 0, out = (loff_t)off;
+    uint64_t left = len;
+
+    while (left > 0) {
+        ssize_t n = copy_file_range(src, &in, dst, &out, left, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP))
+            break;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -EIO;              /* source shorter than len */
+        left -= (uint64_t)n;
+    }
+    if (left > 0) {
+        char *buf = malloc(1 << 16);
+        if (!buf)
+            return -ENOMEM;
+        while (left > 0) {
+            size_t chunk = left < (1 << 16) ? (size_t)left : (1 << 16);
+            int rc = pread_all(src, buf, chunk, (uint64_t)in);
+            if (rc == 0)
+                rc = pwrite_all(dst, buf, chunk, (uint64_t)out);
+            if (rc < 0) {
+                free(buf);
+                return rc;
+            }
+            in += (loff_t)chunk;
+            out += (loff_t)chunk;
+            left -= chunk;
+        }
+        free(buf);
+    }
+    return 0;
+}
+
+static uint32_t hdr_crc(j_hdr_t h, const void *meta, size_t meta_len)
+{
+    h.crc = 0;
+    uLong c = crc32(0L, (const Bytef *)&h, sizeof(h));
+    return (uint32_t)crc32(c, (const Bytef *)meta, (uInt)meta_len);
+}
+
+static uint64_t rec_bytes(size_t meta_len, uint64_t data_len)
+{
+    return align_up(J_HDR + align_up(meta_len, 8) + data_len, J_ALIGN);
+}
+
+int edge_journal_open(const char *path, uint64_t size, edge_journal_t **out)
+{
+    edge_journal_t *j;
+    struct stat st;
+    int fd, rc;
+
+    *out = NULL;
+    size = align_up(size < (4u << 20) ? (4u << 20) : size, 1u << 20);
+    fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+    if (fd < 0)
+        return -errno;
+    if (fstat(fd, &st) < 0) {
+        rc = -errno;
+        goto out_close;
+    }
+    if ((uint64_t)st.st_size != size) {
+        /* Write real zeros: overwriting allocated blocks later needs no
+         * metadata commit (fallocate'd "unwritten" extents would). */
+        char *z = calloc(1, 1 << 20);
+        if (!z) {
+            rc = -ENOMEM;
+            goto out_close;
+        }
+        rc = ftruncate(fd, 0) < 0 ? -errno : 0;
+        for (uint64_t off = 0; rc == 0 && off < size; off += 1 << 20)
+            rc = pwrite_all(fd, z, 1 << 20, off);
+        free(z);
+        if (rc == 0 && fsync(fd) < 0)
+            rc = -errno;
+        if (rc < 0)
+            goto out_close;
+        /* the directory entry: the spool fsyncs its directory after open */
+        CMN_LOG_I("spool", "journal created path=%s size_mb=%llu", path,
+                  (unsigned long long)(size >> 20));
+    }
+    j = calloc(1, sizeof(*j));
+    if (!j) {
+        rc = -ENOMEM;
+        goto out_close;
+    }
+    j->fd = fd;
+    j->size = size;
+    j->cap = (size_t)(size / J_ALIGN) + 1;
+    j->recs = calloc(j->cap, sizeof(*j->recs));
+    if (!j->recs) {
+        free(j);
+        rc = -ENOMEM;
+        goto out_close;
+    }
+    pthread_mutex_init(&j->mu, NULL);
+    pthread_cond_init(&j->cond, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&j->cp_cond, &ca);
+    pthread_condattr_destroy(&ca);
+    *out = j;
+    return 0;
+
+out_close:
+    close(fd);
+    return rc;
+}
+
+uint64_t edge_journal_max_data(const edge_journal_t *j)
+{
+    return j->size / 4 - J_ALIGN - J_MAX_META;
+}
+
+/* ------------------------------------------------------------ replay */
+
+/* Reads and checks the header + meta at off; 1 valid, 0 not. */
+static int read_rec(edge_journal_t *j, uint64_t off, uint64_t seq, j_hdr_t *h, char *meta)
+{
+    if (off + J_HDR > j->size || pread_all(j->fd, h, sizeof(*h), off) < 0)
+        return 0;
+    if (h->magic != J_MAGIC || h->version != J_VERSION || h->seq != seq ||
+        h->meta_len > J_MAX_META || h->data_len > j->size ||
+        off + rec_bytes(h->meta_len, h->data_len) > j->size)
+        return 0;
+    if (pread_all(j->fd, meta, h->meta_len, off + J_HDR) < 0)
+        return 0;
+    meta[h->meta_len] = '\0';
+    return hdr_crc(*h, meta, h->meta_len) == h->crc;
+}
+
+int edge_journal_replay(edge_journal_t *j, edge_journal_pos_t from, edge_journal_record_cb cb,
+                        void *ud, edge_journal_pos_t *end)
+{
+    char *meta = malloc(J_MAX_META + 1);
+    edge_journal_pos_t pos = from;
+    int rc = 0, n = 0;
+    j_hdr_t h;
+
+    if (!meta)
+        return -ENOMEM;
+    if (pos.off >= j->size || pos.off % J_ALIGN)
+        pos.off = 0;
+    if (pos.seq == 0)
+        pos.seq = 1;
+    for (;;) {
+        uint64_t off = pos.off;
+        if (!read_rec(j, off, pos.seq, &h, meta)) {
+            off = 0;                  /* the record may have wrapped */
+            if (pos.off == 0 || !read_rec(j, 0, pos.seq, &h, meta))
+                break;
+        }
+        rc = cb(ud, h.seq, meta, h.meta_len, j->fd, off + J_HDR + align_up(h.meta_len, 8),
+                h.data_len);
+        if (rc == 1) {                /* torn data: the log ends before it */
+            rc = 0;
+            break;
+        }
+        if (rc < 0)
+            break;
+        n++;
+        pos.off = off + rec_bytes(h.meta_len, h.data_len);
+        if (pos.off >= j->size)
+            pos.off = 0;
+        pos.seq++;
+    }
+    free(meta);
+    if (n > 0)
+        CMN_LOG_I("spool", "journal replayed records=%d", n);
+    *end = pos;
+    return rc;
+}
+
+/* ------------------------------------------------------------ checkpoint */
+
+/* Caller holds mu. Covers the oldest run of done records: 0 when none. */
+static size_t done_prefix(edge_journal_t *j, edge_journal_pos_t *tail)
+{
+    size_t k = 0;
+    while (k < j->count && j->recs[(j->first + k) % j->cap].done)
+        k++;
+    if (k == 0)
+        return 0;
+    const j_rec_t *last = &j->recs[(j->first + k - 1) % j->cap];
+    if (k < j->count) {
+        const j_rec_t *next = &j->recs[(j->first + k) % j->cap];
+        tail->off = next->off;
+        tail->seq = next->seq;
+    } else {
+        tail->off = j->head;
+        tail->seq = last->seq + 1;
+    }
+    return k;
+}
+
+/* Runs one checkpoint; called with mu held, returns with it held. */
+static int checkpoint_locked(edge_journal_t *j)
+{
+    edge_journal_pos_t tail;
+    size_t k = done_prefix(j, &tail);
+    if (k == 0)
+        return 0;
+    pthread_mutex_unlock(&j->mu);
+    int rc = j->cp_cb(j->cp_ud, tail);
+    pthread_mutex_lock(&j->mu);
+    if (rc < 0) {
+        CMN_LOG_E("spool", "journal checkpoint failed: %s", cmn_strerror(rc));
+        return rc;
+    }
+    for (size_t i = 0; i < k; i++) {
+        j_rec_t *r = &j->recs[j->first];
+        j->used -= r->len;
+        j->first = (j->first + 1) % j->cap;
+        j->count--;
+    }
+    if (j->count == 0)
+        j->used = 0;              /* skipped tails belonged to freed records */
+    j->stats.checkpoints++;
+    pthread_cond_broadcast(&j->cond);
+    return 0;
+}
+
+/* Caller holds mu: waits up to ms on cp_cond. */
+static void cp_wait(edge_journal_t *j, long ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_cond_timedwait(&j->cp_cond, &j->mu, &ts);
+}
+
+static void *cp_main(void *arg)
+{
+    edge_journal_t *j = arg;
+
+    pthread_mutex_lock(&j->mu);
+    while (!j->stopping) {
+        bool quarter = j->used >= j->size / 4;
+        bool idle = j->count > 0 && mono_ms() - j->last_append_ms >= 2000;
+        if (quarter || j->full_waiters || idle) {
+            size_t before = j->count;
+            if (checkpoint_locked(j) < 0)
+                cp_wait(j, 1000);            /* e.g. syncfs failed: retry, not spin */
+            else if (j->count == before)
+                cp_wait(j, 20);              /* oldest record not done yet */
+            continue;
+        }
+        cp_wait(j, 1000);
+    }
+    pthread_mutex_unlock(&j->mu);
+    return NULL;
+}
+
+int edge_journal_start(edge_journal_t *j, edge_journal_pos_t head, edge_journal_checkpoint_cb cb,
+                       void *ud)
+{
+    j->head = head.off < j->size && head.off % J_ALIGN == 0 ? head.off : 0;
+    j->next_seq = head.seq ? head.seq : 1;
+    j->written_seq = j->synced_seq = j->next_seq - 1;
+    j->cp_cb = cb;
+    j->cp_ud = ud;
+    j->last_append_ms = mono_ms();
+    int rc = pthread_create(&j->cp_thread, NULL, cp_main, j);
+    if (rc != 0)
+        return -rc;
+    j->started = true;
+    return 0;
+}
+
+/* ------------------------------------------------------------ append, sync */
+
+/* Caller holds mu: where a record of len bytes can go now, or -1 (full). */
+static int64_t place(edge_journal_t *j, uint64_t len, uint64_t *skip)
+{
+    *skip = 0;
+    if (j->count == 0) {
+        if (j->head + len <= j->size)
+            return (int64_t)j->head;
+        *skip = j->size - j->head;
+        return 0;
+    }
+    uint64_t first = j->recs[j->first].off;
+    if (j->head > first) {
+        if (j->head + len <= j->size)
+            return (int64_t)j->head;
+        if (len <= first) {
+            *skip = j->size - j->head;
+            return 0;
+        }
+        return -1;
+    }
+    /* wrapped: live records run from first to the end and from 0 to head */
+    if (j->head + len <= first)
+        return (int64_t)j->head;
+    return -1;
+}
+
+int edge_journal_append(edge_journal_t *j, const void *meta, size_t meta_len, int src_fd,
+                        uint64_t len, uint64_t *seq)
+{
+    uint64_t total = rec_bytes(meta_len, len), skip = 0;
+    char hbuf[J_HDR + J_MAX_META + 8];
+    int64_t off;
+    int rc;
+
+    if (meta_len > J_MAX_META || len > edge_journal_max_data(j))
+        return -EFBIG;
+    pthread_mutex_lock(&j->mu);
+    while ((off = place(j, total, &skip)) < 0 && !j->stopping && j->sync_err == 0) {
+        j->full_waiters = true;
+        j->stats.waits_full++;
+        pthread_cond_signal(&j->cp_cond);
+        pthread_cond_wait(&j->cond, &j->mu);
+    }
+    j->full_waiters = false;
+    if (off < 0) {
+        rc = j->sync_err ? j->sync_err : -ECANCELED;
+        goto out_unlock;
+    }
+    j_hdr_t h = {.magic = J_MAGIC, .version = J_VERSION, .seq = j->next_seq,
+                 .meta_len = (uint32_t)meta_len, .data_len = len};
+    h.crc = hdr_crc(h, meta, meta_len);
+    memcpy(hbuf, &h, J_HDR);
+    memcpy(hbuf + J_HDR, meta, meta_len);
+    memset(hbuf + J_HDR + meta_len, 0, align_up(meta_len, 8) - meta_len);
+    /* Data first, header last: a header never describes data not yet written. */
+    rc = copy_data(src_fd, j->fd, len, (uint64_t)off + J_HDR + align_up(meta_len, 8));
+    if (rc == 0)
+        rc = pwrite_all(j->fd, hbuf, J_HDR + align_up(meta_len, 8), (uint64_t)off);
+    if (rc < 0)
+        goto out_unlock;   /* nothing claimed: the next append overwrites it */
+    j_rec_t *r = &j->recs[(j->first + j->count) % j->cap];
+    r->seq = j->next_seq;
+    r->off = (uint64_t)off;
+    r->len = total + skip;
+    r->done = false;
+    j->count++;
+    j->used += total + skip;
+    j->head = (uint64_t)off + total;
+    if (j->head >= j->size)
+        j->head = 0;
+    *seq = j->next_seq++;
+    j->written_seq = *seq;
+    j->last_append_ms = mono_ms();
+    j->stats.appends++;
+    if (j->used >= j->size / 4)
+        pthread_cond_signal(&j->cp_cond);
+out_unlock:
+    pthread_mutex_unlock(&j->mu);
+    return rc;
+}
+
+int edge_journal_sync(edge_journal_t *j, uint64_t seq)
+{
+    int rc = 0;
+
+    pthread_mutex_lock(&j->mu);
+    while (j->synced_seq < seq && j->sync_err == 0) {
+        if (j->syncing) {
+            pthread_cond_wait(&j->cond, &j->mu);
+            continue;
+        }
+        uint64_t target = j->written_seq;
+        j->syncing = true;
+        pthread_mutex_unlock(&j->mu);
+        int r = fdatasync(j->fd) < 0 ? -errno : 0;
+        pthread_mutex_lock(&j->mu);
+        j->syncing = false;
+        if (r < 0) {
+            /* After a failed fdatasync the page state is unknown: stop
+             * using the journal (every later append fails -> A700). */
+            j->sync_err = r;
+            CMN_LOG_E("spool", "journal fdatasync failed: %s", cmn_strerror(r));
+        } else if (target > j->synced_seq) {
+            j->synced_seq = target;
+        }
+        j->stats.syncs++;
+        pthread_cond_broadcast(&j->cond);
+    }
+    if (j->synced_seq < seq)
+        rc = j->sync_err ? j->sync_err : -EIO;
+    pthread_mutex_unlock(&j->mu);
+    return rc;
+}
+
+void edge_journal_done(edge_journal_t *j, uint64_t seq)
+{
+    pthread_mutex_lock(&j->mu);
+    for (size_t i = 0; i < j->count; i++) {
+        j_rec_t *r = &j->recs[(j->first + i) % j->cap];
+        if (r->seq == seq) {
+            r->done = true;
+            break;
+        }
+    }
+    if (j->full_waiters || j->used >= j->size / 4)
+        pthread_cond_signal(&j->cp_cond);
+    pthread_mutex_unlock(&j->mu);
+}
+
+void edge_journal_get_stats(edge_journal_t *j, edge_journal_stats_t *st)
+{
+    pthread_mutex_lock(&j->mu);
+    *st = j->stats;
+    pthread_mutex_unlock(&j->mu);
+}
+
+void edge_journal_close(edge_journal_t *j)
+{
+    if (!j)
+        return;
+    pthread_mutex_lock(&j->mu);
+    j->stopping = true;
+    pthread_cond_broadcast(&j->cp_cond);
+    pthread_cond_broadcast(&j->cond);
+    pthread_mutex_unlock(&j->mu);
+    if (j->started) {
+        pthread_join(j->cp_thread, NULL);
+        pthread_mutex_lock(&j->mu);
+        checkpoint_locked(j);
+        pthread_mutex_unlock(&j->mu);
+        CMN_LOG_I("spool", "journal closed appends=%llu fdatasyncs=%llu checkpoints=%llu"
+                  " waits_full=%llu", (unsigned long long)j->stats.appends,
+                  (unsigned long long)j->stats.syncs, (unsigned long long)j->stats.checkpoints,
+                  (unsigned long long)j->stats.waits_full);
+    }
+    close(j->fd);
+    pthread_cond_destroy(&j->cp_cond);
+    pthread_cond_destroy(&j->cond);
+    pthread_mutex_destroy(&j->mu);
+    free(j->recs);
+    free(j);
+}

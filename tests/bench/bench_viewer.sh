@@ -1,0 +1,217 @@
+#!/bin/sh
+# bench_viewer.sh BUILD_DIR - web viewer load benchmark against Orthanc's web
+# viewer plugin (Debian packages orthanc, orthanc-webviewer), same data, same run.
+#
+# Data: a 300-slice generated CT (tests/data/gen_studies.py, 512x512 int16,
+# ~158 MB), loaded into yunying-cloud by STOW-RS and into Orthanc by its REST
+# API. Our web app is cloud/web/dist (built with `npm run build` if missing).
+# Client: Debian's Chromium driven by playwright-core (tests/bench/bench_viewer.mjs),
+# phone viewport (390x844, touch), fresh profile (cold cache) per run, on two
+# link profiles: "4g" (20 Mbit/s down, 60 ms latency, CDP
+# Network.emulateNetworkConditions) and "lan" (unthrottled loopback).
+# Figures (medians of YY_BENCH_RUNS runs):
+#   - first image: navigation start to the first non-black canvas (pixels read
+#     back in the page, same test for both viewers);
+#   - whole series: navigation start to every image viewable (ours: loaded and
+#     decoded; Orthanc: every image request of the series answered);
+#   - series arrival rate (image bytes / span of the image requests) vs link;
+#   - our phone route's JavaScript, gzip -9 (what a server that compresses
+#     would send) and as served (bytes over the wire in the run).
+# Everything runs inside a private network namespace (unshare --net, as
+# root), because Orthanc cannot bind to 127.0.0.1 only.
+#
+# Environment: YY_BENCH_DATA=DIR reuses (or keeps) the generated CT there;
+# YY_BENCH_SLICES (default 300); YY_BENCH_RUNS (default 3);
+# YY_BENCH_PROFILES (default 4g,lan). Installs orthanc + orthanc-webviewer if missing.
+set -eu
+
+build=${1:?usage: bench_viewer.sh BUILD_DIR}
+top=$(cd "$(dirname "$0")/../.." && pwd)
+case "$build" in /*) ;; *) build="$top/$build" ;; esac
+slices=${YY_BENCH_SLICES:-300}
+py=/usr/bin/python3
+
+if [ -z "${YY_BENCH_NETNS:-}" ]; then
+    exec unshare --net -- env YY_BENCH_NETNS=1 sh -c 'ip link set lo up && exec sh "$0" "$@"' \
+        "$0" "$build"
+fi
+
+plugin=/usr/share/orthanc/plugins/libOrthancWebViewer.so
+if ! command -v Orthanc >/dev/null 2>&1 || [ ! -f "$plugin" ]; then
+    echo "bench_viewer: installing orthanc orthanc-webviewer ..."
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+        orthanc orthanc-webviewer >/dev/null 2>&1 ||
+        { apt-get update -qq -o DPkg::Lock::Timeout=600 >/dev/null 2>&1 &&
+          DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+              orthanc orthanc-webviewer >/dev/null; }
+fi
+[ -f "$plugin" ] || plugin=$(dpkg -L orthanc-webviewer | grep 'libOrthancWebViewer.so' | head -n1)
+[ -x "$build/yunying-cloud" ] || { echo "bench_viewer: $build/yunying-cloud missing: make first" >&2; exit 2; }
+pw="$top/tests/e2e/node_modules/playwright-core/index.mjs"
+[ -f "$pw" ] || (cd "$top/tests/e2e" && npm ci --no-audit --no-fund >/dev/null)
+web="$top/cloud/web/dist"
+if [ ! -f "$web/index.html" ]; then
+    echo "bench_viewer: building the web app ..."
+    (cd "$top/cloud/web" && { [ -d node_modules ] || npm ci --no-audit --no-fund >/dev/null; } && npm run build >/dev/null)
+fi
+
+work=$(mktemp -d /tmp/yy-bench-viewer-XXXXXX)
+cloud_pid=
+orthanc_pid=
+cleanup() {
+    [ -n "$cloud_pid" ] && kill "$cloud_pid" 2>/dev/null && wait "$cloud_pid" 2>/dev/null
+    [ -n "$orthanc_pid" ] && kill "$orthanc_pid" 2>/dev/null && wait "$orthanc_pid" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+data=${YY_BENCH_DATA:-$work/data}
+mkdir -p "$data"
+ctdir=$(ls -d "$data"/ct_* 2>/dev/null | head -n1 || true)
+if [ -z "$ctdir" ] || [ "$(ls "$ctdir"/*.dcm | wc -l)" -ne "$slices" ]; then
+    echo "bench_viewer: generating a $slices-slice CT in $data ..."
+    rm -rf "$data"/ct_*
+    "$py" "$top/tests/data/gen_studies.py" "$data" --only ct --ct-slices "$slices" --quiet
+    ctdir=$(ls -d "$data"/ct_* | head -n1)
+fi
+
+# ------------------------------------------------------------------ servers
+cport=18052
+oport=18053
+odport=18054
+mkdir -p "$work/cloud" "$work/orthanc/storage" "$work/orthanc/index" "$work/orthanc/cache"
+cat >"$work/cloud/cloud.json" <<EOC
+{ "log": {"level": "warn"},
+  "http": {"bind": "127.0.0.1", "port": $cport, "web_root": "$web"},
+  "index": {"path": "$work/cloud/index.db"},
+  "archive": {"dir": "$work/cloud/archive"},
+  "ingest": {"staging_dir": "$work/cloud/staging"} }
+EOC
+"$build/yunying-cloud" user-add --config "$work/cloud/cloud.json" --user bench \
+    --password bench-pass-1 --role doctor >/dev/null
+"$build/yunying-cloud" --config "$work/cloud/cloud.json" >"$work/cloud/out.log" 2>&1 &
+cloud_pid=$!
+
+cat >"$work/orthanc/orthanc.json" <<EOC
+{ "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": $odport, "HttpPort": $oport,
+  "DicomCheckCalledAet": false, "DicomAlwaysAllowStore": true,
+  "RemoteAccessAllowed": false, "AuthenticationEnabled": false,
+  "StorageDirectory": "$work/orthanc/storage", "IndexDirectory": "$work/orthanc/index",
+  "SyncStorageArea": false, "Plugins": ["$plugin"],
+  "WebViewer": {"CachePath": "$work/orthanc/cache"} }
+EOC
+TCP_NODELAY=1 Orthanc "$work/orthanc/orthanc.json" >"$work/orthanc/out.log" 2>&1 &
+orthanc_pid=$!
+
+wait_http() {   # url, name
+    i=0
+    until curl -s -o /dev/null "$1"; do
+        i=$((i + 1))
+        [ $i -gt 600 ] && { echo "bench_viewer: $2 did not start" >&2; exit 1; }
+        sleep 0.1   # polling a server's readiness, not synchronising a test
+    done
+}
+wait_http "http://127.0.0.1:$cport/" yunying-cloud
+wait_http "http://127.0.0.1:$oport/system" Orthanc
+
+token=$(curl -s -D - -o /dev/null -H 'Content-Type: application/json' \
+    -d '{"username":"bench","password":"bench-pass-1"}' "http://127.0.0.1:$cport/api/v1/login" |
+    sed -n 's/^[Ss]et-[Cc]ookie: yy_session=\([0-9a-f]*\).*/\1/p')
+[ -n "$token" ] || { echo "bench_viewer: login failed" >&2; exit 1; }
+
+# ------------------------------------------------------------------ load
+echo "bench_viewer: loading $slices instances (ours: STOW-RS; Orthanc: REST) ..."
+"$py" - "$ctdir" "$work" "$cport" "$oport" "$token" <<'EOP'
+import glob, http.client, json, os, sys
+ctdir, work, cport, oport, token = sys.argv[1:]
+files = sorted(glob.glob(os.path.join(ctdir, "*.dcm")))
+b = "yy-bench-boundary"
+with open(os.path.join(work, "stow.body"), "wb") as out:
+    for f in files:
+        out.write(f"--{b}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+        out.write(open(f, "rb").read())
+        out.write(b"\r\n")
+    out.write(f"--{b}--\r\n".encode())
+c = http.client.HTTPConnection("127.0.0.1", int(cport), timeout=600)
+with open(os.path.join(work, "stow.body"), "rb") as body:
+    c.request("POST", "/dicomweb/studies", body=body, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={b}',
+        "Content-Length": str(os.path.getsize(os.path.join(work, "stow.body"))),
+        "Authorization": "Bearer " + token})
+r = c.getresponse()
+ans = r.read()
+assert r.status == 200, (r.status, ans[:300])
+os.unlink(os.path.join(work, "stow.body"))
+o = http.client.HTTPConnection("127.0.0.1", int(oport), timeout=600)
+for f in files:
+    o.request("POST", "/instances", body=open(f, "rb").read(),
+              headers={"Content-Type": "application/dicom"})
+    r = o.getresponse()
+    r.read()
+    assert r.status == 200, r.status
+o.request("GET", "/series")
+series = json.loads(o.getresponse().read())
+assert len(series) == 1, series
+import pydicom
+ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+with open(os.path.join(work, "ids.txt"), "w") as out:
+    out.write(f"{ds.StudyInstanceUID} {series[0]}\n")
+EOP
+study=$(cut -d' ' -f1 "$work/ids.txt")
+oseries=$(cut -d' ' -f2 "$work/ids.txt")
+bytes=$(cat "$ctdir"/*.dcm | wc -c)
+
+# ------------------------------------------------------------------ bundle
+# The phone route loads index.html's entry chunk, the viewer chunk, and the
+# DICOM decode worker (its codecs load only for compressed images).
+entry=$(sed -n 's/.*<script[^>]*src="\/\(assets\/index-[^"]*\.js\)".*/\1/p' "$web/index.html" | head -n1)
+viewer=$(ls "$web"/assets/YyViewer-*.js | head -n1)
+worker=$(ls "$web"/assets/decodeImageFrameWorker-*.js | head -n1)
+gz() { gzip -9c "$1" | wc -c; }
+js_gz=$(( $(gz "$web/$entry") + $(gz "$viewer") ))
+js_raw=$(( $(stat -c%s "$web/$entry") + $(stat -c%s "$viewer") ))
+wk_gz=$(gz "$worker")
+wk_raw=$(stat -c%s "$worker")
+
+# ------------------------------------------------------------------ browser
+echo "bench_viewer: timing both viewers (${YY_BENCH_PROFILES:-4g,lan}; ${YY_BENCH_RUNS:-3} runs each) ..."
+targets=$(cat <<EOT
+[ {"name": "yunying", "url": "http://127.0.0.1:$cport/studies/$study/viewer",
+   "login": {"url": "http://127.0.0.1:$cport/api/v1/login", "username": "bench", "password": "bench-pass-1"},
+   "imagePattern": "/wado\\\\?", "images": $slices},
+  {"name": "orthanc-webviewer", "url": "http://127.0.0.1:$oport/web-viewer/app/viewer.html?series=$oseries",
+   "imagePattern": "/web-viewer/instances/", "images": $slices,
+   "fetchAll": "http://127.0.0.1:$oport/web-viewer/series/$oseries"} ]
+EOT
+)
+YY_PLAYWRIGHT="$pw" YY_BENCH_TARGETS="$targets" node "$top/tests/bench/bench_viewer.mjs" | tee "$work/runs.txt" | grep '^RUN' | cut -c1-400
+summary=$(sed -n 's/^SUMMARY //p' "$work/runs.txt")
+[ -n "$summary" ] || { echo "bench_viewer: no summary" >&2; exit 1; }
+
+"$py" - "$summary" "$slices" "$bytes" "$js_gz" "$js_raw" "$wk_gz" "$wk_raw" <<'EOP'
+import json, sys
+summary = json.loads(sys.argv[1])
+slices, nbytes, js_gz, js_raw, wk_gz, wk_raw = map(int, sys.argv[2:])
+link = {"4g": 20.0, "lan": None}
+print(f"\n==== Web viewer: yunying vs Orthanc web viewer plugin ({slices}-slice CT, {nbytes / 1e6:.1f} MB files; phone 390x844)")
+print(f"phone route JavaScript: {js_gz / 1e3:.0f} KB gzip ({js_raw / 1e3:.0f} KB raw; entry + viewer chunk)"
+      f" + decode worker {wk_gz / 1e3:.0f} KB gzip ({wk_raw / 1e3:.0f} KB raw)")
+by = {(r["profile"], r["target"]): r for r in summary}
+print(f"{'':10} {'':18} {'first image':>12} {'whole series':>13} {'image MB':>9} {'rate':>12} {'JS on wire':>11}")
+for prof in dict.fromkeys(r["profile"] for r in summary):
+    for tgt in ("yunying", "orthanc-webviewer"):
+        r = by.get((prof, tgt))
+        if not r or not r["runs"]:
+            print(f"{prof:10} {tgt:18} {'failed':>12}")
+            continue
+        rate = f"{r['rateMbit']:.1f} Mbit/s"
+        if link.get(prof):
+            rate += f" ({r['rateMbit'] / link[prof]:.2f}x)"
+        print(f"{prof:10} {tgt:18} {r['first'] / 1e3:10.2f} s {r['all'] / 1e3:11.2f} s {r['seriesBytes'] / 1e6:9.1f}"
+              f" {rate:>12} {r['jsBytes'] / 1e3:8.0f} KB  [{r['runs']} runs{', ' + r['backend'] if r['backend'] else ''}]")
+    a, b = by.get((prof, "yunying")), by.get((prof, "orthanc-webviewer"))
+    if a and b and a["runs"] and b["runs"]:
+        print(f"{prof:10} {'ratio (Orthanc/ours)':18} {b['first'] / a['first']:11.2f}x {b['all'] / a['all']:12.2f}x")
+print("targets: first image <= 1.5 s on 4g and ahead of Orthanc on both; whole series >= 0.9x link rate;"
+      " phone route JS <= 800 KB gzip")
+EOP
