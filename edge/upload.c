@@ -117,7 +117,7 @@ const cmn_conf_opt_t edge__upload_opts[] = {
                      "longest retry delay (exponential backoff with jitter)"),
     CMN_CONF_OPT_INT(edge_conf_upload_t, timeout_ms, 60000, 1000, 3600000,
                      "timeout of one HTTP request"),
-    CMN_CONF_OPT_BOOL(edge_conf_upload_t, compress, false,
+    CMN_CONF_OPT_BOOL(edge_conf_upload_t, compress, true,
                       "transcode to JPEG-LS lossless before upload (pixel-exact; skipped when "
                       "not possible, then the original is sent)"),
     CMN_CONF_OPT_INT(edge_conf_upload_t, compress_parallel, 2, 1, 32,

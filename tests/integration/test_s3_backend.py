@@ -38,7 +38,9 @@ def env():
     mr = generate(os.path.join(data, "mr"), "--only", "mr", "--patient-id", "YYS302",
                   "--study-date", "20260401", "--accession", "ACC-S302", "--seed", "32", "--quiet")
     cloud = Cloud(backend="s3")
-    edge = Edge(cloud)
+    # Native uploads: this suite checks byte ranges of native frames read from S3
+    # (JPEG-LS uploads are covered by test_skeleton and the browser tests).
+    edge = Edge(cloud, extra={"upload": {"compress": False}})
     _env.update(cloud=cloud, edge=edge, ct=list(ct.values())[0], mr=list(mr.values())[0],
                 session=cloud.session(), loaded=False)
     return _env

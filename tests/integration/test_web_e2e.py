@@ -28,7 +28,8 @@ def main():
         files = manifest_files(m)
         cal_files = manifest_files(cal)
         cloud = Cloud(tls=False)   # the browser does not trust the run's test CA
-        edge = Edge(cloud)
+        # JPEG-LS lossless uploads, as in production: the browser decodes them (CharLS WASM).
+        edge = Edge(cloud, extra={"upload": {"compress": True}})
         r = storescu(edge.ae, edge.port, files + cal_files)
         if r.returncode != 0:
             raise RuntimeError(f"storescu failed: {r.stderr[-1000:]}")
