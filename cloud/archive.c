@@ -252,40 +252,6 @@ int cloud_archive_conflict_path(const char *sop_uid, const char *sha256, char *o
     return (n < 0 || (size_t)n >= outlen) ? -ENAMETOOLONG : 0;
 }
 
-int cloud_mkdirs(const char *path)
-{
-    char tmp[4096];
-    size_t len = strlen(path);
-
-    if (len == 0 || len >= sizeof(tmp))
-        return -ENAMETOOLONG;
-    memcpy(tmp, path, len + 1);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(tmp, 0750) < 0 && errno != EEXIST)
-            return -errno;
-        *p = '/';
-    }
-    if (mkdir(tmp, 0750) < 0 && errno != EEXIST)
-        return -errno;
-    return 0;
-}
-
-int cloud_fsync_dir(const char *path)
-{
-    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    int rc = 0;
-
-    if (fd < 0)
-        return -errno;
-    if (fsync(fd) < 0)
-        rc = -errno;
-    close(fd);
-    return rc;
-}
-
 static void dir_of(const char *path, char *out, size_t outlen)
 {
     const char *slash = strrchr(path, '/');
@@ -477,12 +443,12 @@ int cloud_archive_place_sha(const char *src, const char *dst, const char *sha256
         }
     }
     dir_of(dst, dir, sizeof(dir));
-    rc = cloud_mkdirs(dir);
+    rc = cmn_mkdirs(dir);
     if (rc < 0)
         return rc;
     if (rename(src, dst) < 0)
         return -errno;
-    rc = cloud_fsync_dir(dir);
+    rc = cmn_fsync_dir(dir);
     if (rc == 0 && s3 && stat(dst, &sb) == 0)
         cache_added(s3, dst, (uint64_t)sb.st_size);
     return rc;
@@ -526,7 +492,7 @@ int cloud_write_file_atomic(const char *path, const void *p, size_t len)
         goto out_unlink;
     }
     dir_of(path, dir, sizeof(dir));
-    return cloud_fsync_dir(dir);
+    return cmn_fsync_dir(dir);
 
 out_unlink:
     if (fd >= 0)
@@ -558,7 +524,7 @@ int cloud_archive_fetch(const char *path)
     if ((rc = archive_key(path, key, sizeof(key))) < 0)
         return rc;
     dir_of(path, dir, sizeof(dir));
-    rc = cloud_mkdirs(dir);
+    rc = cmn_mkdirs(dir);
     if (rc < 0)
         return rc;
     rc = cmn_s3_get_to_file(s3, key, path, &st);

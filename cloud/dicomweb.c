@@ -1319,7 +1319,7 @@ static int transcoded(const char *src, const char *sha, const char *stored_ts, c
         *size = (uint64_t)sb.st_size;
         return 0;
     }
-    if ((rc = cloud_mkdirs(dir)) < 0)
+    if ((rc = cmn_mkdirs(dir)) < 0)
         return rc;
     snprintf(tmp, sizeof(tmp), "%s.%ld.tmp", out, (long)gettid());
     if (strcmp(ts, CLOUD_TS_EXPLICIT_LE) == 0) {

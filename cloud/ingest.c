@@ -646,7 +646,7 @@ static int store_body(const cmn_http_req_t *req, const char *dst)
     }
     slash = strrchr(dst, '/');
     snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - dst) : 1, slash ? dst : ".");
-    return cloud_fsync_dir(dir);
+    return cmn_fsync_dir(dir);
 }
 
 static void handle_chunk(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
@@ -688,7 +688,7 @@ static void handle_chunk(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t
         reject(resp, sr, 400, "bad_chunk", "X-YY-Chunk-SHA256 does not match the chunk");
         goto out;
     }
-    if (staging_dir(id, dir, sizeof(dir)) < 0 || cloud_mkdirs(dir) < 0) {
+    if (staging_dir(id, dir, sizeof(dir)) < 0 || cmn_mkdirs(dir) < 0) {
         cloud_resp_error(resp, 507, "no_space", "cannot create the staging directory");
         goto out;
     }

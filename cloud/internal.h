@@ -30,6 +30,7 @@
 
 #include "cmn/conf.h"
 #include "cmn/dicom.h"
+#include "cmn/fs.h"
 #include "cmn/http.h"
 
 /* ------------------------------------------------------------ configuration */
@@ -281,10 +282,6 @@ int cloud_archive_hash(const char *path, bool remote, char hex[65], uint64_t *si
 int cloud_archive_delete(const char *path);
 /** Backend s3 with a cache cap: runs one eviction pass now (tests, scrub). */
 int cloud_archive_cache_trim(void);
-/** mkdir -p with mode 0750. 0 or -errno. */
-int cloud_mkdirs(const char *path);
-/** fsync a directory. 0 or -errno. */
-int cloud_fsync_dir(const char *path);
 /** Writes len bytes to path via a temp file + fsync + rename + dir fsync. 0 or -errno. */
 int cloud_write_file_atomic(const char *path, const void *p, size_t len);
 

@@ -234,7 +234,7 @@ static int dirname_mkdirs(const char *file)
     if (!slash || slash == file)
         return 0;
     snprintf(dir, sizeof(dir), "%.*s", (int)(slash - file), file);
-    return cloud_mkdirs(dir);
+    return cmn_mkdirs(dir);
 }
 
 static int prepare_storage(void)
@@ -243,8 +243,8 @@ static int prepare_storage(void)
     int rc;
 
     snprintf(tmp, sizeof(tmp), "%s/.tmp", conf.ingest.staging_dir);
-    if ((rc = dirname_mkdirs(conf.index.path)) < 0 || (rc = cloud_mkdirs(conf.archive.dir)) < 0 ||
-        (rc = cloud_mkdirs(conf.ingest.staging_dir)) < 0 || (rc = cloud_mkdirs(tmp)) < 0) {
+    if ((rc = dirname_mkdirs(conf.index.path)) < 0 || (rc = cmn_mkdirs(conf.archive.dir)) < 0 ||
+        (rc = cmn_mkdirs(conf.ingest.staging_dir)) < 0 || (rc = cmn_mkdirs(tmp)) < 0) {
         fprintf(stderr, "yunying-cloud: cannot create data directories: %s\n", cmn_strerror(rc));
         return -1;
     }

@@ -45,6 +45,7 @@
 #include "cmn/crypto.h"
 #include "cmn/db.h"
 #include "cmn/errors.h"
+#include "cmn/fs.h"
 #include "cmn/log.h"
 
 #include "internal.h"
@@ -159,40 +160,6 @@ const char *edge_spool_state_name(edge_spool_state_t s)
     return "?";
 }
 
-static int mkdir_p(const char *path)
-{
-    char tmp[PATH_MAX];
-    size_t n = strlen(path);
-
-    if (n == 0 || n >= sizeof(tmp))
-        return -ENAMETOOLONG;
-    memcpy(tmp, path, n + 1);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(tmp, 0750) < 0 && errno != EEXIST)
-            return -errno;
-        *p = '/';
-    }
-    if (mkdir(tmp, 0750) < 0 && errno != EEXIST)
-        return -errno;
-    return 0;
-}
-
-static int fsync_dir(const char *path)
-{
-    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    int rc = 0;
-
-    if (fd < 0)
-        return -errno;
-    if (fsync(fd) < 0)
-        rc = -errno;
-    close(fd);
-    return rc;
-}
-
 static void clean_tmp(const char *tmpdir)
 {
     DIR *d = opendir(tmpdir);
@@ -222,7 +189,7 @@ int edge_spool_open(const char *dir, uint64_t min_free_bytes, edge_spool_t **out
     int rc;
 
     *out = NULL;
-    rc = mkdir_p(dir);
+    rc = cmn_mkdirs(dir);
     if (rc < 0) {
         CMN_LOG_E("spool", "cannot create dir=%s: %s", dir, cmn_strerror(rc));
         return rc;
@@ -236,10 +203,10 @@ int edge_spool_open(const char *dir, uint64_t min_free_bytes, edge_spool_t **out
     pthread_mutex_init(&sp->mu, NULL);
 
     snprintf(path, sizeof(path), "%s/objects", sp->dir);
-    if ((rc = mkdir_p(path)) < 0)
+    if ((rc = cmn_mkdirs(path)) < 0)
         goto out_mutex;
     snprintf(path, sizeof(path), "%s/tmp", sp->dir);
-    if ((rc = mkdir_p(path)) < 0)
+    if ((rc = cmn_mkdirs(path)) < 0)
         goto out_mutex;
     clean_tmp(path);
 
@@ -854,7 +821,7 @@ static int journal_setup(edge_spool_t *sp)
         CMN_LOG_E("spool", "cannot open journal %s: %s", path, cmn_strerror(rc));
         return rc;
     }
-    if ((rc = fsync_dir(sp->dir)) < 0)
+    if ((rc = cmn_fsync_dir(sp->dir)) < 0)
         goto out_close;
     pthread_mutex_lock(&sp->mu);
     tail.off = (uint64_t)counter_get(sp, "journal_off", 0);

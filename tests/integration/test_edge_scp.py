@@ -43,9 +43,17 @@ def data():
 
 
 def offline_edge(**extra):
-    """An edge whose cloud is a closed port: received instances stay spooled."""
+    """An edge whose cloud is a closed port: received instances stay spooled.
+
+    JPEG-LS preparation is off: these tests look at what the SCP alone leaves
+    in the spool (tmp/ must be empty after each store), and the background
+    transcoder also works in tmp/. Compression is tested in test_skeleton.py,
+    test_edge_resilience.py and the browser tests.
+    """
+    extra = dict(extra)
+    extra["upload"] = {"compress": False, **extra.get("upload", {})}
     return h.Edge(cloud_url=f"http://127.0.0.1:{h.free_port()}", secret=DUMMY_SECRET,
-                  edge_id="edge-offline", ae="YY_EDGE", extra=extra or None)
+                  edge_id="edge-offline", ae="YY_EDGE", extra=extra)
 
 
 def rows(edge):

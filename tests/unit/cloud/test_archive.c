@@ -56,7 +56,7 @@ static void use_conf(const char *backend, const char *sub)
     test_conf.archive.s3_access_key = g.fx.access_key;
     test_conf.archive.s3_secret_file = g.fx.secret_file;
     test_conf.archive.s3_path_style = true;
-    assert_int_equal(cloud_mkdirs(g.dir), 0);
+    assert_int_equal(cmn_mkdirs(g.dir), 0);
 }
 
 /* A staged file of n deterministic bytes; returns its path in out. */
@@ -279,7 +279,7 @@ static void test_s3_hash_delete_cache(void **state)
     test_conf.archive.cache_min_age_s = 0;
     char orphan[1200];
     snprintf(orphan, sizeof(orphan), "%s/zz/orphan.dcm", g.dir);
-    assert_int_equal(cloud_mkdirs(dirname_of(orphan)), 0);
+    assert_int_equal(cmn_mkdirs(dirname_of(orphan)), 0);
     stage("orphan", 400 << 10, 1, src, sizeof(src));
     assert_int_equal(rename(src, orphan), 0);
     struct timespec old[2] = { { time(NULL) - 3600, 0 }, { time(NULL) - 3600, 0 } };

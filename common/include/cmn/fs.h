@@ -1,0 +1,22 @@
+/*
+ * fs.h - small durable-filesystem helpers shared by the edge spool and the
+ * cloud archive. Blocking: call them off the loop thread.
+ */
+#ifndef CMN_FS_H
+#define CMN_FS_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** mkdir -p with mode 0750. 0, -ENAMETOOLONG or -errno. */
+int cmn_mkdirs(const char *path);
+
+/** fsync()s a directory, making renames and new entries in it durable. 0 or -errno. */
+int cmn_fsync_dir(const char *path);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CMN_FS_H */
