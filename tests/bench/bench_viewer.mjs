@@ -148,6 +148,9 @@ async function runOnce(target, profile) {
       const t1 = Math.max(...img.map((e) => e.responseEnd))
       return {
         first: window.__yyBench.first,
+        // ours: the viewer (Cornerstone, tools live) has drawn its first image;
+        // before that the first image may be the preview (viewer/preview.ts)
+        ready: performance.getEntriesByName('yy:first-render')[0]?.startTime ?? window.__yyBench.first,
         all: window.__yyBench.all,
         images: new Set(img.map((e) => e.name)).size,
         seriesBytes: bytes,
@@ -155,8 +158,15 @@ async function runOnce(target, profile) {
         jsBytes: js.reduce((s, e) => s + (e.encodedBodySize || e.transferSize || 0), 0),
         jsDecoded: js.reduce((s, e) => s + (e.decodedBodySize || 0), 0),
         backend: window.__yyViewer ? window.__yyViewer.state().backend : '',
+        // YY_BENCH_TRACE=1: the requests that started before the first image
+        trace: [...all.filter((e) => e.startTime <= window.__yyBench.first), ...performance.getEntriesByType('mark')
+          .map((m) => ({ startTime: m.startTime, responseEnd: m.startTime, encodedBodySize: 0, name: m.name }))]
+          .sort((a, b) => a.startTime - b.startTime)
+          .map((e) => `${e.startTime.toFixed(0)}-${e.responseEnd.toFixed(0)} ${(e.encodedBodySize / 1e3).toFixed(0)}KB ${e.name.replace(/^https?:\/\/[^/]+/, '').slice(0, 90)}`),
       }
     }, target.imagePattern.toString())
+    if (process.env.YY_BENCH_TRACE) console.log(`TRACE ${target.name} ${profile} first=${res.first.toFixed(0)}\n  ${res.trace.join('\n  ')}`)
+    delete res.trace
     return res
   } finally {
     await context.close().catch(() => {})
@@ -188,6 +198,7 @@ for (const profile of PROFILES) {
       target: target.name,
       runs: ok.length,
       first: median(ok.map((r) => r.first)),
+      ready: median(ok.map((r) => r.ready)),
       all: median(ok.map((r) => r.all)),
       images: ok.length ? ok[0].images : 0,
       seriesBytes: median(ok.map((r) => r.seriesBytes)),

@@ -209,6 +209,8 @@ async function setup(label, opts) {
   const context = await chromium.launchPersistentContext(dir, {
     executablePath: CHROMIUM, headless: true, args: ARGS, locale: 'zh-CN', ignoreHTTPSErrors: true, ...opts,
   })
+  // YY_E2E_RENDER=cpu|gpu forces Cornerstone's rendering back end (default: the app's choice).
+  if (process.env.YY_E2E_RENDER) await context.addInitScript((r) => localStorage.setItem('yy.render', r), process.env.YY_E2E_RENDER)
   const page = context.pages()[0] || (await context.newPage())
   page.setDefaultTimeout(TIMEOUT)
   const ctx = { label, page, pageErrors: [], context, dir, dialogs: 0 }

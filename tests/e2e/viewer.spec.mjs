@@ -12,10 +12,13 @@
 //      Optional: YY_E2E_STUDY_UID (the study to open), YY_CHROMIUM (browser
 //      path), YY_E2E_ARTIFACTS (directory for failure screenshots),
 //      YY_E2E_TIMEOUT_MS (per wait, default 60000), YY_E2E_PROFILES
-//      (default desktop,phone), YY_E2E_RENDER=cpu (force CPU rendering).
+//      (default desktop,phone), YY_E2E_RENDER=cpu|gpu (force a rendering
+//      back end; default: the app's choice), YY_E2E_PREVIEW_REF (JSON
+//      {width, height, grey: base64}: the first image as the preview must
+//      draw it, made by tests/integration/test_web_e2e.py with pydicom).
 // Prints "N passed, N failed" last; exits non-zero on any failure.
 
-import { mkdtempSync, mkdirSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { chromium } from 'playwright-core'
@@ -27,7 +30,8 @@ const STUDY_UID = process.env.YY_E2E_STUDY_UID || ''
 const CHROMIUM = process.env.YY_CHROMIUM || '/usr/bin/chromium'
 const TIMEOUT = Number(process.env.YY_E2E_TIMEOUT_MS || 60000)
 const ARTIFACTS = process.env.YY_E2E_ARTIFACTS || join(tmpdir(), 'yy-e2e-artifacts')
-const RENDER = process.env.YY_E2E_RENDER || '' // 'cpu' forces Cornerstone's CPU rendering
+const RENDER = process.env.YY_E2E_RENDER || '' // 'cpu' | 'gpu' forces Cornerstone's rendering back end
+const PREVIEW_REF = process.env.YY_E2E_PREVIEW_REF || ''
 
 const CHROMIUM_ARGS = [
   '--no-sandbox',
@@ -195,7 +199,7 @@ async function runProfile(label, contextOptions) {
     const page = context.pages()[0] || (await context.newPage())
     ctx.page = page
     page.setDefaultTimeout(TIMEOUT)
-    if (RENDER === 'cpu') await context.addInitScript(() => localStorage.setItem('yy.render', 'cpu'))
+    if (RENDER) await context.addInitScript((r) => localStorage.setItem('yy.render', r), RENDER)
     page.on('pageerror', (e) => ctx.pageErrors.push(String(e.message || e)))
     page.on('console', (m) => {
       // Failed requests are recorded below with their URL.
@@ -365,6 +369,58 @@ async function runProfile(label, contextOptions) {
         await page.getByTestId('viewer-reset').tap()
         await page.waitForFunction((z) => Math.abs(window.__yyViewer.zoom() - z) < 0.01, z0, { timeout: TIMEOUT })
         log(`     zoom ${z0.toFixed(2)} -> ${z1.toFixed(2)} -> reset`)
+      }, ctx)
+    }
+
+    if (PREVIEW_REF) {
+      await check(`${label}: opened by URL, the original first image shows before the viewer chunk`, async () => {
+        const ref = JSON.parse(readFileSync(PREVIEW_REF, 'utf8'))
+        const p2 = await context.newPage()
+        let release = () => {}
+        const held = new Promise((r) => { release = r })
+        let requested = 0
+        // Hold the viewer chunk (Cornerstone3D): whatever shows now is the preview.
+        await p2.route(/\/assets\/YyViewer-[^/]+\.js$/, async (route) => {
+          requested++
+          await held
+          await route.continue()
+        })
+        try {
+          await p2.goto(`${BASE}/studies/${target.uid}/viewer`, { waitUntil: 'commit' })
+          await p2.waitForFunction(() => document.querySelector('[data-testid="viewer-preview"] canvas')?.dataset.shown === '1',
+            undefined, { timeout: TIMEOUT })
+          assert(requested === 1, `viewer chunk requested ${requested} times while held`)
+          assert(await p2.evaluate(() => !window.__yyViewer), 'the viewer ran before its chunk was released')
+          // The preview's pixels are the original's, windowed as pydicom computes them.
+          const cmp = await p2.evaluate((r) => {
+            const img = window.__yyPreview
+            if (!img) return { error: 'no window.__yyPreview' }
+            const want = Uint8Array.from(atob(r.grey), (ch) => ch.charCodeAt(0))
+            if (img.width !== r.width || img.height !== r.height) return { error: `size ${img.width}x${img.height}` }
+            let maxDiff = 0
+            let off = 0
+            for (let i = 0; i < want.length; i++) {
+              const d = Math.abs(img.grey[i] - want[i])
+              if (d > maxDiff) maxDiff = d
+              if (d > 1) off++
+            }
+            const c = document.querySelector('[data-testid="viewer-preview"] canvas')
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data
+            let lit = 0
+            for (let i = 0; i < d.length; i += 4) if (d[i] > 8) lit++
+            return { maxDiff, off, lit, total: c.width * c.height }
+          }, ref)
+          assert(!cmp.error, cmp.error)
+          assert(cmp.off === 0, `${cmp.off} preview pixels differ from pydicom's by more than 1 (max ${cmp.maxDiff})`)
+          assert(cmp.lit > cmp.total * 0.02, `preview canvas nearly blank: ${cmp.lit}/${cmp.total}`)
+          release()
+          await waitRendered(p2, 'viewer after the preview')
+          assert((await p2.getByTestId('viewer-preview').count()) === 0, 'the preview is still shown')
+          log(`     preview ${ref.width}x${ref.height} equals pydicom's (max diff ${cmp.maxDiff}); viewer took over`)
+        } finally {
+          release()
+          await p2.close().catch(() => undefined)
+        }
       }, ctx)
     }
 

@@ -1,14 +1,20 @@
 import { createRouter, createWebHistory } from 'vue-router'
 import { setUnauthorizedHandler } from '../api/http'
+import { prefetchStudy } from '../api/prefetch'
 import { useSession } from '../composables/useSession'
 import YyLogin from '../components/YyLogin.vue'
 import YyStudyList from '../components/YyStudyList.vue'
+import YyViewerShell from '../components/YyViewerShell.vue'
+import { loadViewer } from './viewerChunk'
 
-// Cornerstone3D is large: load it only with the viewer.
-const loadViewer = () => import('../components/YyViewer.vue')
 // Opened straight on a viewer URL (a shared link, a reload): fetch the viewer
 // chunk now, in parallel with the session probe, not after it.
-if (/^\/(studies\/[^/]+\/viewer|viewer\/)/.test(window.location.pathname)) void loadViewer().catch(() => {})
+// Its study's queries and first image start now too (api/prefetch.ts).
+const opened = /^\/(?:studies\/([^/]+)\/viewer|viewer\/([^/]+))/.exec(window.location.pathname)
+if (opened) {
+  void loadViewer().catch(() => {})
+  prefetchStudy(decodeURIComponent(opened[1] ?? opened[2]))
+}
 
 export const router = createRouter({
   history: createWebHistory(),
@@ -23,7 +29,7 @@ export const router = createRouter({
     {
       path: '/studies/:studyUID/viewer',
       name: 'viewer',
-      component: loadViewer,
+      component: YyViewerShell,
       props: true,
     },
     { path: '/:rest(.*)*', redirect: '/studies' },
@@ -32,6 +38,12 @@ export const router = createRouter({
 
 router.beforeEach(async (to) => {
   if (to.meta.public) return true
+  // Opening a study from the list: its queries and first image start now,
+  // in parallel with the session check and the viewer chunk.
+  if (to.name === 'viewer') {
+    void loadViewer().catch(() => {})
+    prefetchStudy(String(to.params.studyUID))
+  }
   const user = await useSession().probe()
   if (!user) return { name: 'login', query: { redirect: to.fullPath } }
   return true

@@ -17,6 +17,7 @@ import {
   type Types,
 } from '@cornerstonejs/core'
 import { init as dicomImageLoaderInit, wadouri } from '@cornerstonejs/dicom-image-loader'
+import { utilities as metadataUtils } from '@cornerstonejs/metadata'
 import {
   AngleTool,
   ArrowAnnotateTool,
@@ -50,6 +51,9 @@ import {
   YyRegionTool,
   pixelValueAt,
 } from './tools'
+
+// Load-time marks, read by tests/bench/bench_viewer.mjs (YY_BENCH_TRACE=1).
+performance.mark('yy:viewer-chunk')
 
 export type NavTool = 'wl' | 'pan' | 'zoom' | 'scroll'
 export type MeasureTool = 'length' | 'angle' | 'cobb' | 'probe' | 'rect' | 'ellipse' | 'deviation' | 'ctr'
@@ -138,11 +142,33 @@ const SUB_SCHEME = 'yysub'
 
 let initPromise: Promise<void> | null = null
 
+/**
+ * CPU rendering when asked (?render=cpu|gpu, localStorage yy.render), and by
+ * default when WebGL is a software rasteriser (SwiftShader, llvmpipe: thin
+ * clients and virtual desktops, common in hospitals, and browsers with the
+ * GPU blocked). There Cornerstone's CPU path draws a stack image several
+ * times faster than emulated WebGL, whose first frame alone (shader
+ * compilation) cost 270 ms in tests/bench/bench_viewer.sh.
+ */
 function wantCpu(): boolean {
+  let asked: string | null = null
   try {
-    const q = new URLSearchParams(window.location.search).get('render')
-    if (q === 'cpu') return true
-    return localStorage.getItem('yy.render') === 'cpu'
+    asked = new URLSearchParams(window.location.search).get('render') ?? localStorage.getItem('yy.render')
+  } catch {
+    /* storage blocked */
+  }
+  if (asked === 'cpu' || asked === 'gpu') return asked === 'cpu'
+  return softwareWebGl()
+}
+
+function softwareWebGl(): boolean {
+  try {
+    const gl = document.createElement('canvas').getContext('webgl2') ?? document.createElement('canvas').getContext('webgl')
+    if (!gl) return true
+    const ext = gl.getExtension('WEBGL_debug_renderer_info')
+    const name = ext ? String(gl.getParameter(ext.UNMASKED_RENDERER_WEBGL)) : ''
+    gl.getExtension('WEBGL_lose_context')?.loseContext()
+    return /swiftshader|llvmpipe|softpipe|software/i.test(name)
   } catch {
     return false
   }
@@ -279,6 +305,7 @@ function metadataFix(type: string, imageId: string): unknown {
 export function initViewer(): Promise<void> {
   if (!initPromise) {
     initPromise = (async () => {
+      performance.mark('yy:init')
       csInit({ isMobile: isTouchDevice(), debug: {} })
       // WebGL absent (headless, old phones): Cornerstone falls back to CPU
       // rendering by itself; ?render=cpu forces it.
@@ -292,9 +319,22 @@ export function initViewer(): Promise<void> {
         RectangleROITool, EllipticalROITool, YyDeviationTool, YyCtrTool, ArrowAnnotateTool, LabelTool,
         YyRectShapeTool, YyEllipseShapeTool, YyCurveTool, YyRegionTool,
       ]) addTool(tool)
+      performance.mark('yy:init-done')
     })()
   }
   return initPromise
+}
+
+/**
+ * Hands the loader the bytes of a single-frame instance fetched elsewhere
+ * (the study prefetch, api/prefetch.ts), so that loading imageId does not
+ * fetch them a second time.
+ */
+export async function primeImage(imageId: string, bytes: ArrayBuffer): Promise<void> {
+  await initViewer()
+  await metadataUtils.addDicomPart10Instance(imageId, bytes)
+  // Decode it now, in the worker, while the viewport is being set up.
+  void imageLoader.loadAndCacheImage(imageId).catch(() => {})
 }
 
 /** Image id for one instance (or one frame of it) fetched whole over WADO-URI. */
@@ -433,6 +473,7 @@ export class StackViewer {
     window.addEventListener('pointerup', this.onPointerUp)
     window.addEventListener('pointercancel', this.onPointerUp)
 
+    performance.mark('yy:engine')
     this.engine = new RenderingEngine(this.engineId)
     this.engine.enableElement({
       viewportId: this.viewportId,
@@ -493,9 +534,11 @@ export class StackViewer {
     if (imageIds.length === 0) return
     try {
       // First image of the series first; the rest follows (progress bar).
+      performance.mark('yy:set-stack')
       await vp.setStack(imageIds, startIndex)
       if (token !== this.loadToken) return
       vp.render()
+      performance.mark('yy:first-render')
       toolUtilities.stackContextPrefetch.enable(this.element)
       const first = imageIds[startIndex]
       const fps = headerFpsOf(first)
