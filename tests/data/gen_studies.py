@@ -40,7 +40,7 @@ Studies:
         0.3 mm only, FrameTime 100 ms: frames 1..4 background only, a dark
         vessel (value - 60) grows from frame 5; frames 11.. are shifted by
         (+2, +1) px (patient motion). MaskSubtractionSequence: AVG_SUB, mask
-        frame 3, applicable frames 4..20.
+        frames 2 and 3 (averaged), applicable frames 4..20.
 
 Everything derives from --seed and the patient/study options: the same
 command line writes byte-identical files. UIDs are 2.25.<decimal of a UUID>
@@ -757,7 +757,7 @@ def gen_cal(args, outdir, rng):
     ds.WindowWidth = "256"
     mask = Dataset()
     mask.MaskOperation = "AVG_SUB"
-    mask.MaskFrameNumbers = [3]
+    mask.MaskFrameNumbers = [2, 3]
     mask.ApplicableFrameRange = [4, nf]
     ds.MaskSubtractionSequence = [mask]
     ds.RecommendedViewingMode = "SUB"

@@ -445,7 +445,7 @@ async function desktop() {
       assert((await hook(page, 'v.imageCount()')) === 20, 'frames')
       assert((await hook(page, 'v.state().calibration')) === 'imager', 'ImagerPixelSpacing calibration')
       assert((await page.getByTestId('cine-fps').inputValue()) === '10', 'rate from the header')
-      assert((await page.getByTestId('dsa-mask').inputValue()) === '3', 'mask frame from MaskSubtractionSequence')
+      assert((await page.getByTestId('dsa-mask').inputValue()) === '2,3', 'mask frames from MaskSubtractionSequence')
       await hook(page, 'v.useManualClock(true)')
       await page.getByTestId('cine-fps').fill('12')
       await page.getByTestId('cine-fps').dispatchEvent('change')
@@ -491,11 +491,18 @@ async function desktop() {
       await waitRendered(page, 'subtracted')
       const s = await hook(page, 'v.pixelStats()')
       assert(s.min === 0 && s.max === 0 && s.std === 0, `frame minus itself: ${JSON.stringify(s)}`)
-      // header mask (frame 3) on frame 8: background 0, vessel -60
-      await page.getByTestId('dsa-mask').fill('3')
+      // frames 2 and 8 averaged into the mask, on frame 8: background 0, vessel -60 / 2
+      await page.getByTestId('dsa-mask').fill('2,8')
       await page.getByTestId('dsa-apply').click()
-      await page.waitForFunction(() => window.__yyViewer.state().subtraction?.mask === 3, undefined, { timeout: TIMEOUT })
-      await waitRendered(page, 'mask 3')
+      await page.waitForFunction(() => window.__yyViewer.state().subtraction?.masks?.join(',') === '2,8', undefined, { timeout: TIMEOUT })
+      await waitRendered(page, 'mask 2,8')
+      assert((await hook(page, 'v.pixelAt(40, 200)')) === 0, 'background not cancelled (average mask)')
+      assert((await hook(page, 'v.pixelAt(128, 10)')) === -30, `vessel minus the 2,8 average ${await hook(page, 'v.pixelAt(128, 10)')}`)
+      // the header's mask (frames 2 and 3, averaged) on frame 8: background 0, vessel -60
+      await page.getByTestId('dsa-mask').fill('2,3')
+      await page.getByTestId('dsa-apply').click()
+      await page.waitForFunction(() => window.__yyViewer.state().subtraction?.masks?.join(',') === '2,3', undefined, { timeout: TIMEOUT })
+      await waitRendered(page, 'mask 2,3')
       assert((await hook(page, 'v.pixelAt(40, 200)')) === 0, 'background not cancelled')
       assert((await hook(page, 'v.pixelAt(128, 10)')) === -60, `vessel ${await hook(page, 'v.pixelAt(128, 10)')}`)
       // frame 16 moved by (+2, +1): without shift the background remains, with it it cancels

@@ -8,6 +8,8 @@ export interface YyViewerCineProps {
   loop: boolean
   /** Mask frames from MaskSubtractionSequence (1-based), if any. */
   maskFrames: number[]
+  /** MaskSubPixelShift (column, row) from the header, or [0, 0]. */
+  maskShift: [number, number]
   subtraction: SubtractionState | null
 }
 

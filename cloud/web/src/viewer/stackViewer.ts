@@ -66,8 +66,10 @@ export const MEASURE_TOOLS: MeasureTool[] = ['length', 'angle', 'cobb', 'probe',
 export const ANNOTATE_TOOLS: AnnotateTool[] = ['arrow', 'text', 'shapeRect', 'shapeEllipse', 'curve', 'region']
 
 export interface SubtractionState {
-  /** 1-based mask frame. */
+  /** 1-based mask frame (the first of masks). */
   mask: number
+  /** 1-based frames averaged into the mask (MaskSubtractionSequence AVG_SUB); [mask] when absent. */
+  masks?: number[]
   dx: number
   dy: number
 }
@@ -813,12 +815,13 @@ export class StackViewer {
     }
     const images = await Promise.all(this.sourceIds.map((id) => imageLoader.loadAndCacheImage(id)))
     if (token !== this.loadToken) return
-    const m = Math.max(1, Math.min(images.length, Math.round(sub.mask)))
-    const maskImg = images[m - 1]
-    const w = maskImg.columns
-    const h = maskImg.rows
-    const mask = averageFrames([maskImg.getPixelData()], w * h)
-    const key = `${this.loadToken}:${m}:${sub.dx}:${sub.dy}`
+    const clampFrame = (f: number): number => Math.max(1, Math.min(images.length, Math.round(f)))
+    const masks = [...new Set((sub.masks?.length ? sub.masks : [sub.mask]).map(clampFrame))]
+    const m = masks[0]
+    const w = images[m - 1].columns
+    const h = images[m - 1].rows
+    const mask = averageFrames(masks.map((f) => images[f - 1].getPixelData()), w * h)
+    const key = `${this.loadToken}:${masks.join(',')}:${sub.dx}:${sub.dy}`
     const ids: string[] = []
     images.forEach((img, i) => {
       const id = `${SUB_SCHEME}:${key}:${i}`
@@ -841,7 +844,7 @@ export class StackViewer {
     await vp.setStack(ids, index)
     vp.setProperties({ voiRange: { lower: -128, upper: 128 } })
     vp.render()
-    this.emit({ subtraction: { mask: m, dx: sub.dx, dy: sub.dy } })
+    this.emit({ subtraction: { mask: m, masks, dx: sub.dx, dy: sub.dy } })
     this.syncProps()
     if (wasPlaying) this.play()
   }
