@@ -29,9 +29,12 @@ function quiet<T>(p: Promise<T>): Promise<T> {
   return p
 }
 
-/** Starts the prefetch of a study opened by URL. Idempotent per study. */
-export function prefetchStudy(studyUID: string): void {
-  if (pending?.studyUID === studyUID && !pending.studyTaken) return
+/**
+ * Starts the prefetch of a study opened by URL. Idempotent per study.
+ * Resolves when the first image's bytes are here (or there are none).
+ */
+export function prefetchStudy(studyUID: string): Promise<unknown> {
+  if (pending?.studyUID === studyUID && !pending.studyTaken) return pending.image
   const study = quiet(getStudy(studyUID))
   const series = quiet(listSeries(studyUID))
   const instances = quiet(
@@ -55,6 +58,7 @@ export function prefetchStudy(studyUID: string): void {
     }),
   )
   pending = { studyUID, studyTaken: false, instancesTaken: false, study, series, instances, image }
+  return image
 }
 
 /** The study's QIDO results if prefetched (once), else undefined. */

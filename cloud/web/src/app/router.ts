@@ -5,15 +5,15 @@ import { useSession } from '../composables/useSession'
 import YyLogin from '../components/YyLogin.vue'
 import YyStudyList from '../components/YyStudyList.vue'
 import YyViewerShell from '../components/YyViewerShell.vue'
-import { loadViewer } from './viewerChunk'
+import { holdViewerChunk, loadViewer } from './viewerChunk'
 
-// Opened straight on a viewer URL (a shared link, a reload): fetch the viewer
-// chunk now, in parallel with the session probe, not after it.
-// Its study's queries and first image start now too (api/prefetch.ts).
+// Opened straight on a viewer URL (a shared link, a reload): the study's
+// queries and first image start now (api/prefetch.ts), in parallel with the
+// session probe, and the viewer chunk right after that image.
 const opened = /^\/(?:studies\/([^/]+)\/viewer|viewer\/([^/]+))/.exec(window.location.pathname)
 if (opened) {
+  holdViewerChunk(prefetchStudy(decodeURIComponent(opened[1] ?? opened[2])))
   void loadViewer().catch(() => {})
-  prefetchStudy(decodeURIComponent(opened[1] ?? opened[2]))
 }
 
 export const router = createRouter({
@@ -41,8 +41,8 @@ router.beforeEach(async (to) => {
   // Opening a study from the list: its queries and first image start now,
   // in parallel with the session check and the viewer chunk.
   if (to.name === 'viewer') {
+    holdViewerChunk(prefetchStudy(String(to.params.studyUID)))
     void loadViewer().catch(() => {})
-    prefetchStudy(String(to.params.studyUID))
   }
   const user = await useSession().probe()
   if (!user) return { name: 'login', query: { redirect: to.fullPath } }

@@ -577,7 +577,10 @@ export class StackViewer {
         if (loaded === order.length || loaded % 4 === 0) this.emit({ loaded })
       }
     }
-    await Promise.all([worker(), worker(), worker(), worker()])
+    // As many requests in flight as a browser opens connections to one
+    // HTTP/1.1 host (6): on a high-latency link fewer leave it idle between
+    // a response's end and the next response's first byte.
+    await Promise.all(Array.from({ length: 6 }, worker))
   }
 
   setTool(name: ToolName): void {
