@@ -17,7 +17,7 @@ CXX      ?= g++
 WARN     := -Wall -Wextra -Wshadow -Wstrict-prototypes
 CSTD     := -std=c11 -D_GNU_SOURCE
 CXXSTD   := -std=c++17
-INCS     := -Icommon/include -Iproto/include -I/usr/share/include/llhttp
+INCS     := -Icommon/include -Iproto/include -I/usr/share/include/llhttp -I/usr/include/postgresql
 DEPFLAGS  = -MMD -MP
 
 ifeq ($(CONFIG),asan)
@@ -34,7 +34,7 @@ endif
 CFLAGS_ALL   = $(CSTD) $(WARN) $(OPT) $(INCS) $(DEPFLAGS) $(CFLAGS)
 CXXFLAGS_ALL = $(CXXSTD) -Wall -Wextra $(OPT) $(INCS) $(DEPFLAGS) $(CXXFLAGS)
 
-LIBS_BASE := -luv -lsqlite3 -ljansson -lcurl -lmbedtls -lmbedx509 -lmbedcrypto -lcharls -lpthread -lm
+LIBS_BASE := -luv -lsqlite3 -lpq -ljansson -lcurl -lmbedtls -lmbedx509 -lmbedcrypto -lcharls -lpthread -lm
 LIBS_DCM  := -ldcmjpls -ldcmnet -ldcmdata -loflog -lofstd -lz -lstdc++
 LDLIBS_ALL = $(LIBS_BASE) $(LIBS_DCM)
 

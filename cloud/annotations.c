@@ -19,7 +19,7 @@
 
 #include <jansson.h>
 
-#include "cmn/db.h"
+#include "cmn/sql.h"
 #include "cmn/errors.h"
 #include "cmn/log.h"
 #include "internal.h"
@@ -59,41 +59,41 @@ static bool parse_path(const char *path, char uid[UID_MAX + 1])
     return true;
 }
 
-static int study_exists(sqlite3 *db, const char *uid)
+static int study_exists(cmn_sql_t *db, const char *uid)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
-    if (cmn_db_prepare(db, "SELECT 1 FROM studies WHERE study_uid = ?", &st) < 0)
+    if (cmn_sql_prepare(db, "SELECT 1 FROM studies WHERE study_uid = ?", &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(st, 1, uid, -1, SQLITE_STATIC);
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    if (rc == SQLITE_ROW)
+    cmn_sql_bind_text(st, 1, uid);
+    rc = cmn_sql_step(st);
+    cmn_sql_finalize(st);
+    if (rc == CMN_SQL_ROW)
         return 1;
-    return rc == SQLITE_DONE ? 0 : CMN_EDB;
+    return rc == CMN_SQL_DONE ? 0 : CMN_EDB;
 }
 
-static void handle_get(sqlite3 *db, const cloud_user_t *u, const char *uid,
+static void handle_get(cmn_sql_t *db, const cloud_user_t *u, const char *uid,
                        const cmn_http_req_t *req, cmn_http_resp_t *resp)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     char *text = NULL;
     int rc;
 
-    if (cmn_db_prepare(db, "SELECT doc FROM annotations WHERE username = ? AND study_uid = ?",
+    if (cmn_sql_prepare(db, "SELECT doc FROM annotations WHERE username = ? AND study_uid = ?",
                        &st) < 0) {
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
     }
-    sqlite3_bind_text(st, 1, u->username, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, uid, -1, SQLITE_STATIC);
-    rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW)
-        text = cmn_xstrdup((const char *)sqlite3_column_text(st, 0));
-    else if (rc == SQLITE_DONE)
+    cmn_sql_bind_text(st, 1, u->username);
+    cmn_sql_bind_text(st, 2, uid);
+    rc = cmn_sql_step(st);
+    if (rc == CMN_SQL_ROW)
+        text = cmn_xstrdup(cmn_sql_column_text(st, 0));
+    else if (rc == CMN_SQL_DONE)
         text = cmn_xstrdup("{\"v\":1,\"annotations\":[]}");
-    sqlite3_finalize(st);
+    cmn_sql_finalize(st);
     if (!text) {
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
@@ -103,12 +103,12 @@ static void handle_get(sqlite3 *db, const cloud_user_t *u, const char *uid,
     cloud_resp_json_take(resp, 200, "application/json", text);
 }
 
-static void handle_put(sqlite3 *db, const cloud_user_t *u, const char *uid,
+static void handle_put(cmn_sql_t *db, const cloud_user_t *u, const char *uid,
                        const cmn_http_req_t *req, cmn_http_resp_t *resp)
 {
     json_error_t jerr;
     json_t *body, *list, *v, *doc;
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     char *text, out[64];
     size_t n;
     int rc;
@@ -141,7 +141,7 @@ static void handle_put(sqlite3 *db, const cloud_user_t *u, const char *uid,
         cloud_resp_error(resp, 500, "internal", "out of memory");
         return;
     }
-    if (cmn_db_prepare(db,
+    if (cmn_sql_prepare(db,
                        "INSERT INTO annotations(username, study_uid, doc, updated) VALUES(?,?,?,?)"
                        " ON CONFLICT(username, study_uid) DO UPDATE SET doc = excluded.doc,"
                        " updated = excluded.updated",
@@ -150,15 +150,15 @@ static void handle_put(sqlite3 *db, const cloud_user_t *u, const char *uid,
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
     }
-    sqlite3_bind_text(st, 1, u->username, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, uid, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 3, text, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 4, cloud_now());
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
+    cmn_sql_bind_text(st, 1, u->username);
+    cmn_sql_bind_text(st, 2, uid);
+    cmn_sql_bind_text(st, 3, text);
+    cmn_sql_bind_int64(st, 4, cloud_now());
+    rc = cmn_sql_step(st);
+    cmn_sql_finalize(st);
     free(text);
-    if (rc != SQLITE_DONE) {
-        CMN_LOG_E("annotations", "save: %s", sqlite3_errmsg(db));
+    if (rc != CMN_SQL_DONE) {
+        CMN_LOG_E("annotations", "save: %s", cmn_sql_errmsg(db));
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
     }
@@ -168,22 +168,22 @@ static void handle_put(sqlite3 *db, const cloud_user_t *u, const char *uid,
     cloud_resp_json_take(resp, 200, "application/json", cmn_xstrdup(out));
 }
 
-static void handle_delete(sqlite3 *db, const cloud_user_t *u, const char *uid,
+static void handle_delete(cmn_sql_t *db, const cloud_user_t *u, const char *uid,
                           const cmn_http_req_t *req, cmn_http_resp_t *resp)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
-    if (cmn_db_prepare(db, "DELETE FROM annotations WHERE username = ? AND study_uid = ?",
+    if (cmn_sql_prepare(db, "DELETE FROM annotations WHERE username = ? AND study_uid = ?",
                        &st) < 0) {
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
     }
-    sqlite3_bind_text(st, 1, u->username, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, uid, -1, SQLITE_STATIC);
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE) {
+    cmn_sql_bind_text(st, 1, u->username);
+    cmn_sql_bind_text(st, 2, uid);
+    rc = cmn_sql_step(st);
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_DONE) {
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
     }
@@ -193,7 +193,7 @@ static void handle_delete(sqlite3 *db, const cloud_user_t *u, const char *uid,
 
 void cloud_annotations_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
 {
-    sqlite3 *db = cloud_index_get();
+    cmn_sql_t *db = cloud_index_get();
     char uid[UID_MAX + 1];
     cloud_user_t user;
     int ex;

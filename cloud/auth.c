@@ -22,7 +22,7 @@
 #include <mbedtls/pkcs5.h>
 
 #include "cmn/crypto.h"
-#include "cmn/db.h"
+#include "cmn/sql.h"
 #include "cmn/errors.h"
 #include "cmn/log.h"
 #include "internal.h"
@@ -76,29 +76,29 @@ static bool password_check(const char *password, const char *stored)
     return cmn_memeq_ct(want, got, sizeof(got)) == 0;
 }
 
-int cloud_auth_user_add(sqlite3 *db, const char *user, const char *password, const char *role)
+int cloud_auth_user_add(cmn_sql_t *db, const char *user, const char *password, const char *role)
 {
     char hash[160];
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
     rc = password_hash(password, hash, sizeof(hash));
     if (rc < 0)
         return rc;
-    if (cmn_db_prepare(db,
+    if (cmn_sql_prepare(db,
                        "INSERT INTO users(username, pwhash, role, created) VALUES(?,?,?,?)"
                        " ON CONFLICT(username) DO UPDATE SET pwhash = excluded.pwhash,"
                        " role = excluded.role",
                        &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(st, 1, user, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, hash, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 3, role, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 4, cloud_now());
-    rc = sqlite3_step(st) == SQLITE_DONE ? 0 : CMN_EDB;
+    cmn_sql_bind_text(st, 1, user);
+    cmn_sql_bind_text(st, 2, hash);
+    cmn_sql_bind_text(st, 3, role);
+    cmn_sql_bind_int64(st, 4, cloud_now());
+    rc = cmn_sql_step(st) == CMN_SQL_DONE ? 0 : CMN_EDB;
     if (rc < 0)
-        CMN_LOG_E("auth", "user insert: %s", sqlite3_errmsg(db));
-    sqlite3_finalize(st);
+        CMN_LOG_E("auth", "user insert: %s", cmn_sql_errmsg(db));
+    cmn_sql_finalize(st);
     return rc;
 }
 
@@ -145,31 +145,31 @@ static bool request_token(const cmn_http_req_t *req, char token[65])
     return false;
 }
 
-static bool session_lookup(sqlite3 *db, const char *token, cloud_user_t *user)
+static bool session_lookup(cmn_sql_t *db, const char *token, cloud_user_t *user)
 {
     char th[65];
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     bool ok = false;
 
     token_hash(token, th);
-    if (cmn_db_prepare(db,
+    if (cmn_sql_prepare(db,
                        "SELECT u.username, u.role FROM sessions s JOIN users u"
                        " ON u.username = s.username WHERE s.token_hash = ? AND s.expires > ?",
                        &st) < 0)
         return false;
-    sqlite3_bind_text(st, 1, th, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 2, cloud_now());
-    if (sqlite3_step(st) == SQLITE_ROW) {
+    cmn_sql_bind_text(st, 1, th);
+    cmn_sql_bind_int64(st, 2, cloud_now());
+    if (cmn_sql_step(st) == CMN_SQL_ROW) {
         snprintf(user->username, sizeof(user->username), "%s",
-                 (const char *)sqlite3_column_text(st, 0));
-        snprintf(user->role, sizeof(user->role), "%s", (const char *)sqlite3_column_text(st, 1));
+                 cmn_sql_column_text(st, 0));
+        snprintf(user->role, sizeof(user->role), "%s", cmn_sql_column_text(st, 1));
         ok = true;
     }
-    sqlite3_finalize(st);
+    cmn_sql_finalize(st);
     return ok;
 }
 
-bool cloud_auth_require(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+bool cloud_auth_require(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                         cloud_user_t *user)
 {
     char token[65];
@@ -193,7 +193,7 @@ static void respond_user(cmn_http_resp_t *resp, const char *username, const char
     cloud_resp_json_take(resp, 200, "application/json", text);
 }
 
-static void handle_login(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp)
+static void handle_login(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp)
 {
     static const char dummy[] =
         "pbkdf2-sha256$100000$00000000000000000000000000000000$"
@@ -203,7 +203,7 @@ static void handle_login(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t
     uint8_t raw[32];
     json_error_t jerr;
     json_t *body = NULL;
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     bool found = false;
 
     if (req->body)
@@ -214,18 +214,18 @@ static void handle_login(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t
         cloud_resp_error(resp, 400, "bad_request", "expected {\"username\",\"password\"}");
         return;
     }
-    if (cmn_db_prepare(db, "SELECT pwhash, role FROM users WHERE username = ?", &st) < 0) {
+    if (cmn_sql_prepare(db, "SELECT pwhash, role FROM users WHERE username = ?", &st) < 0) {
         json_decref(body);
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
     }
-    sqlite3_bind_text(st, 1, username, -1, SQLITE_STATIC);
-    if (sqlite3_step(st) == SQLITE_ROW) {
-        snprintf(stored, sizeof(stored), "%s", (const char *)sqlite3_column_text(st, 0));
-        snprintf(role, sizeof(role), "%s", (const char *)sqlite3_column_text(st, 1));
+    cmn_sql_bind_text(st, 1, username);
+    if (cmn_sql_step(st) == CMN_SQL_ROW) {
+        snprintf(stored, sizeof(stored), "%s", cmn_sql_column_text(st, 0));
+        snprintf(role, sizeof(role), "%s", cmn_sql_column_text(st, 1));
         found = true;
     }
-    sqlite3_finalize(st);
+    cmn_sql_finalize(st);
     /* Unknown users cost the same time as wrong passwords. */
     if (!password_check(password, found ? stored : dummy) || !found) {
         CMN_LOG_W("auth", "login failed peer=%s", req->peer);
@@ -241,29 +241,29 @@ static void handle_login(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t
     }
     cmn_hex(raw, sizeof(raw), token);
     token_hash(token, th);
-    if (cmn_db_prepare(db,
+    if (cmn_sql_prepare(db,
                        "INSERT INTO sessions(token_hash, username, created, expires) VALUES(?,?,?,?)",
                        &st) < 0) {
         json_decref(body);
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
     }
-    sqlite3_bind_text(st, 1, th, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, username, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 3, cloud_now());
-    sqlite3_bind_int64(st, 4, cloud_now() + SESSION_TTL_S);
-    if (sqlite3_step(st) != SQLITE_DONE) {
-        sqlite3_finalize(st);
+    cmn_sql_bind_text(st, 1, th);
+    cmn_sql_bind_text(st, 2, username);
+    cmn_sql_bind_int64(st, 3, cloud_now());
+    cmn_sql_bind_int64(st, 4, cloud_now() + SESSION_TTL_S);
+    if (cmn_sql_step(st) != CMN_SQL_DONE) {
+        cmn_sql_finalize(st);
         json_decref(body);
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
     }
-    sqlite3_finalize(st);
+    cmn_sql_finalize(st);
     /* Housekeeping: expired sessions go. */
-    if (cmn_db_prepare(db, "DELETE FROM sessions WHERE expires <= ?", &st) == 0) {
-        sqlite3_bind_int64(st, 1, cloud_now());
-        (void)sqlite3_step(st);
-        sqlite3_finalize(st);
+    if (cmn_sql_prepare(db, "DELETE FROM sessions WHERE expires <= ?", &st) == 0) {
+        cmn_sql_bind_int64(st, 1, cloud_now());
+        (void)cmn_sql_step(st);
+        cmn_sql_finalize(st);
     }
     snprintf(cookie, sizeof(cookie), COOKIE_NAME "=%s; Path=/; HttpOnly; SameSite=Strict; Max-Age=%d",
              token, SESSION_TTL_S);
@@ -274,17 +274,17 @@ static void handle_login(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t
     json_decref(body);
 }
 
-static void handle_logout(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp)
+static void handle_logout(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp)
 {
     char token[65], th[65];
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
 
     if (request_token(req, token)) {
         token_hash(token, th);
-        if (cmn_db_prepare(db, "DELETE FROM sessions WHERE token_hash = ?", &st) == 0) {
-            sqlite3_bind_text(st, 1, th, -1, SQLITE_STATIC);
-            (void)sqlite3_step(st);
-            sqlite3_finalize(st);
+        if (cmn_sql_prepare(db, "DELETE FROM sessions WHERE token_hash = ?", &st) == 0) {
+            cmn_sql_bind_text(st, 1, th);
+            (void)cmn_sql_step(st);
+            cmn_sql_finalize(st);
         }
     }
     cmn_http_resp_header(resp, "Set-Cookie",
@@ -294,7 +294,7 @@ static void handle_logout(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_
 
 void cloud_auth_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
 {
-    sqlite3 *db = cloud_index_get();
+    cmn_sql_t *db = cloud_index_get();
     cloud_user_t user;
 
     if (!db) {

@@ -61,7 +61,7 @@
 
 #include "cmn/buf.h"
 #include "cmn/crypto.h"
-#include "cmn/db.h"
+#include "cmn/sql.h"
 #include "cmn/dicom_codec.h"
 #include "cmn/errors.h"
 #include "cmn/log.h"
@@ -84,10 +84,10 @@ typedef enum { LEVEL_STUDY, LEVEL_SERIES, LEVEL_INSTANCE } level_t;
 
 /* --------------------------------------------------------------- helpers */
 
-static const char *col_str(sqlite3_stmt *st, int i)
+static const char *col_str(cmn_sql_stmt_t *st, int i)
 {
-    const unsigned char *s = sqlite3_column_text(st, i);
-    return s ? (const char *)s : "";
+    const char *s = cmn_sql_column_text(st, i);
+    return s ? s : "";
 }
 
 /*
@@ -704,12 +704,12 @@ static void put_pn(row_t *r, uint32_t tag, const char *v)
         r->el[r->n++] = (el_t){ .tag = tag, .vr = "PN", .kind = EL_PN, .s = v ? v : "" };
 }
 
-static void put_int_col(row_t *r, uint32_t tag, const char *vr, sqlite3_stmt *st, int i)
+static void put_int_col(row_t *r, uint32_t tag, const char *vr, cmn_sql_stmt_t *st, int i)
 {
     if (r->n < (int)CMN_ARRAY_SIZE(r->el))
         r->el[r->n++] = (el_t){ .tag = tag, .vr = vr, .kind = EL_INT,
-                                .has_int = sqlite3_column_type(st, i) != SQLITE_NULL,
-                                .i = sqlite3_column_int64(st, i) };
+                                .has_int = !cmn_sql_column_is_null(st, i),
+                                .i = cmn_sql_column_int64(st, i) };
 }
 
 /* A comma-separated list (group_concat) as a multi-valued attribute. */
@@ -879,7 +879,7 @@ static const char study_cols[] =
     "s.study_uid, s.study_date, s.study_time, s.accession, s.study_id, s.description,"
     " s.referring, p.patient_id, p.name, p.birth_date, p.sex";
 
-static void study_attrs(row_t *o, sqlite3_stmt *st)
+static void study_attrs(row_t *o, cmn_sql_stmt_t *st)
 {
     put_str(o, 0x0020000D, "UI", col_str(st, 0));
     put_str(o, 0x00080020, "DA", col_str(st, 1));
@@ -909,14 +909,14 @@ static bool needs_rep(const query_t *q, level_t level)
 }
 
 /* Runs the query; *more = a row beyond the limit exists. */
-static int run_qido(sqlite3 *db, const char *base, level_t level, query_t *q, cmn_buf_t *out,
+static int run_qido(cmn_sql_t *db, const char *base, level_t level, query_t *q, cmn_buf_t *out,
                     bool *more)
 {
     static __thread row_t row;   /* 40 KiB: off the handler's stack */
     bool rep = needs_rep(q, level);
     const char *where = q->where.data ? q->where.data : "";
     cmn_buf_t sql;
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     long long count = 0;
     int rc;
 
@@ -931,7 +931,7 @@ static int run_qido(sqlite3 *db, const char *base, level_t level, query_t *q, cm
                         " (SELECT count(*) FROM series x WHERE x.study_uid = s.study_uid),"
                         " (SELECT count(*) FROM instances x WHERE x.study_uid = s.study_uid),"
                         " %s"
-                        " FROM studies s JOIN patients p ON p.pk = s.patient_pk WHERE 1%s"
+                        " FROM studies s JOIN patients p ON p.pk = s.patient_pk WHERE 1 = 1%s"
                         " ORDER BY s.study_date DESC, s.study_time DESC, s.study_uid"
                         " LIMIT %lld OFFSET %lld",
                         study_cols,
@@ -946,8 +946,8 @@ static int run_qido(sqlite3 *db, const char *base, level_t level, query_t *q, cm
                         " (SELECT count(*) FROM instances x WHERE x.series_uid = se.series_uid),"
                         " %s"
                         " FROM series se JOIN studies s ON s.study_uid = se.study_uid"
-                        " JOIN patients p ON p.pk = s.patient_pk WHERE 1%s"
-                        " ORDER BY s.study_uid, se.series_number, se.series_uid"
+                        " JOIN patients p ON p.pk = s.patient_pk WHERE 1 = 1%s"
+                        " ORDER BY s.study_uid, se.series_number NULLS FIRST, se.series_uid"
                         " LIMIT %lld OFFSET %lld",
                         study_cols,
                         rep ? "(SELECT r.json FROM instances r WHERE r.series_uid = se.series_uid"
@@ -961,30 +961,31 @@ static int run_qido(sqlite3 *db, const char *base, level_t level, query_t *q, cm
                         " i.frames, i.transfer_syntax, i.bits_allocated, %s"
                         " FROM instances i JOIN series se ON se.series_uid = i.series_uid"
                         " JOIN studies s ON s.study_uid = se.study_uid"
-                        " JOIN patients p ON p.pk = s.patient_pk WHERE 1%s"
-                        " ORDER BY i.study_uid, i.series_uid, i.instance_number, i.sop_uid"
+                        " JOIN patients p ON p.pk = s.patient_pk WHERE 1 = 1%s"
+                        " ORDER BY i.study_uid, i.series_uid, i.instance_number NULLS FIRST,"
+                        " i.sop_uid"
                         " LIMIT %lld OFFSET %lld",
                         study_cols, rep ? "i.json" : "NULL", where, q->limit + 1, q->offset);
         break;
     }
     if (!sql.data)
         return -ENOMEM;
-    rc = cmn_db_prepare(db, sql.data, &st);
+    rc = cmn_sql_prepare(db, sql.data, &st);
     cmn_buf_free(&sql);
     if (rc < 0)
         return rc;
     for (int i = 0; i < q->nparams; i++)
-        sqlite3_bind_text(st, i + 1, q->params[i], -1, SQLITE_STATIC);
+        cmn_sql_bind_text(st, i + 1, q->params[i]);
 
     cmn_buf_append(out, "[", 1);
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    while ((rc = cmn_sql_step(st)) == CMN_SQL_ROW) {
         const char *suid = col_str(st, 0);
         row_t *o = &row;
         int repcol;
 
         if (++count > q->limit) {
             *more = true;
-            rc = SQLITE_DONE;
+            rc = CMN_SQL_DONE;
             break;
         }
         o->n = 0;
@@ -1035,10 +1036,10 @@ static int run_qido(sqlite3 *db, const char *base, level_t level, query_t *q, cm
             obj = one.data ? json_loads(one.data, 0, NULL) : NULL;
             cmn_buf_free(&one);
             if (!obj) {
-                rc = SQLITE_NOMEM;
+                rc = -ENOMEM;
                 break;
             }
-            if (sqlite3_column_type(st, repcol) == SQLITE_TEXT)
+            if (!cmn_sql_column_is_null(st, repcol))
                 rj = json_loads(col_str(st, repcol), 0, NULL);
             put_included(obj, q, level, rj);
             json_decref(rj);
@@ -1053,16 +1054,16 @@ static int run_qido(sqlite3 *db, const char *base, level_t level, query_t *q, cm
     }
     cmn_buf_append(out, "]", 1);
     if (!out->data)
-        rc = SQLITE_NOMEM;
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE) {
-        CMN_LOG_E("dicomweb", "qido: %s", sqlite3_errmsg(db));
+        rc = -ENOMEM;
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_DONE) {
+        CMN_LOG_E("dicomweb", "qido: %s", cmn_sql_errmsg(db));
         return CMN_EDB;
     }
     return 0;
 }
 
-static void handle_qido(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+static void handle_qido(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                         level_t level, const char *study, const char *series)
 {
     char base[400], *warning = NULL;
@@ -1255,23 +1256,24 @@ typedef struct {
 } part_t;
 
 /* Selects the instances of a study/series/instance, ordered for viewing. */
-static int select_instances(sqlite3 *db, const char *cols, const char *study, const char *series,
-                            const char *sop, sqlite3_stmt **out)
+static int select_instances(cmn_sql_t *db, const char *cols, const char *study, const char *series,
+                            const char *sop, cmn_sql_stmt_t **out)
 {
     char sql[512];
 
     snprintf(sql, sizeof(sql),
              "SELECT %s FROM instances WHERE study_uid = ?1"
-             " AND (?2 IS NULL OR series_uid = ?2) AND (?3 IS NULL OR sop_uid = ?3)"
-             " ORDER BY series_uid, instance_number, sop_uid",
+             " AND (CAST(?2 AS TEXT) IS NULL OR series_uid = ?2)"
+             " AND (CAST(?3 AS TEXT) IS NULL OR sop_uid = ?3)"
+             " ORDER BY series_uid, instance_number NULLS FIRST, sop_uid",
              cols);
-    if (cmn_db_prepare(db, sql, out) < 0)
+    if (cmn_sql_prepare(db, sql, out) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(*out, 1, study, -1, SQLITE_STATIC);
+    cmn_sql_bind_text(*out, 1, study);
     if (series)
-        sqlite3_bind_text(*out, 2, series, -1, SQLITE_STATIC);
+        cmn_sql_bind_text(*out, 2, series);
     if (sop)
-        sqlite3_bind_text(*out, 3, sop, -1, SQLITE_STATIC);
+        cmn_sql_bind_text(*out, 3, sop);
     return 0;
 }
 
@@ -1373,7 +1375,7 @@ static int choose(part_t *p, const char *sha, char accept[][80], int nacc)
     return 1;
 }
 
-static void handle_retrieve(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+static void handle_retrieve(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                             const char *study, const char *series, const char *sop)
 {
     char accept[8][80];
@@ -1383,7 +1385,7 @@ static void handle_retrieve(sqlite3 *db, const cmn_http_req_t *req, cmn_http_res
     size_t n = 0, cap = 0;
     char boundary[41], head[320], ctype[160], etag[80];
     cmn_sha256_ctx_t hc;
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     struct stat sb;
     int rc;
 
@@ -1399,21 +1401,21 @@ static void handle_retrieve(sqlite3 *db, const cmn_http_req_t *req, cmn_http_res
     cmn_sha256_init(&hc);
     for (int i = 0; i < nacc; i++)
         cmn_sha256_update(&hc, accept[i], strlen(accept[i]) + 1);
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    while ((rc = cmn_sql_step(st)) == CMN_SQL_ROW) {
         if (n == cap) {
             cap = cap ? cap * 2 : 16;
             parts = cmn_xrealloc(parts, cap * sizeof(*parts));
             shas = cmn_xrealloc(shas, cap * sizeof(*shas));
         }
         parts[n].path = cmn_xstrdup(col_str(st, 0));
-        parts[n].size = (uint64_t)sqlite3_column_int64(st, 1);
+        parts[n].size = (uint64_t)cmn_sql_column_int64(st, 1);
         shas[n] = cmn_xstrdup(col_str(st, 2));
         snprintf(parts[n].ts, sizeof(parts[n].ts), "%s", col_str(st, 3));
         cmn_sha256_update(&hc, shas[n], strlen(shas[n]));
         n++;
     }
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE) {
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_DONE) {
         cloud_resp_error(resp, 500, "internal", "query failed");
         goto out;
     }
@@ -1476,12 +1478,12 @@ out:
     free(shas);
 }
 
-static void handle_metadata(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+static void handle_metadata(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                             const char *study, const char *series, const char *sop)
 {
     cmn_sha256_ctx_t hc;
     cmn_buf_t b;
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     bool first = true;
     char etag[80];
     char *text;
@@ -1495,12 +1497,12 @@ static void handle_metadata(sqlite3 *db, const cmn_http_req_t *req, cmn_http_res
     }
     cmn_sha256_init(&hc);
     cmn_sha256_update(&hc, "metadata", 8);
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        cmn_sha256_update(&hc, sqlite3_column_text(st, 0), (size_t)sqlite3_column_bytes(st, 0));
+    while ((rc = cmn_sql_step(st)) == CMN_SQL_ROW) {
+        cmn_sha256_update(&hc, cmn_sql_column_text(st, 0), (size_t)cmn_sql_column_bytes(st, 0));
         first = false;
     }
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE) {
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_DONE) {
         cloud_resp_error(resp, 500, "internal", "query failed");
         return;
     }
@@ -1529,14 +1531,14 @@ static void handle_metadata(sqlite3 *db, const cmn_http_req_t *req, cmn_http_res
     cmn_buf_init(&b, 0);
     cmn_buf_appends(&b, "[");
     first = true;
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    while ((rc = cmn_sql_step(st)) == CMN_SQL_ROW) {
         if (!first)
             cmn_buf_appends(&b, ",");
         first = false;
-        cmn_buf_append(&b, sqlite3_column_text(st, 0), (size_t)sqlite3_column_bytes(st, 0));
+        cmn_buf_append(&b, cmn_sql_column_text(st, 0), (size_t)cmn_sql_column_bytes(st, 0));
     }
-    sqlite3_finalize(st);
-    if (cmn_buf_appends(&b, "]") < 0 || rc != SQLITE_DONE) {
+    cmn_sql_finalize(st);
+    if (cmn_buf_appends(&b, "]") < 0 || rc != CMN_SQL_DONE) {
         cmn_buf_free(&b);
         cloud_resp_error(resp, 500, "internal", "metadata failed");
         return;
@@ -1623,7 +1625,7 @@ static const char *frame_media_type(const char *ts)
 }
 
 /* frames: NULL = the whole Pixel Data value (bulk data). */
-static void handle_frames(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+static void handle_frames(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                           const char *study, const char *series, const char *sop,
                           const char *frames)
 {
@@ -1636,7 +1638,7 @@ static void handle_frames(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_
     cmn_sha256_ctx_t hc;
     frame_rep_t rep;
     bool encapsulated;
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int n = 1, rc;
 
     if (frames) {
@@ -1653,22 +1655,22 @@ static void handle_frames(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_
         cloud_resp_error(resp, 500, "internal", "query failed");
         return;
     }
-    if (sqlite3_step(st) != SQLITE_ROW) {
-        sqlite3_finalize(st);
+    if (cmn_sql_step(st) != CMN_SQL_ROW) {
+        cmn_sql_finalize(st);
         cloud_resp_error(resp, 404, "not_found", "no such instance");
         return;
     }
     snprintf(path, sizeof(path), "%s", col_str(st, 0));
-    off = (uint64_t)sqlite3_column_int64(st, 1);
-    len = (uint64_t)sqlite3_column_int64(st, 2);
-    rows = sqlite3_column_int64(st, 3);
-    cols = sqlite3_column_int64(st, 4);
-    nframes = sqlite3_column_int64(st, 5);
-    bits = sqlite3_column_int64(st, 6);
-    spp = sqlite3_column_int64(st, 7);
+    off = (uint64_t)cmn_sql_column_int64(st, 1);
+    len = (uint64_t)cmn_sql_column_int64(st, 2);
+    rows = cmn_sql_column_int64(st, 3);
+    cols = cmn_sql_column_int64(st, 4);
+    nframes = cmn_sql_column_int64(st, 5);
+    bits = cmn_sql_column_int64(st, 6);
+    spp = cmn_sql_column_int64(st, 7);
     snprintf(ts, sizeof(ts), "%s", col_str(st, 8));
     snprintf(sha, sizeof(sha), "%s", col_str(st, 9));
-    sqlite3_finalize(st);
+    cmn_sql_finalize(st);
 
     if (nframes < 1)
         nframes = 1;
@@ -1801,14 +1803,14 @@ static void handle_frames(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_
 }
 
 /* GET .../bulk/{tag}: the value of another bulk attribute. */
-static void handle_bulk_tag(sqlite3 *db, cmn_http_resp_t *resp, const char *study,
+static void handle_bulk_tag(cmn_sql_t *db, cmn_http_resp_t *resp, const char *study,
                             const char *series, const char *sop, const char *tagstr)
 {
     char path[1024], boundary[41], head[256], ctype[160], err[256], vr[3];
     uint8_t *val;
     uint32_t tag;
     size_t len;
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
     if (strlen(tagstr) != 8 || strspn(tagstr, "0123456789abcdefABCDEF") != 8 ||
@@ -1820,11 +1822,11 @@ static void handle_bulk_tag(sqlite3 *db, cmn_http_resp_t *resp, const char *stud
         cloud_resp_error(resp, 500, "internal", "query failed");
         return;
     }
-    rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW)
+    rc = cmn_sql_step(st);
+    if (rc == CMN_SQL_ROW)
         snprintf(path, sizeof(path), "%s", col_str(st, 0));
-    sqlite3_finalize(st);
-    if (rc != SQLITE_ROW) {
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_ROW) {
         cloud_resp_error(resp, 404, "not_found", "no such instance");
         return;
     }
@@ -1882,7 +1884,7 @@ static struct {
     bool flushing;               /* a leader is writing */
 } aud = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
 
-static void audit_write(sqlite3 *db, const audit_row_t *rows, int n)
+static void audit_write(cmn_sql_t *db, const audit_row_t *rows, int n)
 {
     bool tx = n > 1 && cloud_index_begin(db) == 0;
 
@@ -1896,7 +1898,7 @@ static void audit_write(sqlite3 *db, const audit_row_t *rows, int n)
     }
 }
 
-static void audit(sqlite3 *db, const char *user, const char *action, const char *study,
+static void audit(cmn_sql_t *db, const char *user, const char *action, const char *study,
                   const char *peer)
 {
     audit_row_t *batch = NULL;
@@ -1975,7 +1977,7 @@ void cloud_dicomweb_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
     char *s[MAX_SEGS];
     const char *study = NULL;
     cloud_user_t user;
-    sqlite3 *db;
+    cmn_sql_t *db;
     int n;
 
     if (strncmp(req->path, ROOT, strlen(ROOT)) != 0 ||
@@ -2093,10 +2095,10 @@ void cloud_wado_uri_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
                         ctype[128] = "";
     const char *cur = req->query;
     cloud_user_t user;
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     char path[1024];
     uint64_t size;
-    sqlite3 *db;
+    cmn_sql_t *db;
     int rc;
 
     if (strcmp(req->path, "/wado") != 0) {
@@ -2137,13 +2139,13 @@ void cloud_wado_uri_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
         cloud_resp_error(resp, 500, "internal", "query failed");
         goto out;
     }
-    rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) {
+    rc = cmn_sql_step(st);
+    if (rc == CMN_SQL_ROW) {
         snprintf(path, sizeof(path), "%s", col_str(st, 0));
-        size = (uint64_t)sqlite3_column_int64(st, 1);
+        size = (uint64_t)cmn_sql_column_int64(st, 1);
     }
-    sqlite3_finalize(st);
-    if (rc != SQLITE_ROW) {
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_ROW) {
         cloud_resp_error(resp, 404, "not_found", "no such instance");
         goto out;
     }

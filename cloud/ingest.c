@@ -50,7 +50,7 @@
 #include <unistd.h>
 
 #include "cmn/crypto.h"
-#include "cmn/db.h"
+#include "cmn/sql.h"
 #include "cmn/dicom.h"
 #include "cmn/errors.h"
 #include "cmn/log.h"
@@ -134,39 +134,39 @@ static bool parse_i64(const char *s, int64_t *out)
     return true;
 }
 
-static void nonce_cleanup(sqlite3 *db, int64_t now)
+static void nonce_cleanup(cmn_sql_t *db, int64_t now)
 {
     static _Atomic int64_t last;
     int64_t prev = atomic_load(&last);
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
 
     if (now - prev < 60 || !atomic_compare_exchange_strong(&last, &prev, now))
         return;
-    if (cmn_db_prepare(db, "DELETE FROM nonces WHERE ts < ?", &st) < 0)
+    if (cmn_sql_prepare(db, "DELETE FROM nonces WHERE ts < ?", &st) < 0)
         return;
-    sqlite3_bind_int64(st, 1, now - 2 * cloud_conf->ingest.max_skew_s - 60);
-    (void)sqlite3_step(st);
-    sqlite3_finalize(st);
+    cmn_sql_bind_int64(st, 1, now - 2 * cloud_conf->ingest.max_skew_s - 60);
+    (void)cmn_sql_step(st);
+    cmn_sql_finalize(st);
 }
 
 /* 0 when the nonce is fresh, CMN_EAUTH when seen, CMN_EDB. */
-static int nonce_claim(sqlite3 *db, const char *edge, const char *nonce, int64_t ts)
+static int nonce_claim(cmn_sql_t *db, const char *edge, const char *nonce, int64_t ts)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
-    if (cmn_db_prepare(db, "INSERT INTO nonces(edge_id, nonce, ts) VALUES(?,?,?)", &st) < 0)
+    if (cmn_sql_prepare(db, "INSERT INTO nonces(edge_id, nonce, ts) VALUES(?,?,?)", &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(st, 1, edge, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, nonce, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 3, ts);
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    if (rc == SQLITE_DONE)
+    cmn_sql_bind_text(st, 1, edge);
+    cmn_sql_bind_text(st, 2, nonce);
+    cmn_sql_bind_int64(st, 3, ts);
+    rc = cmn_sql_step(st);
+    cmn_sql_finalize(st);
+    if (rc == CMN_SQL_DONE)
         return 0;
-    if ((rc & 0xff) == SQLITE_CONSTRAINT)
+    if (rc == CMN_ECONFLICT)
         return CMN_EAUTH;
-    CMN_LOG_E("ingest", "nonce insert: %s", sqlite3_errmsg(db));
+    CMN_LOG_E("ingest", "nonce insert: %s", cmn_sql_errmsg(db));
     return CMN_EDB;
 }
 
@@ -180,7 +180,7 @@ static void wipe(void *p, size_t n)
 
 /* Periodic deletion of long-expired tokens (kept a day so that a late
  * request still hears "token_expired" rather than "token_unknown"). */
-static void token_cleanup(sqlite3 *db, int64_t now)
+static void token_cleanup(cmn_sql_t *db, int64_t now)
 {
     static _Atomic int64_t last;
     int64_t prev = atomic_load(&last);
@@ -201,7 +201,7 @@ static void token_cleanup(sqlite3 *db, int64_t now)
  * the edge is disabled or its token expired; nothing is written before the
  * nonce is claimed, and nothing at all for a rejected request.
  */
-static bool verify_request(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+static bool verify_request(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                            signed_req_t *sr)
 {
     const char *ver = cmn_http_req_header(req, PROTO_H_VERSION);
@@ -350,7 +350,7 @@ out:
     return ok;
 }
 
-bool cloud__ingest_verify(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+bool cloud__ingest_verify(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                           char edge_id[PROTO_EDGE_ID_MAX + 1])
 {
     signed_req_t sr;
@@ -364,7 +364,7 @@ bool cloud__ingest_verify(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_
 /* ----------------------------------------------------------------- tokens */
 
 /* POST /api/v1/token: issues a fresh token to an authenticated edge. */
-static void handle_token(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+static void handle_token(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                          const signed_req_t *sr)
 {
     uint8_t id[PROTO_TOKEN_ID_HEX / 2];
@@ -417,50 +417,50 @@ static void upload_free(upload_t *u)
     u->members = NULL;
 }
 
-static void col_copy(sqlite3_stmt *st, int i, char *out, size_t outlen)
+static void col_copy(cmn_sql_stmt_t *st, int i, char *out, size_t outlen)
 {
-    const unsigned char *s = sqlite3_column_text(st, i);
-    snprintf(out, outlen, "%s", s ? (const char *)s : "");
+    const char *s = cmn_sql_column_text(st, i);
+    snprintf(out, outlen, "%s", s ? s : "");
 }
 
 /* 0, CMN_ENOTFOUND, CMN_EDB. Objects are named by their hash, so any
  * authenticated edge may continue an upload (edge_id is the first declarer). */
-static int upload_load(sqlite3 *db, const char *object_id, upload_t *u)
+static int upload_load(cmn_sql_t *db, const char *object_id, upload_t *u)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
     memset(u, 0, sizeof(*u));
-    if (cmn_db_prepare(db,
+    if (cmn_sql_prepare(db,
                        "SELECT edge_id, sha256, size, chunk_size, nchunks, state,"
                        " coalesce(result, ''), sop_uid, decl, kind, members"
                        " FROM uploads WHERE object_id = ?",
                        &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(st, 1, object_id, -1, SQLITE_STATIC);
-    rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) {
+    cmn_sql_bind_text(st, 1, object_id);
+    rc = cmn_sql_step(st);
+    if (rc == CMN_SQL_ROW) {
         snprintf(u->object_id, sizeof(u->object_id), "%s", object_id);
         col_copy(st, 0, u->edge_id, sizeof(u->edge_id));
         col_copy(st, 1, u->sha256, sizeof(u->sha256));
-        u->size = (uint64_t)sqlite3_column_int64(st, 2);
-        u->chunk_size = (uint32_t)sqlite3_column_int64(st, 3);
-        u->nchunks = (uint32_t)sqlite3_column_int64(st, 4);
+        u->size = (uint64_t)cmn_sql_column_int64(st, 2);
+        u->chunk_size = (uint32_t)cmn_sql_column_int64(st, 3);
+        u->nchunks = (uint32_t)cmn_sql_column_int64(st, 4);
         col_copy(st, 5, u->state, sizeof(u->state));
         col_copy(st, 6, u->result, sizeof(u->result));
         col_copy(st, 7, u->sop_uid, sizeof(u->sop_uid));
-        u->decl = cmn_xstrdup((const char *)sqlite3_column_text(st, 8));
+        u->decl = cmn_xstrdup(cmn_sql_column_text(st, 8));
         col_copy(st, 9, u->kind, sizeof(u->kind));
-        if (sqlite3_column_type(st, 10) != SQLITE_NULL)
-            u->members = cmn_xstrdup((const char *)sqlite3_column_text(st, 10));
+        if (!cmn_sql_column_is_null(st, 10))
+            u->members = cmn_xstrdup(cmn_sql_column_text(st, 10));
         rc = 0;
-    } else if (rc == SQLITE_DONE) {
+    } else if (rc == CMN_SQL_DONE) {
         rc = CMN_ENOTFOUND;
     } else {
-        CMN_LOG_E("ingest", "upload load: %s", sqlite3_errmsg(db));
+        CMN_LOG_E("ingest", "upload load: %s", cmn_sql_errmsg(db));
         rc = CMN_EDB;
     }
-    sqlite3_finalize(st);
+    cmn_sql_finalize(st);
     if (rc < 0)
         upload_free(u);
     return rc;
@@ -486,10 +486,10 @@ static void staging_remove(const upload_t *u)
     rmdir(dir);
 }
 
-static void status_respond(sqlite3 *db, cmn_http_resp_t *resp, const upload_t *u)
+static void status_respond(cmn_sql_t *db, cmn_http_resp_t *resp, const upload_t *u)
 {
     proto_object_status_t s;
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     char *json;
 
     memset(&s, 0, sizeof(s));
@@ -500,14 +500,14 @@ static void status_respond(sqlite3 *db, cmn_http_resp_t *resp, const upload_t *u
     s.have = cmn_xcalloc(u->nchunks ? u->nchunks : 1, 1);
     if (s.state == PROTO_OBJ_COMMITTED) {
         memset(s.have, 1, u->nchunks);
-    } else if (cmn_db_prepare(db, "SELECT idx FROM chunks WHERE object_id = ?", &st) == 0) {
-        sqlite3_bind_text(st, 1, u->object_id, -1, SQLITE_STATIC);
-        while (sqlite3_step(st) == SQLITE_ROW) {
-            sqlite3_int64 i = sqlite3_column_int64(st, 0);
-            if (i >= 0 && i < (sqlite3_int64)u->nchunks)
+    } else if (cmn_sql_prepare(db, "SELECT idx FROM chunks WHERE object_id = ?", &st) == 0) {
+        cmn_sql_bind_text(st, 1, u->object_id);
+        while (cmn_sql_step(st) == CMN_SQL_ROW) {
+            int64_t i = cmn_sql_column_int64(st, 0);
+            if (i >= 0 && i < (int64_t)u->nchunks)
                 s.have[i] = 1;
         }
-        sqlite3_finalize(st);
+        cmn_sql_finalize(st);
     }
     json = proto_object_status_encode(&s);
     free(s.have);
@@ -517,12 +517,12 @@ static void status_respond(sqlite3 *db, cmn_http_resp_t *resp, const upload_t *u
 /* ---------------------------------------------------------------- declare */
 
 
-static void handle_declare(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+static void handle_declare(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                            const signed_req_t *sr)
 {
     proto_object_decl_t d;
     char err[256], id[65];
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     upload_t u;
     int rc;
 
@@ -534,33 +534,32 @@ static void handle_declare(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp
      * from any edge resume the same upload, with the chunk size accepted
      * first. */
     snprintf(id, sizeof(id), "%s", d.sha256);
-    if (cmn_db_prepare(db,
+    if (cmn_sql_prepare(db,
                        "INSERT INTO uploads(object_id, edge_id, decl, sha256, size, chunk_size,"
                        " nchunks, state, sop_uid, created, updated, kind)"
                        " VALUES(?,?,?,?,?,?,?,'open',?,?,?,?)"
                        " ON CONFLICT(object_id) DO UPDATE SET state = 'open', updated = ?"
-                       " WHERE state = 'rejected'",
+                       " WHERE uploads.state = 'rejected'",
                        &st) < 0) {
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
     }
-    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, sr->edge_id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 3, req->body, (int)req->body_len, SQLITE_STATIC);
-    sqlite3_bind_text(st, 4, d.sha256, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 5, (sqlite3_int64)d.size);
-    sqlite3_bind_int64(st, 6, d.chunk_size);
-    sqlite3_bind_int64(st, 7, proto_chunk_count(d.size, d.chunk_size));
-    sqlite3_bind_text(st, 8, d.sop_uid, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 9, cloud_now());
-    sqlite3_bind_int64(st, 10, cloud_now());
-    sqlite3_bind_text(st, 11, d.kind == PROTO_KIND_BUNDLE ? "bundle" : "instance", -1,
-                      SQLITE_STATIC);
-    sqlite3_bind_int64(st, 12, cloud_now());   /* the ON CONFLICT update */
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE) {
-        CMN_LOG_E("ingest", "declare: %s", sqlite3_errmsg(db));
+    cmn_sql_bind_text(st, 1, id);
+    cmn_sql_bind_text(st, 2, sr->edge_id);
+    cmn_sql_bind_textn(st, 3, req->body, req->body_len);
+    cmn_sql_bind_text(st, 4, d.sha256);
+    cmn_sql_bind_int64(st, 5, (int64_t)d.size);
+    cmn_sql_bind_int64(st, 6, d.chunk_size);
+    cmn_sql_bind_int64(st, 7, proto_chunk_count(d.size, d.chunk_size));
+    cmn_sql_bind_text(st, 8, d.sop_uid);
+    cmn_sql_bind_int64(st, 9, cloud_now());
+    cmn_sql_bind_int64(st, 10, cloud_now());
+    cmn_sql_bind_text(st, 11, d.kind == PROTO_KIND_BUNDLE ? "bundle" : "instance");
+    cmn_sql_bind_int64(st, 12, cloud_now());   /* the ON CONFLICT update */
+    rc = cmn_sql_step(st);
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_DONE) {
+        CMN_LOG_E("ingest", "declare: %s", cmn_sql_errmsg(db));
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
     }
@@ -649,12 +648,12 @@ static int store_body(const cmn_http_req_t *req, const char *dst)
     return cmn_fsync_dir(dir);
 }
 
-static void handle_chunk(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+static void handle_chunk(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                          const signed_req_t *sr, const char *id, const char *idx_s)
 {
     const char *ch = cmn_http_req_header(req, PROTO_H_CHUNK_HASH);
     char dir[4096], path[4200];
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int64_t idx;
     upload_t u;
     int rc;
@@ -700,18 +699,19 @@ static void handle_chunk(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t
         cloud_resp_error(resp, rc == -ENOSPC ? 507 : 500, "storage", "cannot store the chunk");
         goto out;
     }
-    if (cmn_db_prepare(db, "INSERT OR REPLACE INTO chunks(object_id, idx, sha256) VALUES(?,?,?)",
+    if (cmn_sql_prepare(db, "INSERT INTO chunks(object_id, idx, sha256) VALUES(?,?,?)"
+                       " ON CONFLICT(object_id, idx) DO UPDATE SET sha256 = excluded.sha256",
                        &st) < 0) {
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         goto out;
     }
-    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 2, idx);
-    sqlite3_bind_text(st, 3, sr->body_sha256, -1, SQLITE_STATIC);
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE) {
-        CMN_LOG_E("ingest", "chunk row: %s", sqlite3_errmsg(db));
+    cmn_sql_bind_text(st, 1, id);
+    cmn_sql_bind_int64(st, 2, idx);
+    cmn_sql_bind_text(st, 3, sr->body_sha256);
+    rc = cmn_sql_step(st);
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_DONE) {
+        CMN_LOG_E("ingest", "chunk row: %s", cmn_sql_errmsg(db));
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         goto out;
     }
@@ -784,47 +784,47 @@ static int assemble(const upload_t *u, const char *out_path, char sha_hex[65], u
     return rc;
 }
 
-static int upload_set(sqlite3 *db, const char *id, const char *state, const char *result)
+static int upload_set(cmn_sql_t *db, const char *id, const char *state, const char *result)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
-    if (cmn_db_prepare(db, "UPDATE uploads SET state = ?, result = ?, updated = ? WHERE object_id = ?",
+    if (cmn_sql_prepare(db, "UPDATE uploads SET state = ?, result = ?, updated = ? WHERE object_id = ?",
                        &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(st, 1, state, -1, SQLITE_STATIC);
+    cmn_sql_bind_text(st, 1, state);
     if (result)
-        sqlite3_bind_text(st, 2, result, -1, SQLITE_STATIC);
+        cmn_sql_bind_text(st, 2, result);
     else
-        sqlite3_bind_null(st, 2);
-    sqlite3_bind_int64(st, 3, cloud_now());
-    sqlite3_bind_text(st, 4, id, -1, SQLITE_STATIC);
-    rc = sqlite3_step(st) == SQLITE_DONE ? 0 : CMN_EDB;
-    sqlite3_finalize(st);
+        cmn_sql_bind_null(st, 2);
+    cmn_sql_bind_int64(st, 3, cloud_now());
+    cmn_sql_bind_text(st, 4, id);
+    rc = cmn_sql_step(st) == CMN_SQL_DONE ? 0 : CMN_EDB;
+    cmn_sql_finalize(st);
     if (rc == 0) {
-        if (cmn_db_prepare(db, "DELETE FROM chunks WHERE object_id = ?", &st) < 0)
+        if (cmn_sql_prepare(db, "DELETE FROM chunks WHERE object_id = ?", &st) < 0)
             return CMN_EDB;
-        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-        rc = sqlite3_step(st) == SQLITE_DONE ? 0 : CMN_EDB;
-        sqlite3_finalize(st);
+        cmn_sql_bind_text(st, 1, id);
+        rc = cmn_sql_step(st) == CMN_SQL_DONE ? 0 : CMN_EDB;
+        cmn_sql_finalize(st);
     }
     if (rc < 0)
-        CMN_LOG_E("ingest", "upload update: %s", sqlite3_errmsg(db));
+        CMN_LOG_E("ingest", "upload update: %s", cmn_sql_errmsg(db));
     return rc;
 }
 
-static int count_chunks(sqlite3 *db, const char *id, int64_t *n)
+static int count_chunks(cmn_sql_t *db, const char *id, int64_t *n)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
-    if (cmn_db_prepare(db, "SELECT count(*) FROM chunks WHERE object_id = ?", &st) < 0)
+    if (cmn_sql_prepare(db, "SELECT count(*) FROM chunks WHERE object_id = ?", &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-    rc = sqlite3_step(st);
-    *n = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : -1;
-    sqlite3_finalize(st);
-    return rc == SQLITE_ROW ? 0 : CMN_EDB;
+    cmn_sql_bind_text(st, 1, id);
+    rc = cmn_sql_step(st);
+    *n = rc == CMN_SQL_ROW ? cmn_sql_column_int64(st, 0) : -1;
+    cmn_sql_finalize(st);
+    return rc == CMN_SQL_ROW ? 0 : CMN_EDB;
 }
 
 /* The answer of a committed upload: stored per-member JSON for bundles. */
@@ -840,17 +840,17 @@ static void commit_respond_upload(cmn_http_resp_t *resp, const upload_t *u)
     commit_respond(resp, u->result, u->sop_uid);
 }
 
-static int upload_set_members(sqlite3 *db, const char *id, const char *members)
+static int upload_set_members(cmn_sql_t *db, const char *id, const char *members)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
-    if (cmn_db_prepare(db, "UPDATE uploads SET members = ? WHERE object_id = ?", &st) < 0)
+    if (cmn_sql_prepare(db, "UPDATE uploads SET members = ? WHERE object_id = ?", &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(st, 1, members, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
-    rc = sqlite3_step(st) == SQLITE_DONE ? 0 : CMN_EDB;
-    sqlite3_finalize(st);
+    cmn_sql_bind_text(st, 1, members);
+    cmn_sql_bind_text(st, 2, id);
+    rc = cmn_sql_step(st) == CMN_SQL_DONE ? 0 : CMN_EDB;
+    cmn_sql_finalize(st);
     return rc;
 }
 
@@ -870,7 +870,7 @@ static proto_commit_result_t store_result(cloud_store_result_t r)
  * member in one transaction; the per-member answer is stored with the
  * upload so that a repeated commit repeats it.
  */
-static void handle_bundle_commit(sqlite3 *db, cmn_http_resp_t *resp, const signed_req_t *sr,
+static void handle_bundle_commit(cmn_sql_t *db, cmn_http_resp_t *resp, const signed_req_t *sr,
                                  upload_t *u)
 {
     char dir[4096], err[256], id[PROTO_HEX256 + 1];
@@ -957,7 +957,7 @@ out:
     cloud__bundle_items_free(items, n);
 }
 
-static void handle_commit(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+static void handle_commit(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                           const signed_req_t *sr, const char *id)
 {
     char dir[4096], tmp[4200], dst[4096], sha[65], err[256], prefix[512];
@@ -1111,7 +1111,7 @@ void cloud_ingest_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
     const char *rest;
     char id[PROTO_HEX256 + 1];
     signed_req_t sr;
-    sqlite3 *db;
+    cmn_sql_t *db;
 
     bool is_token = strcmp(req->path, PROTO_TOKEN_PATH) == 0;
 

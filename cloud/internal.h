@@ -6,7 +6,8 @@
  * touch SQLite or files). Modules:
  *
  *   main.c      CLI, configuration, start/stop
- *   index.c     SQLite index: schema, connection pool, queries used by others
+ *   index.c     the index (SQLite or PostgreSQL through cmn/sql.h): schema,
+ *               connection pool, queries used by others
  *   archive.c   the local directory archive (atomic file placement)
  *   ingest.c    the signed edge upload protocol (/api/v1/token, /api/v1/objects...)
  *   auth.c      users, sessions, login/logout/me, the request guard, audit
@@ -25,7 +26,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
-#include <sqlite3.h>
+#include "cmn/sql.h"
 #include <uv.h>
 
 #include "cmn/conf.h"
@@ -50,7 +51,8 @@ typedef struct {
 } cloud_http_conf_t;
 
 typedef struct {
-    char *path;                  /* SQLite database file */
+    char *path;                  /* SQLite database file (used when url is "") */
+    char *url;                   /* "postgresql://...": PostgreSQL instead of SQLite */
 } cloud_index_conf_t;
 
 typedef struct {
@@ -110,12 +112,15 @@ extern const size_t cloud__scrub_nopts;
 
 /* -------------------------------------------------------------------- index */
 
+/** The database the configuration names: index.url if set, else index.path. */
+const char *cloud_index_target(const cloud_index_conf_t *c);
+
 /**
- * Opens the database at path once on the calling thread, applies the
- * migrations and sets up the connection pool used by cloud_index_get().
- * 0 or CMN_EDB. Blocking.
+ * Opens the database target (a SQLite file or a PostgreSQL URI, see
+ * cmn/sql.h) once on the calling thread, applies the migrations and sets up
+ * the connection pool used by cloud_index_get(). 0 or CMN_EDB. Blocking.
  */
-int cloud_index_init(const char *path);
+int cloud_index_init(const char *target);
 /** Closes every pooled connection. Call after all handlers have finished. */
 void cloud_index_shutdown(void);
 
@@ -124,16 +129,16 @@ void cloud_index_shutdown(void);
  * connection is used by one thread at a time; give it back with
  * cloud_index_put(). NULL when the database cannot be opened.
  */
-sqlite3 *cloud_index_get(void);
-void cloud_index_put(sqlite3 *db);
+cmn_sql_t *cloud_index_get(void);
+void cloud_index_put(cmn_sql_t *db);
 
 /** Seconds since the epoch. */
 int64_t cloud_now(void);
 
 /** Runs BEGIN IMMEDIATE / COMMIT / ROLLBACK. 0 or CMN_EDB. */
-int cloud_index_begin(sqlite3 *db);
-int cloud_index_commit(sqlite3 *db);
-void cloud_index_rollback(sqlite3 *db);
+int cloud_index_begin(cmn_sql_t *db);
+int cloud_index_commit(cmn_sql_t *db);
+void cloud_index_rollback(cmn_sql_t *db);
 
 typedef struct {
     char sha256[65];             /* of the archived file */
@@ -145,24 +150,24 @@ typedef struct {
  * Looks an instance up by SOP Instance UID. 0 and *out filled, CMN_ENOTFOUND,
  * or CMN_EDB.
  */
-int cloud_index_find_instance(sqlite3 *db, const char *sop_uid, cloud_instance_ref_t *out);
+int cloud_index_find_instance(cmn_sql_t *db, const char *sop_uid, cloud_instance_ref_t *out);
 
 /**
  * Inserts (or updates) the patient, study and series rows and inserts the
  * instance row. The caller holds a transaction. 0 or CMN_EDB.
  */
-int cloud_index_add_instance(sqlite3 *db, const cmn_dicom_info_t *info, const char *path,
+int cloud_index_add_instance(cmn_sql_t *db, const cmn_dicom_info_t *info, const char *path,
                              uint64_t size, const char *sha256, const char *json);
 
 /** Records a conflicting copy kept aside. The caller holds a transaction. */
-int cloud_index_add_conflict(sqlite3 *db, const char *sop_uid, const char *sha256,
+int cloud_index_add_conflict(cmn_sql_t *db, const char *sop_uid, const char *sha256,
                              const char *path, const char *edge_id);
 
 /** Records who sent an instance (edge id, "stow:<user>"): the storage report's hospital. */
-int cloud_index_set_source(sqlite3 *db, const char *sop_uid, const char *source);
+int cloud_index_set_source(cmn_sql_t *db, const char *sop_uid, const char *source);
 
 /** Appends an audit row (best effort, logs failures). */
-void cloud_index_audit(sqlite3 *db, const char *user, const char *action,
+void cloud_index_audit(cmn_sql_t *db, const char *user, const char *action,
                        const char *study_uid, const char *peer);
 
 /**
@@ -170,7 +175,7 @@ void cloud_index_audit(sqlite3 *db, const char *user, const char *action,
  * address allow list (CIDR list, "" = any; validated by the caller).
  * 0, CMN_ECONFLICT, CMN_EDB.
  */
-int cloud_index_edge_add(sqlite3 *db, const char *edge_id, const char *allow,
+int cloud_index_edge_add(cmn_sql_t *db, const char *edge_id, const char *allow,
                          char secret_hex[65]);
 
 /** An edge row. allow is malloc'd; release with cloud_edge_clear(). */
@@ -181,16 +186,16 @@ typedef struct {
 } cloud_edge_t;
 
 /** Looks an edge up (enabled or not). 0, CMN_ENOTFOUND, CMN_EDB. */
-int cloud_index_edge_get(sqlite3 *db, const char *edge_id, cloud_edge_t *out);
+int cloud_index_edge_get(cmn_sql_t *db, const char *edge_id, cloud_edge_t *out);
 /** Frees and wipes an edge row. Safe on a zeroed or cleared row. */
 void cloud_edge_clear(cloud_edge_t *e);
 /**
  * Enables or disables an edge; disabling also revokes its tokens (*revoked
  * = how many, may be NULL). 0, CMN_ENOTFOUND, CMN_EDB.
  */
-int cloud_index_edge_set_enabled(sqlite3 *db, const char *edge_id, bool enabled, int *revoked);
+int cloud_index_edge_set_enabled(cmn_sql_t *db, const char *edge_id, bool enabled, int *revoked);
 /** Replaces an edge's allow list. 0, CMN_ENOTFOUND, CMN_EDB. */
-int cloud_index_edge_set_allow(sqlite3 *db, const char *edge_id, const char *allow);
+int cloud_index_edge_set_allow(cmn_sql_t *db, const char *edge_id, const char *allow);
 
 /** A token row. */
 typedef struct {
@@ -201,14 +206,14 @@ typedef struct {
 } cloud_token_t;
 
 /** Stores a newly issued token. 0 or CMN_EDB. */
-int cloud_index_token_add(sqlite3 *db, const char *edge_id, const char *token_id,
+int cloud_index_token_add(cmn_sql_t *db, const char *edge_id, const char *token_id,
                           const char *key_hex, int64_t expires);
 /** Looks a token up. 0, CMN_ENOTFOUND, CMN_EDB. */
-int cloud_index_token_get(sqlite3 *db, const char *token_id, cloud_token_t *out);
+int cloud_index_token_get(cmn_sql_t *db, const char *token_id, cloud_token_t *out);
 /** Revokes every live token of an edge (*n = how many). 0, CMN_ENOTFOUND, CMN_EDB. */
-int cloud_index_tokens_revoke(sqlite3 *db, const char *edge_id, int *n);
+int cloud_index_tokens_revoke(cmn_sql_t *db, const char *edge_id, int *n);
 /** Deletes tokens that expired before `before` (best effort). */
-void cloud_index_tokens_cleanup(sqlite3 *db, int64_t before);
+void cloud_index_tokens_cleanup(cmn_sql_t *db, int64_t before);
 
 /* ------------------------------------------------------------------ archive */
 
@@ -306,11 +311,11 @@ void cloud_auth_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp);
  * Checks the session of a request (cookie yy_session or Authorization:
  * Bearer). true and *user filled, or false with a 401 written to resp.
  */
-bool cloud_auth_require(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+bool cloud_auth_require(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                         cloud_user_t *user);
 
 /** Creates or replaces a user (password hashed with PBKDF2). 0 or CMN_EDB/CMN_ECRYPTO. */
-int cloud_auth_user_add(sqlite3 *db, const char *user, const char *password, const char *role);
+int cloud_auth_user_add(cmn_sql_t *db, const char *user, const char *password, const char *role);
 
 /* ----------------------------------------------------------------- dicomweb */
 
@@ -345,7 +350,7 @@ typedef enum {
  * back on error. Shared by STOW-RS and (can be by) the edge ingest commit.
  * 0 with *result set, or CMN_EDB / -errno (tmp is left for the caller).
  */
-int cloud_store_place(sqlite3 *db, const char *tmp, const cmn_dicom_info_t *info,
+int cloud_store_place(cmn_sql_t *db, const char *tmp, const cmn_dicom_info_t *info,
                       const char *sha256, uint64_t size, const char *json, const char *source,
                       cloud_store_result_t *result);
 

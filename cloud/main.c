@@ -213,6 +213,12 @@ static int load_config(const args_t *a)
             return -1;
         }
     }
+    if (conf.index.url && *conf.index.url && !cmn_sql_is_pg_target(conf.index.url)) {
+        fprintf(stderr, "yunying-cloud: config: %s: index.url: must start with postgresql://"
+                        " (or be empty for SQLite at index.path)\n",
+                a->config ? a->config : "(defaults)");
+        return -1;
+    }
     bool has_cert = conf.http.tls_cert_file && *conf.http.tls_cert_file;
     bool has_key = conf.http.tls_key_file && *conf.http.tls_key_file;
     bool has_ca = conf.http.tls_client_ca_file && *conf.http.tls_client_ca_file;
@@ -243,13 +249,18 @@ static int prepare_storage(void)
     int rc;
 
     snprintf(tmp, sizeof(tmp), "%s/.tmp", conf.ingest.staging_dir);
-    if ((rc = dirname_mkdirs(conf.index.path)) < 0 || (rc = cmn_mkdirs(conf.archive.dir)) < 0 ||
+    if ((!cmn_sql_is_pg_target(cloud_index_target(&conf.index)) &&
+         (rc = dirname_mkdirs(conf.index.path)) < 0) ||
+        (rc = cmn_mkdirs(conf.archive.dir)) < 0 ||
         (rc = cmn_mkdirs(conf.ingest.staging_dir)) < 0 || (rc = cmn_mkdirs(tmp)) < 0) {
         fprintf(stderr, "yunying-cloud: cannot create data directories: %s\n", cmn_strerror(rc));
         return -1;
     }
-    if (cloud_index_init(conf.index.path) < 0) {
-        fprintf(stderr, "yunying-cloud: cannot open the index %s\n", conf.index.path);
+    if (cloud_index_init(cloud_index_target(&conf.index)) < 0) {
+        /* Never print the URI: it may hold a password. */
+        fprintf(stderr, "yunying-cloud: cannot open the index %s\n",
+                cmn_sql_is_pg_target(cloud_index_target(&conf.index)) ? "(index.url)"
+                                                                       : conf.index.path);
         return -1;
     }
     return 0;
@@ -299,7 +310,7 @@ static bool check_allow(const char *allow)
 static int cmd_edge_add(const args_t *a)
 {
     char secret[65];
-    sqlite3 *db;
+    cmn_sql_t *db;
     int rc;
 
     if (!check_edge_id(a) || !check_allow(a->allow))
@@ -323,7 +334,7 @@ static int cmd_edge_add(const args_t *a)
 /* edge-allow, edge-revoke-tokens, edge-disable, edge-enable. */
 static int cmd_edge_admin(const args_t *a)
 {
-    sqlite3 *db;
+    cmn_sql_t *db;
     int rc, n = 0;
 
     if (!check_edge_id(a))
@@ -366,7 +377,7 @@ static int cmd_edge_admin(const args_t *a)
 
 static int cmd_user_add(const args_t *a)
 {
-    sqlite3 *db;
+    cmn_sql_t *db;
     int rc;
 
     if (!a->user || !*a->user || strlen(a->user) > CLOUD_USER_MAX || !a->password ||

@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cmn/db.h"
+#include "cmn/sql.h"
 #include "cmn/errors.h"
 #include "cmn/log.h"
 #include "proto/proto.h"
@@ -43,46 +43,48 @@ static bool parse_path(const char *path, char uid[PROTO_UID_MAX + 1])
 }
 
 /* 0 with s filled, CMN_ENOTFOUND without a manifest, CMN_EDB. */
-static int status_get(sqlite3 *db, const char *uid, proto_manifest_status_t *s)
+static int status_get(cmn_sql_t *db, const char *uid, proto_manifest_status_t *s)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
     memset(s, 0, sizeof(*s));
     snprintf(s->study_uid, sizeof(s->study_uid), "%s", uid);
-    if (cmn_db_prepare(db, "SELECT expected FROM manifests WHERE study_uid = ?", &st) < 0)
+    if (cmn_sql_prepare(db, "SELECT expected FROM manifests WHERE study_uid = ?", &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(st, 1, uid, -1, SQLITE_STATIC);
-    rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW)
-        s->expected = (uint32_t)sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    if (rc == SQLITE_DONE)
+    cmn_sql_bind_text(st, 1, uid);
+    rc = cmn_sql_step(st);
+    if (rc == CMN_SQL_ROW)
+        s->expected = (uint32_t)cmn_sql_column_int64(st, 0);
+    cmn_sql_finalize(st);
+    if (rc == CMN_SQL_DONE)
         return CMN_ENOTFOUND;
-    if (rc != SQLITE_ROW)
+    if (rc != CMN_SQL_ROW)
         return CMN_EDB;
-    if (cmn_db_prepare(db,
-                       "SELECT coalesce(sum(i.sop_uid IS NOT NULL AND i.sha256 = e.sha256), 0),"
-                       " coalesce(sum(i.sop_uid IS NULL), 0),"
-                       " coalesce(sum(i.sop_uid IS NOT NULL AND i.sha256 <> e.sha256), 0)"
+    if (cmn_sql_prepare(db,
+                       "SELECT coalesce(sum(CASE WHEN i.sop_uid IS NOT NULL AND i.sha256 = e.sha256"
+                       "   THEN 1 ELSE 0 END), 0),"
+                       " coalesce(sum(CASE WHEN i.sop_uid IS NULL THEN 1 ELSE 0 END), 0),"
+                       " coalesce(sum(CASE WHEN i.sop_uid IS NOT NULL AND i.sha256 <> e.sha256"
+                       "   THEN 1 ELSE 0 END), 0)"
                        " FROM manifest_entries e LEFT JOIN instances i ON i.sop_uid = e.sop_uid"
                        " WHERE e.study_uid = ?", &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(st, 1, uid, -1, SQLITE_STATIC);
-    rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) {
-        s->received = (uint32_t)sqlite3_column_int64(st, 0);
-        s->missing = (uint32_t)sqlite3_column_int64(st, 1);
-        s->mismatched = (uint32_t)sqlite3_column_int64(st, 2);
+    cmn_sql_bind_text(st, 1, uid);
+    rc = cmn_sql_step(st);
+    if (rc == CMN_SQL_ROW) {
+        s->received = (uint32_t)cmn_sql_column_int64(st, 0);
+        s->missing = (uint32_t)cmn_sql_column_int64(st, 1);
+        s->mismatched = (uint32_t)cmn_sql_column_int64(st, 2);
     }
-    sqlite3_finalize(st);
-    if (rc != SQLITE_ROW)
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_ROW)
         return CMN_EDB;
     s->complete = s->expected > 0 && s->received == s->expected;
     return 0;
 }
 
-static void status_respond(sqlite3 *db, cmn_http_resp_t *resp, const char *uid)
+static void status_respond(cmn_sql_t *db, cmn_http_resp_t *resp, const char *uid)
 {
     proto_manifest_status_t s;
     int rc = status_get(db, uid, &s);
@@ -99,47 +101,50 @@ static void status_respond(sqlite3 *db, cmn_http_resp_t *resp, const char *uid)
 }
 
 /* Replaces the study's manifest in one transaction. 0 or CMN_EDB. */
-static int manifest_store(sqlite3 *db, const proto_manifest_t *m, const char *edge_id)
+static int manifest_store(cmn_sql_t *db, const proto_manifest_t *m, const char *edge_id)
 {
-    sqlite3_stmt *st = NULL;
+    cmn_sql_stmt_t *st = NULL;
     int rc = CMN_EDB;
 
     if (cloud_index_begin(db) < 0)
         return CMN_EDB;
-    if (cmn_db_prepare(db, "DELETE FROM manifest_entries WHERE study_uid = ?", &st) < 0)
+    if (cmn_sql_prepare(db, "DELETE FROM manifest_entries WHERE study_uid = ?", &st) < 0)
         goto out_rollback;
-    sqlite3_bind_text(st, 1, m->study_uid, -1, SQLITE_STATIC);
-    if (sqlite3_step(st) != SQLITE_DONE)
+    cmn_sql_bind_text(st, 1, m->study_uid);
+    if (cmn_sql_step(st) != CMN_SQL_DONE)
         goto out_rollback;
-    sqlite3_finalize(st);
-    if (cmn_db_prepare(db,
-                       "INSERT OR REPLACE INTO manifests(study_uid, edge_id, expected, received)"
-                       " VALUES(?,?,?,?)", &st) < 0)
+    cmn_sql_finalize(st);
+    if (cmn_sql_prepare(db,
+                       "INSERT INTO manifests(study_uid, edge_id, expected, received)"
+                       " VALUES(?,?,?,?) ON CONFLICT(study_uid) DO UPDATE SET"
+                       " edge_id = excluded.edge_id, expected = excluded.expected,"
+                       " received = excluded.received", &st) < 0)
         goto out_rollback;
-    sqlite3_bind_text(st, 1, m->study_uid, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, edge_id, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 3, 0);
-    sqlite3_bind_int64(st, 4, cloud_now());
-    if (sqlite3_step(st) != SQLITE_DONE)
+    cmn_sql_bind_text(st, 1, m->study_uid);
+    cmn_sql_bind_text(st, 2, edge_id);
+    cmn_sql_bind_int64(st, 3, 0);
+    cmn_sql_bind_int64(st, 4, cloud_now());
+    if (cmn_sql_step(st) != CMN_SQL_DONE)
         goto out_rollback;
-    sqlite3_finalize(st);
-    if (cmn_db_prepare(db,
-                       "INSERT OR IGNORE INTO manifest_entries(study_uid, sop_uid, series_uid,"
-                       " sha256) VALUES(?,?,?,?)", &st) < 0)
+    cmn_sql_finalize(st);
+    if (cmn_sql_prepare(db,
+                       "INSERT INTO manifest_entries(study_uid, sop_uid, series_uid,"
+                       " sha256) VALUES(?,?,?,?) ON CONFLICT(study_uid, sop_uid) DO NOTHING",
+                       &st) < 0)
         goto out_rollback;
     for (uint32_t i = 0; i < m->n; i++) {
-        sqlite3_reset(st);
-        sqlite3_bind_text(st, 1, m->study_uid, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 2, m->e[i].sop_uid, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 3, m->e[i].series_uid, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 4, m->e[i].sha256, -1, SQLITE_STATIC);
-        if (sqlite3_step(st) != SQLITE_DONE)
+        cmn_sql_reset(st);
+        cmn_sql_bind_text(st, 1, m->study_uid);
+        cmn_sql_bind_text(st, 2, m->e[i].sop_uid);
+        cmn_sql_bind_text(st, 3, m->e[i].series_uid);
+        cmn_sql_bind_text(st, 4, m->e[i].sha256);
+        if (cmn_sql_step(st) != CMN_SQL_DONE)
             goto out_rollback;
     }
-    sqlite3_finalize(st);
+    cmn_sql_finalize(st);
     st = NULL;
     /* expected = distinct SOP Instance UIDs (a UID listed twice counts once). */
-    if (cmn_db_exec(db, "UPDATE manifests SET expected = (SELECT count(*) FROM manifest_entries e"
+    if (cmn_sql_exec(db, "UPDATE manifests SET expected = (SELECT count(*) FROM manifest_entries e"
                         " WHERE e.study_uid = manifests.study_uid)"
                         " WHERE expected = 0") < 0)
         goto out_rollback;
@@ -148,13 +153,13 @@ static int manifest_store(sqlite3 *db, const proto_manifest_t *m, const char *ed
     return 0;
 
 out_rollback:
-    CMN_LOG_E("manifest", "store: %s", sqlite3_errmsg(db));
-    sqlite3_finalize(st);
+    CMN_LOG_E("manifest", "store: %s", cmn_sql_errmsg(db));
+    cmn_sql_finalize(st);
     cloud_index_rollback(db);
     return rc;
 }
 
-static void handle_post(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+static void handle_post(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                         const char *uid)
 {
     char edge_id[PROTO_EDGE_ID_MAX + 1], err[256];
@@ -191,7 +196,7 @@ void cloud_studies_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
 {
     char uid[PROTO_UID_MAX + 1];
     cloud_user_t user;
-    sqlite3 *db;
+    cmn_sql_t *db;
 
     if (!parse_path(req->path, uid)) {
         if (req->body_len > ANNOTATIONS_MAX_BODY) {

@@ -5,7 +5,7 @@
 #define CLOUD_MANIFEST_H
 
 #include <stdbool.h>
-#include <sqlite3.h>
+#include "cmn/sql.h"
 
 #include "cmn/http.h"
 #include "proto/proto.h"
@@ -21,7 +21,7 @@ void cloud_studies_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp);
  * Verifies a signed edge request exactly like the upload requests
  * (ingest.c). true with edge_id set, or false with the answer written.
  */
-bool cloud__ingest_verify(sqlite3 *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
+bool cloud__ingest_verify(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                           char edge_id[PROTO_EDGE_ID_MAX + 1]);
 
 #endif /* CLOUD_MANIFEST_H */

@@ -45,7 +45,7 @@
 
 #include <jansson.h>
 
-#include "cmn/db.h"
+#include "cmn/sql.h"
 #include "cmn/errors.h"
 #include "cmn/log.h"
 #include "internal.h"
@@ -109,7 +109,7 @@ static void plan_free(plan_row_t *rows, size_t n)
  * The studies eligible now (cutoff = now - effective days), oldest first.
  * The SQL filter uses the archive times; the Study Date is checked here.
  */
-static int plan_compute(sqlite3 *db, int64_t cutoff, long long limit, plan_row_t **out,
+static int plan_compute(cmn_sql_t *db, int64_t cutoff, long long limit, plan_row_t **out,
                         size_t *nout)
 {
     static const char sql[] =
@@ -121,21 +121,22 @@ static int plan_compute(sqlite3 *db, int64_t cutoff, long long limit, plan_row_t
         " WHERE s.created <= ?1"
         " GROUP BY s.study_uid"
         " HAVING coalesce(max(i.created), 0) <= ?1"
-        " ORDER BY max(s.created, coalesce(max(i.created), 0)), s.study_uid";
+        " ORDER BY CASE WHEN s.created > coalesce(max(i.created), 0) THEN s.created"
+        "   ELSE coalesce(max(i.created), 0) END, s.study_uid";
     plan_row_t *rows = NULL;
     size_t n = 0, cap = 0;
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
     *out = NULL;
     *nout = 0;
-    if (cmn_db_prepare(db, sql, &st) < 0)
+    if (cmn_sql_prepare(db, sql, &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_int64(st, 1, cutoff);
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        const char *date = (const char *)sqlite3_column_text(st, 1);
-        int64_t created = sqlite3_column_int64(st, 2);
-        int64_t inst = sqlite3_column_int64(st, 3);
+    cmn_sql_bind_int64(st, 1, cutoff);
+    while ((rc = cmn_sql_step(st)) == CMN_SQL_ROW) {
+        const char *date = cmn_sql_column_text(st, 1);
+        int64_t created = cmn_sql_column_int64(st, 2);
+        int64_t inst = cmn_sql_column_int64(st, 3);
         int64_t d = date_epoch(date ? date : "");
         int64_t newest = created > inst ? created : inst;
 
@@ -149,20 +150,20 @@ static int plan_compute(sqlite3 *db, int64_t cutoff, long long limit, plan_row_t
             cap = cap ? cap * 2 : 64;
             rows = cmn_xrealloc(rows, cap * sizeof(*rows));
         }
-        rows[n].study_uid = cmn_xstrdup((const char *)sqlite3_column_text(st, 0));
+        rows[n].study_uid = cmn_xstrdup(cmn_sql_column_text(st, 0));
         rows[n].newest = newest;
-        rows[n].instances = sqlite3_column_int64(st, 4);
-        rows[n].bytes = sqlite3_column_int64(st, 5);
-        rows[n].sources = cmn_xstrdup((const char *)sqlite3_column_text(st, 6));
+        rows[n].instances = cmn_sql_column_int64(st, 4);
+        rows[n].bytes = cmn_sql_column_int64(st, 5);
+        rows[n].sources = cmn_xstrdup(cmn_sql_column_text(st, 6));
         n++;
     }
-    if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
-        CMN_LOG_E("retention", "plan query: %s", sqlite3_errmsg(db));
-        sqlite3_finalize(st);
+    if (rc != CMN_SQL_ROW && rc != CMN_SQL_DONE) {
+        CMN_LOG_E("retention", "plan query: %s", cmn_sql_errmsg(db));
+        cmn_sql_finalize(st);
         plan_free(rows, n);
         return CMN_EDB;
     }
-    sqlite3_finalize(st);
+    cmn_sql_finalize(st);
     *out = rows;
     *nout = n;
     return 0;
@@ -218,7 +219,7 @@ static void victims_free(victim_t *v, size_t n)
 }
 
 /* The instances of a study archived at or before cutoff, plus their conflicting copies. */
-static int study_victims(sqlite3 *db, const char *study, int64_t cutoff, victim_t **out,
+static int study_victims(cmn_sql_t *db, const char *study, int64_t cutoff, victim_t **out,
                          size_t *nout)
 {
     static const char sql[] =
@@ -228,25 +229,25 @@ static int study_victims(sqlite3 *db, const char *study, int64_t cutoff, victim_
         "   ON i.sop_uid = c.sop_uid WHERE i.study_uid = ?1 AND i.created <= ?2";
     victim_t *v = NULL;
     size_t n = 0, cap = 0;
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
-    if (cmn_db_prepare(db, sql, &st) < 0)
+    if (cmn_sql_prepare(db, sql, &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(st, 1, study, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 2, cutoff);
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+    cmn_sql_bind_text(st, 1, study);
+    cmn_sql_bind_int64(st, 2, cutoff);
+    while ((rc = cmn_sql_step(st)) == CMN_SQL_ROW) {
         if (n == cap) {
             cap = cap ? cap * 2 : 64;
             v = cmn_xrealloc(v, cap * sizeof(*v));
         }
-        v[n].sop_uid = cmn_xstrdup((const char *)sqlite3_column_text(st, 0));
-        v[n].path = cmn_xstrdup((const char *)sqlite3_column_text(st, 1));
-        v[n].sha256 = cmn_xstrdup((const char *)sqlite3_column_text(st, 2));
+        v[n].sop_uid = cmn_xstrdup(cmn_sql_column_text(st, 0));
+        v[n].path = cmn_xstrdup(cmn_sql_column_text(st, 1));
+        v[n].sha256 = cmn_xstrdup(cmn_sql_column_text(st, 2));
         n++;
     }
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE) {
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_DONE) {
         victims_free(v, n);
         return CMN_EDB;
     }
@@ -255,27 +256,27 @@ static int study_victims(sqlite3 *db, const char *study, int64_t cutoff, victim_
     return 0;
 }
 
-static int exec_bound(sqlite3 *db, const char *sql, const char *study, int64_t cutoff)
+static int exec_bound(cmn_sql_t *db, const char *sql, const char *study, int64_t cutoff)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
-    if (cmn_db_prepare(db, sql, &st) < 0)
+    if (cmn_sql_prepare(db, sql, &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(st, 1, study, -1, SQLITE_STATIC);
-    if (sqlite3_bind_parameter_count(st) >= 2)
-        sqlite3_bind_int64(st, 2, cutoff);
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE) {
-        CMN_LOG_E("retention", "delete: %s", sqlite3_errmsg(db));
+    cmn_sql_bind_text(st, 1, study);
+    if (cmn_sql_param_count(st) >= 2)
+        cmn_sql_bind_int64(st, 2, cutoff);
+    rc = cmn_sql_step(st);
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_DONE) {
+        CMN_LOG_E("retention", "delete: %s", cmn_sql_errmsg(db));
         return CMN_EDB;
     }
     return 0;
 }
 
 /* Index rows of the deleted instances and what they leave empty; one transaction. */
-static int study_unindex(sqlite3 *db, const char *study, int64_t cutoff)
+static int study_unindex(cmn_sql_t *db, const char *study, int64_t cutoff)
 {
     static const char *const sqls[] = {
         "DELETE FROM conflicts WHERE sop_uid IN (SELECT sop_uid FROM instances"
@@ -285,22 +286,43 @@ static int study_unindex(sqlite3 *db, const char *study, int64_t cutoff)
         "  (SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)",
         "DELETE FROM annotations WHERE study_uid = ?1 AND NOT EXISTS"
         "  (SELECT 1 FROM instances WHERE study_uid = ?1)",
-        "DELETE FROM patients WHERE pk = (SELECT patient_pk FROM studies WHERE study_uid = ?1"
-        "  AND NOT EXISTS (SELECT 1 FROM instances WHERE study_uid = ?1))"
-        "  AND (SELECT count(*) FROM studies s WHERE s.patient_pk = patients.pk) = 1",
         "DELETE FROM studies WHERE study_uid = ?1 AND NOT EXISTS"
         "  (SELECT 1 FROM instances WHERE study_uid = ?1)",
     };
+    cmn_sql_stmt_t *st;
+    int64_t ppk = -1;
     int rc;
 
     if (cloud_index_begin(db) < 0)
         return CMN_EDB;
-    /* The patient row goes before the study that references it: defer the check. */
-    if ((rc = cmn_db_exec(db, "PRAGMA defer_foreign_keys = ON")) < 0)
+    /* The study's patient, removed after the study if no other study is left. */
+    rc = CMN_EDB;
+    if (cmn_sql_prepare(db, "SELECT patient_pk FROM studies WHERE study_uid = ?", &st) < 0)
+        goto out_rollback;
+    cmn_sql_bind_text(st, 1, study);
+    rc = cmn_sql_step(st);
+    if (rc == CMN_SQL_ROW)
+        ppk = cmn_sql_column_int64(st, 0);
+    cmn_sql_finalize(st);
+    if (rc < 0)
         goto out_rollback;
     for (size_t i = 0; i < CMN_ARRAY_SIZE(sqls); i++)
         if ((rc = exec_bound(db, sqls[i], study, cutoff)) < 0)
             goto out_rollback;
+    if (ppk >= 0) {
+        rc = CMN_EDB;
+        if (cmn_sql_prepare(db, "DELETE FROM patients WHERE pk = ? AND NOT EXISTS"
+                                " (SELECT 1 FROM studies s WHERE s.patient_pk = patients.pk)",
+                            &st) < 0)
+            goto out_rollback;
+        cmn_sql_bind_int64(st, 1, ppk);
+        rc = cmn_sql_step(st);
+        cmn_sql_finalize(st);
+        if (rc < 0) {
+            CMN_LOG_E("retention", "delete patient: %s", cmn_sql_errmsg(db));
+            goto out_rollback;
+        }
+    }
     cloud_index_audit(db, "system:retention", "retention-delete", study, "cli");
     if ((rc = cloud_index_commit(db)) < 0)
         goto out_rollback;
@@ -312,7 +334,7 @@ out_rollback:
 }
 
 /* Deletes one planned study. 0, or < 0 with the study left indexed. */
-static int study_delete(sqlite3 *db, const char *study, int64_t cutoff, int64_t *files)
+static int study_delete(cmn_sql_t *db, const char *study, int64_t cutoff, int64_t *files)
 {
     victim_t *v = NULL;
     size_t n = 0;
@@ -349,7 +371,7 @@ int cloud_retention_cmd(bool apply, bool confirm, bool json, long long limit)
     size_t n = 0, deleted = 0, failed = 0;
     int64_t bytes = 0;
     json_t *jout = NULL, *jlist = NULL;
-    sqlite3 *db;
+    cmn_sql_t *db;
     int rc, code = 0;
 
     if (apply && !confirm) {
@@ -496,17 +518,14 @@ static void agg_print(agg_t *a, size_t n, const char *title)
 int cloud_storage_report_cmd(bool json)
 {
     static const char sql[] =
-        "SELECT CASE WHEN i.source = '' THEN '(unknown)' ELSE i.source END,"
-        "  CASE WHEN coalesce(se.modality, '') = '' THEN '(none)' ELSE se.modality END,"
-        "  strftime('%Y-%m', i.created, 'unixepoch'), count(*), coalesce(sum(i.size), 0)"
-        " FROM instances i LEFT JOIN series se ON se.series_uid = i.series_uid"
-        " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3";
+        "SELECT hospital, modality, month, count(*), coalesce(sum(size), 0)"
+        " FROM storage_report_rows GROUP BY 1, 2, 3 ORDER BY 1, 2, 3";
     agg_t *hosp = NULL, *mod = NULL, *month = NULL;
     size_t nh = 0, nm = 0, nmo = 0;
     int64_t total_i = 0, total_b = 0, conf_i = 0, conf_b = 0;
     json_t *jrows = json ? json_array() : NULL;
-    sqlite3_stmt *st;
-    sqlite3 *db;
+    cmn_sql_stmt_t *st;
+    cmn_sql_t *db;
     int rc, code = 0;
 
     db = cloud_index_get();
@@ -515,18 +534,18 @@ int cloud_storage_report_cmd(bool json)
         json_decref(jrows);
         return 2;
     }
-    if (cmn_db_prepare(db, sql, &st) < 0) {
+    if (cmn_sql_prepare(db, sql, &st) < 0) {
         code = 2;
         goto out;
     }
     if (!json)
         printf("%-24s %-8s %-7s %10s %16s\n", "hospital (edge id)", "modality", "month",
                "instances", "bytes");
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        const char *h = (const char *)sqlite3_column_text(st, 0);
-        const char *m = (const char *)sqlite3_column_text(st, 1);
-        const char *mo = (const char *)sqlite3_column_text(st, 2);
-        int64_t ni = sqlite3_column_int64(st, 3), nb = sqlite3_column_int64(st, 4);
+    while ((rc = cmn_sql_step(st)) == CMN_SQL_ROW) {
+        const char *h = cmn_sql_column_text(st, 0);
+        const char *m = cmn_sql_column_text(st, 1);
+        const char *mo = cmn_sql_column_text(st, 2);
+        int64_t ni = cmn_sql_column_int64(st, 3), nb = cmn_sql_column_int64(st, 4);
 
         mo = mo ? mo : "";
         agg_add(&hosp, &nh, h, ni, nb);
@@ -541,16 +560,16 @@ int cloud_storage_report_cmd(bool json)
         else
             printf("%-24s %-8s %-7s %10" PRId64 " %16" PRId64 "\n", h, m, mo, ni, nb);
     }
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE) {
-        CMN_LOG_E("report", "query: %s", sqlite3_errmsg(db));
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_DONE) {
+        CMN_LOG_E("report", "query: %s", cmn_sql_errmsg(db));
         code = 2;
         goto out;
     }
-    if (cmn_db_prepare(db, "SELECT count(*) FROM conflicts", &st) == 0) {
-        if (sqlite3_step(st) == SQLITE_ROW)
-            conf_i = sqlite3_column_int64(st, 0);
-        sqlite3_finalize(st);
+    if (cmn_sql_prepare(db, "SELECT count(*) FROM conflicts", &st) == 0) {
+        if (cmn_sql_step(st) == CMN_SQL_ROW)
+            conf_i = cmn_sql_column_int64(st, 0);
+        cmn_sql_finalize(st);
     }
     (void)conf_b;   /* conflicting copies' sizes are not indexed; counted only */
     if (json) {

@@ -45,7 +45,7 @@
 
 #include <jansson.h>
 
-#include "cmn/db.h"
+#include "cmn/sql.h"
 #include "cmn/errors.h"
 #include "cmn/log.h"
 #include "internal.h"
@@ -81,67 +81,66 @@ static atomic_bool stop_flag;
 
 /* ------------------------------------------------------------------- DB */
 
-static int run_begin(sqlite3 *db, const char *origin, int64_t *id)
+static int run_begin(cmn_sql_t *db, const char *origin, int64_t *id)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int64_t now = cloud_now();
 
-    if (cmn_db_prepare(db, "INSERT INTO scrub_runs(origin, state, started, heartbeat)"
-                           " VALUES (?, 'running', ?, ?)", &st) < 0)
+    if (cmn_sql_prepare(db, "INSERT INTO scrub_runs(origin, state, started, heartbeat)"
+                           " VALUES (?, 'running', ?, ?) RETURNING id", &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_text(st, 1, origin, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 2, now);
-    sqlite3_bind_int64(st, 3, now);
-    int rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE)
-        return CMN_EDB;
-    *id = sqlite3_last_insert_rowid(db);
-    return 0;
+    cmn_sql_bind_text(st, 1, origin);
+    cmn_sql_bind_int64(st, 2, now);
+    cmn_sql_bind_int64(st, 3, now);
+    int rc = cmn_sql_step(st);
+    if (rc == CMN_SQL_ROW)
+        *id = cmn_sql_column_int64(st, 0);
+    cmn_sql_finalize(st);
+    return rc == CMN_SQL_ROW ? 0 : CMN_EDB;
 }
 
-static void run_update(sqlite3 *db, int64_t id, const scrub_stats_t *s, const char *state)
+static void run_update(cmn_sql_t *db, int64_t id, const scrub_stats_t *s, const char *state)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int64_t now = cloud_now();
 
-    if (cmn_db_prepare(db, "UPDATE scrub_runs SET heartbeat = ?, checked = ?, bytes = ?,"
+    if (cmn_sql_prepare(db, "UPDATE scrub_runs SET heartbeat = ?, checked = ?, bytes = ?,"
                            " mismatches = ?, missing = ?, errors = ?, state = ?,"
                            " finished = CASE WHEN ? = 'running' THEN NULL ELSE ? END"
                            " WHERE id = ?", &st) < 0)
         return;
-    sqlite3_bind_int64(st, 1, now);
-    sqlite3_bind_int64(st, 2, s->checked);
-    sqlite3_bind_int64(st, 3, s->bytes);
-    sqlite3_bind_int64(st, 4, s->mismatches);
-    sqlite3_bind_int64(st, 5, s->missing);
-    sqlite3_bind_int64(st, 6, s->errors);
-    sqlite3_bind_text(st, 7, state, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 8, state, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 9, now);
-    sqlite3_bind_int64(st, 10, id);
-    if (sqlite3_step(st) != SQLITE_DONE)
-        CMN_LOG_W("scrub", "run update: %s", sqlite3_errmsg(db));
-    sqlite3_finalize(st);
+    cmn_sql_bind_int64(st, 1, now);
+    cmn_sql_bind_int64(st, 2, s->checked);
+    cmn_sql_bind_int64(st, 3, s->bytes);
+    cmn_sql_bind_int64(st, 4, s->mismatches);
+    cmn_sql_bind_int64(st, 5, s->missing);
+    cmn_sql_bind_int64(st, 6, s->errors);
+    cmn_sql_bind_text(st, 7, state);
+    cmn_sql_bind_text(st, 8, state);
+    cmn_sql_bind_int64(st, 9, now);
+    cmn_sql_bind_int64(st, 10, id);
+    if (cmn_sql_step(st) != CMN_SQL_DONE)
+        CMN_LOG_W("scrub", "run update: %s", cmn_sql_errmsg(db));
+    cmn_sql_finalize(st);
 }
 
-static void finding_add(sqlite3 *db, int64_t run, const item_t *it, const char *kind,
+static void finding_add(cmn_sql_t *db, int64_t run, const item_t *it, const char *kind,
                         const char *detail)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
 
-    if (cmn_db_prepare(db, "INSERT INTO scrub_findings(run_id, sop_uid, path, kind, detail, ts)"
+    if (cmn_sql_prepare(db, "INSERT INTO scrub_findings(run_id, sop_uid, path, kind, detail, ts)"
                            " VALUES (?, ?, ?, ?, ?, ?)", &st) < 0)
         return;
-    sqlite3_bind_int64(st, 1, run);
-    sqlite3_bind_text(st, 2, it->sop_uid, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 3, it->path, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 4, kind, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 5, detail, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 6, cloud_now());
-    if (sqlite3_step(st) != SQLITE_DONE)
-        CMN_LOG_W("scrub", "finding insert: %s", sqlite3_errmsg(db));
-    sqlite3_finalize(st);
+    cmn_sql_bind_int64(st, 1, run);
+    cmn_sql_bind_text(st, 2, it->sop_uid);
+    cmn_sql_bind_text(st, 3, it->path);
+    cmn_sql_bind_text(st, 4, kind);
+    cmn_sql_bind_text(st, 5, detail);
+    cmn_sql_bind_int64(st, 6, cloud_now());
+    if (cmn_sql_step(st) != CMN_SQL_DONE)
+        CMN_LOG_W("scrub", "finding insert: %s", cmn_sql_errmsg(db));
+    cmn_sql_finalize(st);
 }
 
 static void items_free(item_t *it, size_t n)
@@ -154,26 +153,26 @@ static void items_free(item_t *it, size_t n)
 }
 
 /* The next page of instances this run has not checked, least recently verified first. */
-static int page_load(sqlite3 *db, int64_t run, size_t max, item_t *out, size_t *n)
+static int page_load(cmn_sql_t *db, int64_t run, size_t max, item_t *out, size_t *n)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     int rc;
 
     *n = 0;
-    if (cmn_db_prepare(db, "SELECT sop_uid, path, sha256, size FROM instances"
+    if (cmn_sql_prepare(db, "SELECT sop_uid, path, sha256, size FROM instances"
                            " WHERE scrubbed < ? ORDER BY scrubbed, sop_uid LIMIT ?", &st) < 0)
         return CMN_EDB;
-    sqlite3_bind_int64(st, 1, run);
-    sqlite3_bind_int64(st, 2, (sqlite3_int64)max);
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        out[*n].sop_uid = cmn_xstrdup((const char *)sqlite3_column_text(st, 0));
-        out[*n].path = cmn_xstrdup((const char *)sqlite3_column_text(st, 1));
-        out[*n].sha256 = cmn_xstrdup((const char *)sqlite3_column_text(st, 2));
-        out[*n].size = (uint64_t)sqlite3_column_int64(st, 3);
+    cmn_sql_bind_int64(st, 1, run);
+    cmn_sql_bind_int64(st, 2, (int64_t)max);
+    while ((rc = cmn_sql_step(st)) == CMN_SQL_ROW) {
+        out[*n].sop_uid = cmn_xstrdup(cmn_sql_column_text(st, 0));
+        out[*n].path = cmn_xstrdup(cmn_sql_column_text(st, 1));
+        out[*n].sha256 = cmn_xstrdup(cmn_sql_column_text(st, 2));
+        out[*n].size = (uint64_t)cmn_sql_column_int64(st, 3);
         (*n)++;
     }
-    sqlite3_finalize(st);
-    if (rc != SQLITE_DONE) {
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_DONE) {
         items_free(out, *n);
         *n = 0;
         return CMN_EDB;
@@ -181,19 +180,19 @@ static int page_load(sqlite3 *db, int64_t run, size_t max, item_t *out, size_t *
     return 0;
 }
 
-static void mark_scrubbed(sqlite3 *db, int64_t run, const item_t *it, size_t n)
+static void mark_scrubbed(cmn_sql_t *db, int64_t run, const item_t *it, size_t n)
 {
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
     bool tx = cloud_index_begin(db) == 0;
 
-    if (cmn_db_prepare(db, "UPDATE instances SET scrubbed = ? WHERE sop_uid = ?", &st) == 0) {
+    if (cmn_sql_prepare(db, "UPDATE instances SET scrubbed = ? WHERE sop_uid = ?", &st) == 0) {
         for (size_t i = 0; i < n; i++) {
-            sqlite3_bind_int64(st, 1, run);
-            sqlite3_bind_text(st, 2, it[i].sop_uid, -1, SQLITE_STATIC);
-            sqlite3_step(st);
-            sqlite3_reset(st);
+            cmn_sql_bind_int64(st, 1, run);
+            cmn_sql_bind_text(st, 2, it[i].sop_uid);
+            cmn_sql_step(st);
+            cmn_sql_reset(st);
         }
-        sqlite3_finalize(st);
+        cmn_sql_finalize(st);
     }
     if (tx && cloud_index_commit(db) < 0)
         cloud_index_rollback(db);
@@ -227,7 +226,7 @@ static void throttle(double t0, int64_t bytes)
 }
 
 typedef struct {
-    sqlite3 *db;
+    cmn_sql_t *db;
     int64_t run;
     scrub_stats_t *s;
     finding_cb cb;
@@ -294,7 +293,7 @@ static void check_one(ctx_t *c, const item_t *it)
  * run row already claimed, else one is inserted. Returns 0 with *s filled
  * (the run finished, findings or not), or CMN_EDB.
  */
-static int scrub_run(sqlite3 *db, const char *origin, long long limit, finding_cb cb, void *arg,
+static int scrub_run(cmn_sql_t *db, const char *origin, long long limit, finding_cb cb, void *arg,
                      int64_t *run_out, scrub_stats_t *s)
 {
     item_t page[PAGE];
@@ -356,7 +355,7 @@ int cloud_scrub_cmd(long long limit, bool json)
     json_t *list = json ? json_array() : NULL;
     scrub_stats_t s;
     int64_t run = 0;   /* inserted by scrub_run */
-    sqlite3 *db;
+    cmn_sql_t *db;
     int rc;
 
     db = cloud_index_get();
@@ -403,29 +402,29 @@ static struct {
 } dm;
 
 /* Claims a due daemon run (inserts its row): true with *run set when this node scrubs now. */
-static bool claim_due(sqlite3 *db, int64_t *run)
+static bool claim_due(cmn_sql_t *db, int64_t *run)
 {
     int64_t now = cloud_now(), last = 0;
     bool running = false;
-    sqlite3_stmt *st;
+    cmn_sql_stmt_t *st;
 
     if (cloud_index_begin(db) < 0)
         return false;
-    if (cmn_db_prepare(db, "UPDATE scrub_runs SET state = 'failed', finished = ?1"
+    if (cmn_sql_prepare(db, "UPDATE scrub_runs SET state = 'failed', finished = ?1"
                            " WHERE state = 'running' AND heartbeat < ?2", &st) == 0) {
-        sqlite3_bind_int64(st, 1, now);
-        sqlite3_bind_int64(st, 2, now - STALE_S);
-        sqlite3_step(st);
-        sqlite3_finalize(st);
+        cmn_sql_bind_int64(st, 1, now);
+        cmn_sql_bind_int64(st, 2, now - STALE_S);
+        cmn_sql_step(st);
+        cmn_sql_finalize(st);
     }
-    if (cmn_db_prepare(db, "SELECT coalesce(max(started), 0),"
-                           " coalesce(max(state = 'running'), 0)"
+    if (cmn_sql_prepare(db, "SELECT coalesce(max(started), 0),"
+                           " coalesce(max(CASE WHEN state = 'running' THEN 1 ELSE 0 END), 0)"
                            " FROM scrub_runs WHERE origin = 'daemon'", &st) == 0) {
-        if (sqlite3_step(st) == SQLITE_ROW) {
-            last = sqlite3_column_int64(st, 0);
-            running = sqlite3_column_int(st, 1) != 0;
+        if (cmn_sql_step(st) == CMN_SQL_ROW) {
+            last = cmn_sql_column_int64(st, 0);
+            running = cmn_sql_column_int(st, 1) != 0;
         }
-        sqlite3_finalize(st);
+        cmn_sql_finalize(st);
     }
     if (running || now - last < cloud_conf->scrub.interval_h * 3600) {
         cloud_index_rollback(db);
@@ -446,7 +445,7 @@ static void work_cb(uv_work_t *req)
 {
     scrub_stats_t s;
     int64_t run = 0;
-    sqlite3 *db;
+    cmn_sql_t *db;
 
     (void)req;
     db = cloud_index_get();

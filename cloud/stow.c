@@ -51,7 +51,7 @@
 
 /* ------------------------------------------------------------- placement */
 
-int cloud_store_place(sqlite3 *db, const char *tmp, const cmn_dicom_info_t *info,
+int cloud_store_place(cmn_sql_t *db, const char *tmp, const cmn_dicom_info_t *info,
                       const char *sha256, uint64_t size, const char *json, const char *source,
                       cloud_store_result_t *result)
 {
@@ -241,7 +241,7 @@ static int write_tmp(const char *path, const uint8_t *p, size_t n)
 }
 
 typedef struct {
-    sqlite3 *db;
+    cmn_sql_t *db;
     const char *target_study;    /* NULL for POST /studies */
     const char *base;            /* Retrieve URL base */
     const char *source;          /* "stow:<user>" */
@@ -362,7 +362,7 @@ void cloud_stow_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
     stow_t s;
     json_t *out;
     part_t part;
-    sqlite3 *db;
+    cmn_sql_t *db;
     int rc, status;
 
     /* Anything but POST /dicomweb/studies[/{uid}] belongs to the read-only handler. */

@@ -12,8 +12,9 @@ PKGS="build-essential pkg-config g++ make ca-certificates openssl curl
  libjansson-dev libcharls-dev libdcmtk-dev dcmtk node-llhttp
  libcmocka-dev python3 python3-pydicom python3-numpy
  chromium iproute2
- libpq-dev postgresql
- swift swift-proxy swift-object swift-container swift-account python3-swift memcached"
+ libpq-dev postgresql python3-psycopg2
+ swift swift-proxy swift-object swift-container swift-account python3-swift memcached
+ nginx"
 
 missing=""
 for p in $PKGS; do

@@ -72,8 +72,7 @@ def upload_bundle(cli, data, study_uid, n, chunk_size=64 * 1024):
 
 
 def cloud_db(cloud):
-    return sqlite3.connect(f"file:{os.path.join(cloud.dir, 'index.db')}?mode=ro", uri=True,
-                           timeout=10)
+    return cloud.db(readonly=True)
 
 
 def manifest_status(cloud, study_uid, expect=200):

@@ -161,7 +161,7 @@ def read(path):
 
 
 def db(e):
-    return sqlite3.connect(os.path.join(e["cloud"].dir, "index.db"), timeout=10)
+    return e["cloud"].db()
 
 
 def upload_all():

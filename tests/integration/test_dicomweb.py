@@ -180,7 +180,7 @@ def stow_stores_reports_and_audits():
     body, ctype = multipart(datas[:1])
     st, _, _ = anon.request("POST", "/dicomweb/studies", body, {"Content-Type": ctype})
     eq(st, 401, "STOW without a session")
-    con = sqlite3.connect(os.path.join(e["cloud"].dir, "index.db"))
+    con = e["cloud"].db()
     n = con.execute("SELECT count(*) FROM audit WHERE action='stow' AND study_uid=?",
                     (ct["study_uid"],)).fetchone()[0]
     con.close()

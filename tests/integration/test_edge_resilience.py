@@ -158,8 +158,7 @@ class Edge:
 
 
 def cloud_instances(cloud, study_uid):
-    con = sqlite3.connect(f"file:{os.path.join(cloud.dir, 'index.db')}?mode=ro", uri=True,
-                          timeout=10)
+    con = cloud.db(readonly=True)
     try:
         rows = con.execute("SELECT sop_uid, path, sha256, size FROM instances WHERE study_uid=?",
                            (study_uid,)).fetchall()

@@ -59,7 +59,7 @@ def count(s, uid):
 
 
 def db(cloud):
-    return sqlite3.connect(os.path.join(cloud.dir, "index.db"), timeout=30)
+    return cloud.db(timeout=30)
 
 
 def q(cloud, sql, *args):

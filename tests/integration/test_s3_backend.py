@@ -47,7 +47,7 @@ def env():
 
 
 def db_rows(cloud, sql, *args):
-    c = sqlite3.connect(os.path.join(cloud.dir, "index.db"), timeout=10)
+    c = cloud.db()
     try:
         return c.execute(sql, args).fetchall()
     finally:

@@ -137,7 +137,7 @@ def add_edge(cloud, edge_id, allow=None):
 
 
 def db_state(cloud):
-    con = sqlite3.connect(os.path.join(cloud.dir, "index.db"), timeout=10)
+    con = cloud.db()
     try:
         return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                 for t in ("uploads", "chunks", "instances", "nonces", "tokens")}
@@ -146,7 +146,7 @@ def db_state(cloud):
 
 
 def token_keys(cloud):
-    con = sqlite3.connect(os.path.join(cloud.dir, "index.db"), timeout=10)
+    con = cloud.db()
     try:
         return [r[0] for r in con.execute("SELECT key FROM tokens")]
     finally:

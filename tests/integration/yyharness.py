@@ -14,6 +14,13 @@ per test script on first use and stopped at the end; each cloud gets its
 own key prefix in the shared bucket. YY_SWIFT_DIR=DIR reuses (or starts)
 the instance in DIR and leaves it running (a fast edit loop). The default
 is the local directory archive.
+
+Index engines: YY_INDEX=pg (or Cloud(index="pg")) puts the cloud's index in
+a real PostgreSQL (tests/infra/postgres.sh), one cluster per test script,
+started on first use and stopped at the end, a fresh database per Cloud
+(collation C, as docs/cloud.md asks). YY_PG_DIR=DIR reuses (or starts) the
+cluster in DIR and leaves it running. The default is SQLite. Tests read
+the index through Cloud.db(), which speaks to either engine.
 """
 import http.cookiejar
 import json
@@ -39,7 +46,9 @@ EDGE_BIN = os.path.join(BUILD, "yunying-edge")
 GEN = os.path.join(TOP, "tests", "data", "gen_studies.py")
 MAKE_CA = os.path.join(TOP, "deploy", "make-test-ca.sh")
 SWIFT_SH = os.path.join(TOP, "tests", "infra", "swift.sh")
+PG_SH = os.path.join(TOP, "tests", "infra", "postgres.sh")
 BACKEND = os.environ.get("YY_BACKEND", "dir")
+INDEX = os.environ.get("YY_INDEX", "sqlite")
 
 # ASan: report leaks and UB as failures; DCMTK's own allocations at exit are not ours.
 os.environ.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=66")
@@ -118,6 +127,7 @@ def _cleanup_all():
     for p in list(_procs):
         p.stop()
     _swift_stop()
+    _pg_stop()
     for d in _dirs:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -338,22 +348,127 @@ def s3_delete(key):
     check(st in (200, 204), f"S3 DELETE {key}: HTTP {st}")
 
 
+# ---------------------------------------------------------------------------
+# The test PostgreSQL: tests/infra/postgres.sh, one cluster per test script.
+
+_pg = {}
+_pg_seq = [0]
+
+
+def postgres():
+    """The env of the script's PostgreSQL (YY_PG_URL, YY_PG_SOCKDIR...), started on first use."""
+    if not _pg:
+        keep = os.environ.get("YY_PG_DIR")
+        d = keep or tempdir("yy-pg-")
+        t0 = time.monotonic()
+        r = subprocess.run(["sh", PG_SH, "start", d], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise AssertionError(f"tests/infra/postgres.sh start failed ({r.returncode}):\n"
+                                 f"{r.stderr[-3000:]}")
+        env = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+        check(env.get("YY_PG_URL"), f"postgres.sh env: {r.stdout}")
+        env["_dir"] = d
+        env["_keep"] = bool(keep)
+        _pg.update(env)
+        print(f"postgres ready in {time.monotonic() - t0:.1f}s ({d})", flush=True)
+    return _pg
+
+
+_pg_dbs = []
+
+
+def _pg_stop():
+    if _pg and _pg_dbs:
+        # The clouds are stopped: drop their databases (a kept cluster stays small).
+        try:
+            con = _pg_connect(_pg["YY_PG_URL"])
+            for name in _pg_dbs:
+                con.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            con.close()
+        except Exception as e:  # best effort: the cluster may be gone already
+            print(f"postgres: dropping test databases failed: {e}", flush=True)
+        _pg_dbs.clear()
+    if _pg and not _pg["_keep"]:
+        subprocess.run(["sh", PG_SH, "stop", _pg["_dir"]], capture_output=True, timeout=120)
+    _pg.clear()
+
+
+def _pg_connect(url):
+    import psycopg2
+    con = psycopg2.connect(url)
+    con.autocommit = True
+    return con
+
+
+def pg_create_database():
+    """A fresh database in the script's cluster: its URL."""
+    pg = postgres()
+    _pg_seq[0] += 1
+    name = f"yy_{os.getpid()}_{_pg_seq[0]}_{time.monotonic_ns() % 1000000}"
+    con = _pg_connect(pg["YY_PG_URL"])
+    try:
+        con.cursor().execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8'"
+                             " LC_COLLATE 'C' LC_CTYPE 'C'")
+    finally:
+        con.close()
+    _pg_dbs.append(name)
+    base = pg["YY_PG_URL"].rsplit("/", 1)[0]
+    return f"{base}/{name}"
+
+
+class PgIndex:
+    """The PostgreSQL index with the sqlite3 calls the tests use: execute()
+    with "?" placeholders, fetchone/fetchall/iteration, "with con:", close().
+    Autocommit; errors are raised as sqlite3.DatabaseError so a test's
+    except clause is the same for both engines."""
+
+    def __init__(self, url):
+        self.con = _pg_connect(url)
+
+    def execute(self, sql, params=()):
+        import psycopg2
+        import sqlite3
+        cur = self.con.cursor()
+        try:
+            cur.execute(sql.replace("%", "%%").replace("?", "%s"), tuple(params))
+        except psycopg2.Error as e:
+            raise sqlite3.DatabaseError(str(e)) from e
+        return cur
+
+    def commit(self):
+        pass
+
+    def close(self):
+        self.con.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+
+
 class Cloud:
     """A yunying-cloud with a fresh index/archive, one edge and one user.
 
     backend: "dir" or "s3" (default: $YY_BACKEND, else "dir"). With "s3" the
     archive lives in the script's Swift bucket under the key prefix
-    self.s3_prefix, and archive.dir (self.archive_dir) is only the cache."""
+    self.s3_prefix, and archive.dir (self.archive_dir) is only the cache.
+    index: "sqlite" or "pg" (default: $YY_INDEX, else "sqlite"); with "pg"
+    self.index_url is the cloud's own database in the script's cluster."""
 
     USER = "doctor"
     PASSWORD = "Yy-test-pass-1"
 
     def __init__(self, root=None, edge_id="edge-test", extra=None, tls=True, mtls=False,
-                 allow=None, backend=None):
+                 allow=None, backend=None, index=None):
         """tls=False serves plain HTTP (for tests that flip bytes through a proxy);
         mtls=True also requires client certificates; allow = the edge's CIDR list."""
         self.dir = root or tempdir("yy-cloud-")
         self.backend = backend or BACKEND
+        self.index = index or INDEX
         self.archive_dir = os.path.join(self.dir, "archive")
         self.port = free_port()
         self.tls = tls
@@ -377,6 +492,12 @@ class Cloud:
                 "s3_prefix": self.s3_prefix})
         elif self.backend != "dir":
             raise AssertionError(f"unknown backend {self.backend!r}")
+        self.index_url = None
+        if self.index == "pg":
+            self.index_url = pg_create_database()
+            cfg["index"]["url"] = self.index_url
+        elif self.index != "sqlite":
+            raise AssertionError(f"unknown index {self.index!r}")
         if tls:
             ca = test_ca()
             cfg["http"]["tls_cert_file"] = os.path.join(ca, "server.pem")
@@ -394,6 +515,16 @@ class Cloud:
         self.admin("user-add", "--user", self.USER, "--password", self.PASSWORD, "--role", "doctor")
         self.daemon = None
         self.start()
+
+    def db(self, timeout=10, readonly=False):
+        """A connection to this cloud's index (sqlite3, or PgIndex for "pg"); close it."""
+        if self.index_url:
+            return PgIndex(self.index_url)
+        import sqlite3
+        path = os.path.join(self.dir, "index.db")
+        if readonly:
+            return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
+        return sqlite3.connect(path, timeout=timeout)
 
     def admin(self, *args, ok=(0,)):
         r = subprocess.run([CLOUD_BIN, args[0], "--config", self.config, *args[1:]],
