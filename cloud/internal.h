@@ -48,6 +48,7 @@ typedef struct {
     char *tls_cert_file;         /* PEM certificate chain; "" = plain HTTP */
     char *tls_key_file;          /* its private key (PEM) */
     char *tls_client_ca_file;    /* "" = no client certificates; else required (mutual TLS) */
+    char *trusted_proxies;       /* CIDR list of reverse proxies whose X-Forwarded-For is believed */
 } cloud_http_conf_t;
 
 typedef struct {

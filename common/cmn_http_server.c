@@ -56,13 +56,17 @@
  * HTTP request on the TLS port is closed unanswered, with a (rate-limited)
  * warning naming the cause: the client only sees an empty reply.
  */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/sendfile.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "llhttp.h"
 
@@ -75,6 +79,7 @@
 
 #define RBUF_SIZE       (64 * 1024)   /* read buffer per connection */
 #define FILE_CHUNK      (256 * 1024)  /* file segment read/write step */
+#define FILE_INLINE_MAX (4u << 20)    /* per response: file bytes read by the handler itself */
 #define SPOOL_CHUNK     (256 * 1024)  /* tmp-file write size while reading */
 #define SPOOL_HIGH      (1024 * 1024) /* stop reading above this backlog */
 #define MAX_HEADERS     100
@@ -98,6 +103,7 @@ typedef struct {
     char *data;          /* SEG_MEM: owned (malloc) */
     size_t cap;          /* SEG_MEM: > 0 when cmn_http_resp_body may append */
     char *path;          /* SEG_FILE: owned copy */
+    int fd;              /* SEG_FILE on plain HTTP: opened by the handler, sent by sendfile(2); else -1 */
     uint64_t off;        /* SEG_FILE: first byte */
     uint64_t len;        /* bytes */
 } seg_t;
@@ -109,6 +115,8 @@ struct cmn_http_resp {
     size_t nsegs;
     size_t capsegs;
     uint64_t body_len;   /* sum of segment lengths */
+    uint64_t inlined;    /* file bytes read into memory segments (FILE_INLINE_MAX) */
+    bool plain;          /* set by dispatch(): no TLS, so files may go by sendfile(2) */
     bool failed;         /* an append ran out of memory: answer 500 */
     bool close;          /* the handler asked for Connection: close */
 };
@@ -209,8 +217,12 @@ struct conn {
     uint64_t file_pos;
     uint64_t file_rem;
     char *fbuf;                  /* FILE_CHUNK bytes while sending files (owned) */
+    bool sf_started;             /* sending the current fd segment (send_file_seg) */
+    uint64_t sf_pos;             /* its next byte */
+    uint64_t sf_rem;             /* its bytes left */
 
     conn_tls_t *tls;             /* NULL = plain HTTP (owned) */
+    char sock_peer[64];          /* the TCP peer's address */
 };
 
 struct cmn_http_server {
@@ -294,6 +306,8 @@ static void resp_free(cmn_http_resp_t *r)
     for (size_t i = 0; i < r->nsegs; i++) {
         free(r->segs[i].data);
         free(r->segs[i].path);
+        if (r->segs[i].kind == SEG_FILE && r->segs[i].fd >= 0)
+            close(r->segs[i].fd);
     }
     free(r->segs);
     cmn_buf_free(&r->headers);
@@ -417,6 +431,62 @@ int cmn_http_resp_file(cmn_http_resp_t *resp, const char *path, uint64_t off, ui
     if (len == 0)
         return 0;
 
+    /* Small files (a DICOM instance, a web asset) are read here, on the
+     * handler's thread, while the page cache is warm: the loop then sends
+     * them with one write instead of an open, reads and a close each
+     * bounced through the threadpool (which the handlers also occupy).
+     * Larger bodies stream from the file in FILE_CHUNK steps. */
+    if (resp->plain) {
+        /* Plain HTTP: the loop sends it with sendfile(2), no copy through
+         * user space. Opened here, off the loop. */
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            return -errno;
+        char *pcopy = strdup(path);
+        seg_t *fs = pcopy ? resp_new_seg(resp) : NULL;
+        if (fs == NULL) {
+            free(pcopy);
+            close(fd);
+            resp->failed = true;
+            return -ENOMEM;
+        }
+        fs->kind = SEG_FILE;
+        fs->path = pcopy;
+        fs->fd = fd;
+        fs->off = off;
+        fs->len = len;
+        resp->body_len += len;
+        return 0;
+    }
+    if (len <= FILE_INLINE_MAX - resp->inlined) {
+        char *buf = cmn_try_malloc((size_t)len);
+        int fd = buf ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+        uint64_t got = 0;
+        int err = buf ? 0 : -ENOMEM;
+
+        if (buf && fd < 0)
+            err = -errno;
+        while (err == 0 && got < len) {
+            ssize_t n = pread(fd, buf + got, (size_t)(len - got), (off_t)(off + got));
+            if (n > 0)
+                got += (uint64_t)n;
+            else if (n == 0)
+                err = -EIO;          /* shrank since the stat */
+            else if (errno != EINTR)
+                err = -errno;
+        }
+        if (fd >= 0)
+            close(fd);
+        if (err == 0) {
+            resp->inlined += len;
+            return cmn_http_resp_body_take(resp, buf, (size_t)len);
+        }
+        free(buf);
+        if (err != -ENOMEM)
+            return err;
+        /* out of memory: stream it instead */
+    }
+
     char *copy = strdup(path);
     seg_t *s = copy ? resp_new_seg(resp) : NULL;
     if (s == NULL) {
@@ -426,6 +496,7 @@ int cmn_http_resp_file(cmn_http_resp_t *resp, const char *path, uint64_t off, ui
     }
     s->kind = SEG_FILE;
     s->path = copy;
+    s->fd = -1;
     s->off = off;
     s->len = len;
     resp->body_len += len;
@@ -631,13 +702,43 @@ static void request_reset(conn_t *c)
     c->head_sent = false;
     c->close_after = false;
     c->seg_idx = 0;
+    c->sf_started = false;
     c->npend = 0;
     free(c->fbuf);
     c->fbuf = NULL;
-    char peer[sizeof(c->req.peer)];
-    memcpy(peer, c->req.peer, sizeof(peer));
     memset(&c->req, 0, sizeof(c->req));
-    memcpy(c->req.peer, peer, sizeof(peer));
+    memcpy(c->req.peer, c->sock_peer, sizeof(c->req.peer));
+}
+
+/* A trusted proxy's request: the client is the last X-Forwarded-For entry
+ * (the one the proxy appended or wrote itself; earlier ones came from the
+ * client and prove nothing). An absent or malformed header leaves the
+ * proxy's address as the peer. */
+static void apply_forwarded(conn_t *c)
+{
+    cmn_http_server_t *srv = c->srv;
+    cmn_http_req_t *q = &c->req;
+
+    if (!srv->opts.trust_proxy || !srv->opts.trust_proxy(c->sock_peer, srv->opts.trust_proxy_ud))
+        return;
+    const char *xff = cmn_http_req_header(q, "X-Forwarded-For");
+    if (!xff)
+        return;
+    const char *last = strrchr(xff, ',');
+    last = last ? last + 1 : xff;
+    while (*last == ' ' || *last == '\t')
+        last++;
+    char addr[64];
+    size_t n = strcspn(last, " \t");
+    if (n == 0 || n >= sizeof(addr))
+        return;
+    memcpy(addr, last, n);
+    addr[n] = '\0';
+    unsigned char bin[16];
+    if (inet_pton(AF_INET, addr, bin) != 1 && inet_pton(AF_INET6, addr, bin) != 1)
+        return;
+    memcpy(q->via, c->sock_peer, sizeof(q->via));
+    memcpy(q->peer, addr, n + 1);
 }
 
 static void server_maybe_done(cmn_http_server_t *srv)
@@ -786,6 +887,7 @@ static void start_response(conn_t *c)
     c->npend = 1;
     c->head_sent = true;
     c->seg_idx = c->is_head ? c->resp.nsegs : 0;
+    c->sf_started = false;
     c->file_fd = -1;
     c->file_rem = 0;
     send_next(c);
@@ -799,6 +901,60 @@ static void respond_error(conn_t *c, int status)
     c->close_after = true;
     resp_set_error(c, status);
     start_response(c);
+}
+
+/*
+ * Sends a file segment opened by the handler (plain HTTP) with sendfile(2)
+ * on the loop thread, as nginx does: the data is normally in the page cache
+ * (the handler just looked the file up), and the socket is non-blocking.
+ * When the socket is full, one FILE_CHUNK is read into fbuf and handed to
+ * uv_write, which waits for it to drain; its completion calls send_next()
+ * again, which resumes sendfile. 1 = segment sent, 0 = a write is under way,
+ * or -errno.
+ */
+static int send_file_seg(conn_t *c, seg_t *s)
+{
+    uv_os_fd_t sock;
+    int err;
+
+    if (!c->sf_started) {
+        c->sf_started = true;
+        c->sf_pos = s->off;
+        c->sf_rem = s->len;
+    }
+    if ((err = uv_fileno((uv_handle_t *)&c->tcp, &sock)) < 0)
+        return err;
+    while (c->sf_rem > 0) {
+        off_t pos = (off_t)c->sf_pos;
+        size_t want = c->sf_rem < (1u << 30) ? (size_t)c->sf_rem : (1u << 30);
+        ssize_t n = sendfile(sock, s->fd, &pos, want);
+
+        if (n > 0) {
+            c->sf_pos += (uint64_t)n;
+            c->sf_rem -= (uint64_t)n;
+            continue;
+        }
+        if (n == 0)
+            return -EIO;                     /* the file shrank under us */
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            return -errno;
+        /* Socket full: let uv_write wait for room, with one chunk. */
+        if (c->fbuf == NULL && (c->fbuf = cmn_try_malloc(FILE_CHUNK)) == NULL)
+            return -ENOMEM;
+        size_t k = c->sf_rem < FILE_CHUNK ? (size_t)c->sf_rem : FILE_CHUNK;
+        ssize_t got = pread(s->fd, c->fbuf, k, (off_t)c->sf_pos);
+        if (got <= 0)
+            return got == 0 ? -EIO : -errno;
+        c->sf_pos += (uint64_t)got;
+        c->sf_rem -= (uint64_t)got;
+        c->pend[0] = uv_buf_init(c->fbuf, (unsigned)got);
+        err = write_bufs(c, c->pend, 1);
+        return err < 0 ? err : 0;
+    }
+    timer_arm(c, c->srv->opts.idle_timeout_ms);
+    return 1;
 }
 
 /* Writes pending memory pieces; file segments are read into fbuf and sent
@@ -832,6 +988,22 @@ static void send_next(conn_t *c)
     while (c->seg_idx < r->nsegs) {
         seg_t *s = &r->segs[c->seg_idx];
 
+        if (s->kind == SEG_FILE && s->fd >= 0) {
+            if (c->npend > 0)
+                break;                       /* what precedes it goes first */
+            int r2 = send_file_seg(c, s);
+            if (r2 < 0) {
+                err = r2;
+                goto out_fail;
+            }
+            if (r2 == 0)
+                return;                      /* a chunk write is under way */
+            close(s->fd);
+            s->fd = -1;
+            c->sf_started = false;
+            c->seg_idx++;
+            continue;
+        }
         if (s->kind == SEG_FILE) {
             if (c->fbuf == NULL) {
                 c->fbuf = cmn_try_malloc(FILE_CHUNK);
@@ -1085,6 +1257,8 @@ static void dispatch(conn_t *c)
         return;
     }
     q->route_ud = c->route->ud;
+    apply_forwarded(c);
+    c->resp.plain = c->tls == NULL;
     if (c->route->blocking) {
         int err = uv_queue_work(c->srv->loop, &c->work, work_cb, after_work_cb);
 
@@ -1910,6 +2084,7 @@ static void on_connection(uv_stream_t *ls, int status)
         else
             uv_ip4_name((struct sockaddr_in *)&ss, c->req.peer, sizeof(c->req.peer));
     }
+    memcpy(c->sock_peer, c->req.peer, sizeof(c->sock_peer));
 
     llhttp_init(&c->parser, HTTP_REQUEST, &parser_settings);
     c->parser.data = c;

@@ -84,6 +84,11 @@ int cmn_sql_open(const char *target, cmn_sql_t **out)
             free(db);
             return CMN_EDB;
         }
+        /* Reads straight from a shared mapping: every write (an audit row
+         * per request) discards the page cache of each other connection,
+         * which then re-read hundreds of pages per query through pread(2)
+         * (bench_dicomweb.sh, 8 connections). Best effort. */
+        (void)cmn_db_exec(db->lite, "PRAGMA mmap_size=1073741824");
         *out = db;
         return 0;
     }

@@ -16,7 +16,9 @@ build=${1:?usage: run-all.sh BUILD_DIR [suite...]}
 shift
 case "$build" in /*) ;; *) build="$top/$build" ;; esac
 suites=${*:-unit integration scale}
-SCALE_SCRIPTS="test_skeleton test_cloud_api test_dicomweb test_bundles test_security test_retention"
+SCALE_SCRIPTS="test_skeleton test_cloud_api test_dicomweb test_bundles test_security test_retention test_scaleout"
+# Scripts that run only in the scale pass (they need PostgreSQL + S3 anyway).
+SCALE_ONLY="test_scaleout"
 
 total_pass=0
 total_fail=0
@@ -90,7 +92,8 @@ run_integration() {
         scripts=$(for n in $SCALE_SCRIPTS; do echo "$top/tests/integration/$n.py"; done)
         label="integration[pg+s3]"
     else
-        scripts=$(ls "$top"/tests/integration/test_*.py 2>/dev/null | sort)
+        scripts=$(ls "$top"/tests/integration/test_*.py 2>/dev/null | sort |
+            grep -v -E "/($(echo $SCALE_ONLY | tr ' ' '|'))\.py$")
         label=integration
     fi
     for t in $scripts; do

@@ -47,7 +47,9 @@ fi
 work=$(mktemp -d /tmp/yy-bench-dicomweb-XXXXXX)
 cloud_pid=
 orthanc_pid=
+raw_pid=
 cleanup() {
+    [ -n "$raw_pid" ] && kill "$raw_pid" 2>/dev/null
     [ -n "$cloud_pid" ] && kill "$cloud_pid" 2>/dev/null && wait "$cloud_pid" 2>/dev/null
     [ -n "$orthanc_pid" ] && kill "$orthanc_pid" 2>/dev/null && wait "$orthanc_pid" 2>/dev/null
     rm -rf "$work"
@@ -133,12 +135,20 @@ ans = r.read()
 assert r.status == 200, (r.status, ans[:300])
 os.unlink(os.path.join(work, "stow.body"))
 o = http.client.HTTPConnection("127.0.0.1", int(oport), timeout=600)
+oids = []
 for f in files:
     o.request("POST", "/instances", body=open(f, "rb").read(),
               headers={"Content-Type": "application/dicom"})
     r = o.getresponse()
-    r.read()
+    ans = r.read()
     assert r.status == 200, r.status
+    oids.append(json.loads(ans)["ID"])
+with open(os.path.join(work, "orthanc_ids.txt"), "w") as out:
+    out.write("\n".join(oids) + "\n")
+# The series' bytes in one file, for the raw loopback anchor.
+with open(os.path.join(work, "series.raw"), "wb") as out:
+    for f in files:
+        out.write(open(f, "rb").read())
 import pydicom
 uids = []
 for f in files:
@@ -161,6 +171,10 @@ mkcfg() {   # base_url_prefix -> config on stdout
 }
 mkcfg "http://127.0.0.1:$cport/dicomweb" >"$work/ours.cfg"
 mkcfg "http://127.0.0.1:$oport/dicom-web" >"$work/orthanc.cfg"
+# Orthanc's raw file endpoint (no DICOMweb framing): what the 8-connection target equals.
+while read -r oid; do
+    printf 'url = "http://127.0.0.1:%s/instances/%s/file"\noutput = "/dev/null"\n' "$oport" "$oid"
+done <"$work/orthanc_ids.txt" >"$work/orthanc_file.cfg"
 accept='Accept: multipart/related; type="application/dicom"; transfer-syntax=*'
 
 now() { date +%s.%N; }
@@ -187,9 +201,35 @@ t_seq_orth=$(best_time orth_get -K "$work/orthanc.cfg")
 echo "bench_dicomweb: WADO-RS instances, 8 connections ..."
 t_par_ours=$(best_time ours_get -Z --parallel-max 8 -K "$work/ours.cfg")
 t_par_orth=$(best_time orth_get -Z --parallel-max 8 -K "$work/orthanc.cfg")
+t_par_ofile=$(best_time curl -s -f -Z --parallel-max 8 -K "$work/orthanc_file.cfg")
 echo "bench_dicomweb: WADO-RS whole series ..."
 t_ser_ours=$(best_time ours_get -o /dev/null "http://127.0.0.1:$cport/dicomweb/studies/$study/series/$series")
 t_ser_orth=$(best_time orth_get -o /dev/null "http://127.0.0.1:$oport/dicom-web/studies/$study/series/$series")
+# Raw loopback anchor: the same bytes from a minimal HTTP server that
+# sendfile()s one file (no parsing, no framing), fetched by curl.
+rport=18055
+"$py" - "$work/series.raw" "$rport" "$work/raw.ready" <<'EOP' &
+import os, socket, sys
+path, port, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+size = os.path.getsize(path)
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port))
+srv.listen(8)
+open(ready, "w").close()
+for _ in range(4):                     # warm-up + best_time's 3 runs
+    c, _a = srv.accept()
+    c.recv(65536)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % size)
+    with open(path, "rb") as f:
+        c.sendfile(f)
+    c.close()
+EOP
+raw_pid=$!
+until [ -f "$work/raw.ready" ]; do sleep 0.05; done   # server readiness, not test synchronisation
+curl -s -o /dev/null "http://127.0.0.1:$rport/"
+t_ser_raw=$(best_time curl -s -f -o /dev/null "http://127.0.0.1:$rport/")
+wait "$raw_pid" 2>/dev/null || true
 
 median_latency() {   # n url [curl args...]: median time_total in ms over n requests, one connection
     n=$1
@@ -216,7 +256,7 @@ qs_orth=$(median_latency 50 "http://127.0.0.1:$oport/dicom-web/studies?PatientNa
 
 awk -v n="$slices" -v bytes="$bytes" -v nours="$n_ours" -v northanc="$n_orth" \
     -v so="$t_seq_ours" -v sx="$t_seq_orth" -v po="$t_par_ours" -v px="$t_par_orth" \
-    -v eo="$t_ser_ours" -v ex="$t_ser_orth" -v mo="$m_ours" -v mz="$m_ours_gz" -v mx="$m_orth" \
+    -v eo="$t_ser_ours" -v ex="$t_ser_orth" -v pf="$t_par_ofile" -v er="$t_ser_raw" -v mo="$m_ours" -v mz="$m_ours_gz" -v mx="$m_orth" \
     -v qo="$q_ours" -v qx="$q_orth" -v zo="$qs_ours" -v zx="$qs_orth" -v rss="$rss" 'BEGIN {
     mb = bytes / 1e6
     printf "\n==== DICOMweb: yunying-cloud vs Orthanc + DICOMweb plugin (%d-slice CT, %.1f MB files)\n", n, mb
@@ -226,11 +266,13 @@ awk -v n="$slices" -v bytes="$bytes" -v nours="$n_ours" -v northanc="$n_orth" \
     printf "%-34s %8.1f MB/s %7.1f MB/s\n", "", mb / so, mb / sx
     printf "%-34s %8.0f i/s %8.0f i/s %7.2fx\n", "WADO-RS instances, 8 connections", n / po, n / px, px / po
     printf "%-34s %8.1f MB/s %7.1f MB/s\n", "", mb / po, mb / px
+    printf "%-34s %8.0f i/s %8.0f i/s %7.2fx\n", "  vs Orthanc raw /instances/ID/file", n / po, n / pf, pf / po
     printf "%-34s %7.1f MB/s %7.1f MB/s %7.2fx\n", "WADO-RS whole series (1 request)", mb / eo, mb / ex, ex / eo
+    printf "%-34s %7.1f MB/s %7.1f MB/s %7.2fx\n", "  vs raw loopback (sendfile, curl)", mb / eo, mb / er, er / eo
     printf "%-34s %9.1f ms %9.1f ms %7.2fx\n", "series metadata, median of 20", mo, mx, mx / mo
     printf "%-34s %9.1f ms\n", "  (ours with gzip)", mz
     printf "%-34s %9.1f ms %9.1f ms %7.2fx\n", "QIDO instances of the series, p50", qo, qx, qx / qo
     printf "%-34s %9.1f ms %9.1f ms %7.2fx\n", "QIDO studies PatientName=*, p50", zo, zx, zx / zo
     printf "%-34s %9.1f MB\n", "yunying-cloud RSS after load", rss / 1024
-    printf "targets: 8-conn >= 4x Orthanc; instance QIDO <= 10 ms\n"
+    printf "targets: 8-conn >= 4x Orthanc (= its raw file endpoint); whole series >= 0.9x raw loopback; instance QIDO <= 10 ms\n"
 }'

@@ -380,6 +380,44 @@ def non_whitelisted_address_is_403():
 
 
 @test
+def forwarded_for_is_believed_only_from_trusted_proxies():
+    # Behind nginx (deploy/nginx) the TCP peer is the proxy; with
+    # http.trusted_proxies the client is the proxy's last X-Forwarded-For
+    # entry, for allow lists, logs and the audit trail alike.
+    def token(c, xff):
+        body = b'{"v":1}'
+        hd = c.signed("POST", "/api/v1/token", body, token=False)
+        if xff is not None:
+            hd["X-Forwarded-For"] = xff
+        st, err, _, _ = c.send("POST", "/api/v1/token", body, hd=hd)
+        return st, err
+
+    plain = h.Cloud()
+    c = add_edge(plain, "edge-behind", allow="10.9.8.0/24")
+    eq(token(c, "10.9.8.7"), (403, "forbidden"), "X-Forwarded-For from an untrusted peer ignored")
+    check("peer=127.0.0.1" in plain.log_text(), "untrusted: the TCP peer is logged")
+
+    cloud = h.Cloud(extra={"http": {"trusted_proxies": "127.0.0.1/32"}})
+    c = add_edge(cloud, "edge-behind", allow="10.9.8.0/24")
+    nlog = len(cloud.log_text().splitlines())
+    eq(token(c, "203.0.113.9"), (403, "forbidden"), "forwarded client outside the allow list")
+    new = "\n".join(cloud.log_text().splitlines()[nlog:])
+    check("peer=203.0.113.9" in new, f"the forwarded client is logged: {new}")
+    eq(token(c, None)[0], 403, "trusted proxy without X-Forwarded-For: the proxy's address")
+    eq(token(c, "garbage")[0], 403, "malformed X-Forwarded-For: the proxy's address")
+    # Only the last entry counts: the ones before it came from the client.
+    eq(token(c, "10.9.8.7, 203.0.113.9")[0], 403, "spoofed first entry ignored")
+    eq(token(c, "203.0.113.9, 10.9.8.7")[0], 200, "last entry inside the allow list")
+    # A bad list is refused at start, naming the key.
+    bad = os.path.join(h.tempdir("yy-sec-conf-"), "cloud.json")
+    with open(bad, "w") as f:
+        json.dump({"http": {"trusted_proxies": "10.0.0.0/33"}}, f)
+    r = subprocess.run([h.CLOUD_BIN, "--check-config", "--config", bad],
+                       capture_output=True, text=True, timeout=30)
+    check(r.returncode != 0 and "http.trusted_proxies" in r.stderr, r.stderr)
+
+
+@test
 def mutual_tls_binds_the_certificate_to_the_edge():
     cloud = h.Cloud(mtls=True)              # client certificate CN = edge-test
     c = Client(cloud, cloud.edge_id, cloud.secret)

@@ -72,7 +72,10 @@ typedef struct {
     const char *body;            /* NUL-terminated; NULL when body_file is set */
     size_t body_len;             /* bytes of body (memory or file) */
     const char *body_file;       /* temp file holding a large body, else NULL */
-    char peer[64];               /* peer address, "127.0.0.1" */
+    char peer[64];               /* client address, "127.0.0.1": the TCP peer, or the
+                                  * last X-Forwarded-For entry when the TCP peer is a
+                                  * trusted proxy (opts.trust_proxy) */
+    char via[64];                /* that proxy's address, else "" */
     void *route_ud;              /* the route's ud */
     bool tls;                    /* the request arrived over TLS */
     /* Mutual TLS only (opts.tls_client_ca_file), else NULL. Both describe the
@@ -112,6 +115,11 @@ typedef struct {
     const char *tls_client_ca_file; /* NULL = no client certificates; else required and
                                   * verified against this CA bundle */
     unsigned tls_handshake_timeout_ms; /* 0 = 10 s */
+    /* Reverse proxies: NULL = none. Called on the loop thread with the TCP
+     * peer's address; true = a proxy of ours, whose X-Forwarded-For (its last
+     * entry, which it wrote itself) names the client. */
+    bool (*trust_proxy)(const char *addr, void *ud);
+    void *trust_proxy_ud;
 } cmn_http_server_opts_t;
 
 /**
@@ -162,7 +170,8 @@ int cmn_http_resp_body(cmn_http_resp_t *resp, const void *p, size_t n);
 int cmn_http_resp_body_take(cmn_http_resp_t *resp, void *p, size_t n);
 /**
  * Appends the byte range [off, off+len) of a file; len = UINT64_MAX means to
- * the end. Stats the file (blocking): call from blocking handlers. 0 or -errno.
+ * the end. Stats the file, and reads it when small (up to 4 MiB per response,
+ * blocking): call from blocking handlers. 0 or -errno.
  */
 int cmn_http_resp_file(cmn_http_resp_t *resp, const char *path, uint64_t off, uint64_t len);
 /** Convenience: status + Content-Type + a copied body. */
