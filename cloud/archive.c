@@ -137,6 +137,16 @@ static int archive_client(cmn_s3_t **out)
     return rc;
 }
 
+int cloud__archive_s3(struct cmn_s3 **out)
+{
+    return archive_client(out);
+}
+
+const char *cloud__archive_prefix(void)
+{
+    return key_prefix();
+}
+
 int cloud_archive_open(void)
 {
     cmn_s3_t *s3;
@@ -465,11 +475,14 @@ int cloud_write_file_atomic(const char *path, const void *p, size_t len)
     const char *c = p;
     int fd, rc = 0;
 
-    if (snprintf(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)gettid()) >= (int)sizeof(tmp))
+    /* A unique name (mkstemp), so writers on several machines sharing the
+     * directory never write into each other's temp file. */
+    if (snprintf(tmp, sizeof(tmp), "%s.tmp-XXXXXX", path) >= (int)sizeof(tmp))
         return -ENAMETOOLONG;
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    fd = mkostemp(tmp, O_CLOEXEC);
     if (fd < 0)
         return -errno;
+    (void)fchmod(fd, 0640);
     while (len > 0) {
         ssize_t n = write(fd, c, len);
         if (n < 0) {

@@ -3,9 +3,10 @@
  * its member files and checks each one; ingest.c then archives and indexes
  * the good members in one transaction.
  *
- * One pass over the chunk files: the bytes are hashed for the bundle's
- * SHA-256 while the header is parsed and every member is written to its own
- * file in the staging directory (hashed too). Nothing is assembled twice.
+ * One pass over the staged chunks (staging.h: each verified against its
+ * recorded hash as it ends): the bytes are hashed for the bundle's SHA-256
+ * while the header is parsed and every member is written to its own
+ * uniquely named scratch file (hashed too). Nothing is assembled twice.
  * A member whose bytes do not match the header, or that is not DICOM, or
  * whose SOP Instance UID or study differs from the header, is "rejected";
  * the others go on. A bundle whose whole hash or layout is wrong is refused
@@ -25,47 +26,27 @@
 #include "proto/proto.h"
 #include "bundle.h"
 #include "internal.h"
+#include "staging.h"
 
 #define BUF_LEN (1u << 16)
 
-/* Reader over the chunk files as one stream, hashing everything read. */
+/* The staged chunks as one stream, hashing everything read. */
 typedef struct {
-    const char *dir;
-    uint32_t nchunks, cur;
-    int fd;
+    cloud_staging_reader_t *r;
     cmn_sha256_ctx_t sha;
     uint64_t total;
 } stream_t;
 
-/* Reads up to len bytes; 0 at the end. -errno on error. */
+/* Reads up to len bytes; 0 at the end. Errors as cloud__staging_read. */
 static ssize_t stream_read(stream_t *s, void *buf, size_t len)
 {
-    char p[4200];
+    ssize_t n = cloud__staging_read(s->r, buf, len);
 
-    for (;;) {
-        if (s->fd < 0) {
-            if (s->cur >= s->nchunks)
-                return 0;
-            snprintf(p, sizeof(p), "%s/%" PRIu32, s->dir, s->cur);
-            s->fd = open(p, O_RDONLY | O_CLOEXEC);
-            if (s->fd < 0)
-                return -errno;
-        }
-        ssize_t n = read(s->fd, buf, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -errno;
-        if (n == 0) {
-            close(s->fd);
-            s->fd = -1;
-            s->cur++;
-            continue;
-        }
+    if (n > 0) {
         cmn_sha256_update(&s->sha, buf, (size_t)n);
         s->total += (uint64_t)n;
-        return n;
     }
+    return n;
 }
 
 /* Reads exactly len bytes. 0, -EPROTO when the stream ends early, -errno. */
@@ -83,17 +64,15 @@ static int stream_exact(stream_t *s, void *buf, size_t len)
     return 0;
 }
 
-/* Copies len bytes of the stream to a new file path, hashing them. */
-static int stream_to_file(stream_t *s, uint64_t len, const char *path, char sha_hex[65],
-                          uint8_t *buf)
+/* Copies len bytes of the stream to the new file path (open as fd, which
+ * is closed), hashing them; the file is unlinked on error. */
+static int stream_to_file(stream_t *s, uint64_t len, int fd, const char *path,
+                          char sha_hex[65], uint8_t *buf)
 {
     cmn_sha256_ctx_t c;
     uint8_t h[CMN_SHA256_LEN];
-    int fd, rc = 0;
+    int rc = 0;
 
-    fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
-    if (fd < 0)
-        return -errno;
     cmn_sha256_init(&c);
     while (len > 0) {
         size_t want = len < BUF_LEN ? (size_t)len : BUF_LEN;
@@ -139,10 +118,10 @@ void cloud__bundle_items_free(cloud_bundle_item_t *items, uint32_t n)
     free(items);
 }
 
-int cloud__bundle_split(const char *dir, uint32_t nchunks, uint64_t size, const char *want_sha,
+int cloud__bundle_split(cloud_staging_reader_t *r, uint64_t size, const char *want_sha,
                         cloud_bundle_item_t **out, uint32_t *nout, char *err, size_t errlen)
 {
-    stream_t s = { .dir = dir, .nchunks = nchunks, .fd = -1 };
+    stream_t s = { .r = r };
     uint8_t prefix[PROTO_BUNDLE_PREFIX], h[CMN_SHA256_LEN], *hdr = NULL, *buf = NULL;
     char sha[PROTO_HEX256 + 1], prefix_uri[512], derr[256];
     cloud_bundle_item_t *items = NULL;
@@ -184,9 +163,13 @@ int cloud__bundle_split(const char *dir, uint32_t nchunks, uint64_t size, const 
     for (uint32_t i = 0; i < b.n; i++) {
         cloud_bundle_item_t *it = &items[i];
         it->m = b.m[i];
-        snprintf(it->tmp, sizeof(it->tmp), "%s/member.%" PRIu32 ".%ld.dcm", dir, i,
-                 (long)gettid());
-        rc = stream_to_file(&s, it->m.size, it->tmp, it->sha256, buf);
+        int fd = cloud__staging_tmpfile("member", it->tmp, sizeof(it->tmp));
+        if (fd < 0) {
+            rc = fd;
+            it->tmp[0] = '\0';
+            goto out;
+        }
+        rc = stream_to_file(&s, it->m.size, fd, it->tmp, it->sha256, buf);
         if (rc < 0) {
             it->tmp[0] = '\0';
             if (rc == -EPROTO) {
@@ -198,7 +181,12 @@ int cloud__bundle_split(const char *dir, uint32_t nchunks, uint64_t size, const 
     }
     /* Anything after the last member? (decode made the sizes add up, so
      * only a chunk longer than declared could carry more.) */
-    if (stream_read(&s, prefix, 1) != 0) {
+    ssize_t extra = stream_read(&s, prefix, 1);   /* also ends (checks) the last chunk */
+    if (extra < 0) {
+        rc = (int)extra;
+        goto out;
+    }
+    if (extra > 0) {
         rc = CMN_EPARSE;
         snprintf(err, errlen, "bytes after the last member");
         goto out;
@@ -246,8 +234,6 @@ int cloud__bundle_split(const char *dir, uint32_t nchunks, uint64_t size, const 
     items = NULL;
     rc = 0;
 out:
-    if (s.fd >= 0)
-        close(s.fd);
     cloud__bundle_items_free(items, b.n);
     proto_bundle_free(&b);
     free(hdr);

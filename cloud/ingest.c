@@ -31,11 +31,17 @@
  *      bad DICOM  v  | re-declare                               conflict)
  *              rejected
  *
- * Chunk files live in ingest.staging_dir/<object_id>/<i>; a chunks row is
- * added only after its file is durable, so "have" never lists a chunk that a
- * crash lost. Commit re-checks the state inside a write transaction, which
- * serialises concurrent commits of the same SOP Instance UID: the archive
- * file and the index rows appear together or the commit is retried.
+ * Chunks live in staging (staging.h): ingest.staging_dir/<object_id>/<i>,
+ * or with archive.backend "s3" the bucket (<s3_prefix>staging/<object_id>/<i>),
+ * so with S3 any node commits chunks that other nodes received. A chunks
+ * row (with the chunk's SHA-256) is added only after the chunk is durable,
+ * so "have" never lists a chunk that a crash lost. Commit streams the
+ * chunks into a scratch file, checking each against its row; a chunk that
+ * is gone from staging or differs from its row loses its row and the commit
+ * answers 409 incomplete, so the edge re-declares and sends it again.
+ * Commit re-checks the state inside a write transaction, which serialises
+ * concurrent commits of the same SOP Instance UID: the archive file and the
+ * index rows appear together or the commit is retried.
  *
  * The HMAC key of the token request is the 32 bytes whose hex form edge-add
  * printed (the edge decodes its secret file the same way).
@@ -58,10 +64,12 @@
 #include "bundle.h"
 #include "internal.h"
 #include "manifest.h"
+#include "staging.h"
 
 const cmn_conf_opt_t cloud__ingest_opts[] = {
     CMN_CONF_OPT_STR(cloud_ingest_conf_t, staging_dir, "var/cloud/staging",
-                     "directory for partial uploads (same file system as archive.dir)"),
+                     "chunks of uploads in progress (backend dir; shared by all nodes) and scratch"
+                     " files; same file system as archive.dir"),
     CMN_CONF_OPT_INT(cloud_ingest_conf_t, max_skew_s, 300, 5, 86400,
                      "accepted clock difference of signed edge requests, seconds"),
     CMN_CONF_OPT_INT(cloud_ingest_conf_t, token_ttl_s, 900, 1, 86400,
@@ -466,24 +474,10 @@ static int upload_load(cmn_sql_t *db, const char *object_id, upload_t *u)
     return rc;
 }
 
-static int staging_dir(const char *object_id, char *out, size_t outlen)
-{
-    int n = snprintf(out, outlen, "%s/%s", cloud_conf->ingest.staging_dir, object_id);
-    return (n < 0 || (size_t)n >= outlen) ? -ENAMETOOLONG : 0;
-}
-
-/* Removes an object's staging files (best effort). */
+/* Removes an object's staged chunks (best effort). */
 static void staging_remove(const upload_t *u)
 {
-    char dir[4096], p[4200];
-
-    if (staging_dir(u->object_id, dir, sizeof(dir)) < 0)
-        return;
-    for (uint32_t i = 0; i < u->nchunks; i++) {
-        snprintf(p, sizeof(p), "%s/%" PRIu32, dir, i);
-        unlink(p);
-    }
-    rmdir(dir);
+    cloud__staging_remove(u->object_id, u->nchunks);
 }
 
 static void status_respond(cmn_sql_t *db, cmn_http_resp_t *resp, const upload_t *u)
@@ -582,77 +576,10 @@ static void handle_declare(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_re
 
 /* ------------------------------------------------------------------ chunk */
 
-/* Makes the received body durable at dst (temp + fsync + rename). */
-static int store_body(const cmn_http_req_t *req, const char *dst)
-{
-    char tmp[4300], dir[4096];
-    const char *slash;
-    int fd, rc;
-
-    if (!req->body_file)
-        return cloud_write_file_atomic(dst, req->body, req->body_len);
-
-    /* A large body is already in a temp file: link it (same file system) so
-     * the server's removal of its name does not touch ours. */
-    snprintf(tmp, sizeof(tmp), "%s.tmp.%ld", dst, (long)gettid());
-    unlink(tmp);
-    if (link(req->body_file, tmp) < 0) {
-        int e = errno;
-        FILE *in;
-        char *buf;
-        size_t n;
-
-        if (e != EXDEV && e != EPERM && e != EMLINK)
-            return -e;
-        in = fopen(req->body_file, "rb");
-        if (!in)
-            return -errno;
-        fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
-        if (fd < 0) {
-            rc = -errno;
-            fclose(in);
-            return rc;
-        }
-        buf = cmn_xmalloc(1 << 16);
-        rc = 0;
-        while ((n = fread(buf, 1, 1 << 16, in)) > 0) {
-            if (write(fd, buf, n) != (ssize_t)n) {
-                rc = -EIO;
-                break;
-            }
-        }
-        free(buf);
-        fclose(in);
-        close(fd);
-        if (rc < 0) {
-            unlink(tmp);
-            return rc;
-        }
-    }
-    fd = open(tmp, O_RDONLY | O_CLOEXEC);
-    if (fd < 0 || fsync(fd) < 0) {
-        rc = -errno;
-        if (fd >= 0)
-            close(fd);
-        unlink(tmp);
-        return rc;
-    }
-    close(fd);
-    if (rename(tmp, dst) < 0) {
-        rc = -errno;
-        unlink(tmp);
-        return rc;
-    }
-    slash = strrchr(dst, '/');
-    snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - dst) : 1, slash ? dst : ".");
-    return cmn_fsync_dir(dir);
-}
-
 static void handle_chunk(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                          const signed_req_t *sr, const char *id, const char *idx_s)
 {
     const char *ch = cmn_http_req_header(req, PROTO_H_CHUNK_HASH);
-    char dir[4096], path[4200];
     cmn_sql_stmt_t *st;
     int64_t idx;
     upload_t u;
@@ -687,19 +614,19 @@ static void handle_chunk(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp
         reject(resp, sr, 400, "bad_chunk", "X-YY-Chunk-SHA256 does not match the chunk");
         goto out;
     }
-    if (staging_dir(id, dir, sizeof(dir)) < 0 || cmn_mkdirs(dir) < 0) {
-        cloud_resp_error(resp, 507, "no_space", "cannot create the staging directory");
-        goto out;
-    }
-    snprintf(path, sizeof(path), "%s/%" PRId64, dir, idx);
-    rc = store_body(req, path);
+    rc = cloud__staging_put(id, (uint32_t)idx, req, sr->body_sha256);
     if (rc < 0) {
         CMN_LOG_E("ingest", "chunk write object=%.16s i=%" PRId64 ": %s", id, idx,
                   cmn_strerror(rc));
-        cloud_resp_error(resp, rc == -ENOSPC ? 507 : 500, "storage", "cannot store the chunk");
+        cloud_resp_error(resp, rc == -ENOSPC || rc == CMN_ENOSPACE ? 507 : 500, "storage",
+                         "cannot store the chunk");
         goto out;
     }
-    if (cmn_sql_prepare(db, "INSERT INTO chunks(object_id, idx, sha256) VALUES(?,?,?)"
+    /* The row only while the upload is open: a commit (on any node) that
+     * finished meanwhile has already removed the staged chunks, so this
+     * late one would be left behind. */
+    if (cmn_sql_prepare(db, "INSERT INTO chunks(object_id, idx, sha256) SELECT ?,?,?"
+                       " WHERE EXISTS (SELECT 1 FROM uploads WHERE object_id = ? AND state = 'open')"
                        " ON CONFLICT(object_id, idx) DO UPDATE SET sha256 = excluded.sha256",
                        &st) < 0) {
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
@@ -708,11 +635,24 @@ static void handle_chunk(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp
     cmn_sql_bind_text(st, 1, id);
     cmn_sql_bind_int64(st, 2, idx);
     cmn_sql_bind_text(st, 3, sr->body_sha256);
+    cmn_sql_bind_text(st, 4, id);
     rc = cmn_sql_step(st);
     cmn_sql_finalize(st);
     if (rc != CMN_SQL_DONE) {
         CMN_LOG_E("ingest", "chunk row: %s", cmn_sql_errmsg(db));
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        goto out;
+    }
+    if (cmn_sql_changes(db) == 0) {
+        cloud__staging_drop(id, (uint32_t)idx);
+        upload_free(&u);
+        rc = upload_load(db, id, &u);
+        if (rc == 0 && strcmp(u.state, "committed") == 0)
+            cmn_http_resp_status(resp, 204);   /* a late re-send: harmless */
+        else if (rc == 0 || rc == CMN_ENOTFOUND)
+            reject(resp, sr, 404, "not_found", "object is not accepting chunks; declare it again");
+        else
+            cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         goto out;
     }
     cmn_http_resp_status(resp, 204);
@@ -734,45 +674,85 @@ static void commit_respond(cmn_http_resp_t *resp, const char *result, const char
     cloud_resp_json_take(resp, 200, "application/json", proto_commit_encode(&c));
 }
 
-/* Concatenates the chunks into out_path, hashing; 0, -errno. */
-static int assemble(const upload_t *u, const char *out_path, char sha_hex[65], uint64_t *size)
+/* Chunk hashes of an upload, as recorded by its chunks rows. */
+typedef char chunk_sha_t[PROTO_HEX256 + 1];
+
+/*
+ * Loads the recorded SHA-256 of every chunk into *out (u->nchunks entries,
+ * malloc'd; "" for a chunk without a row) and counts the rows in *have.
+ * 0 or CMN_EDB.
+ */
+static int load_chunk_hashes(cmn_sql_t *db, const upload_t *u, chunk_sha_t **out,
+                             uint32_t *have)
 {
-    char dir[4096], p[4200];
+    chunk_sha_t *want = cmn_xcalloc(u->nchunks ? u->nchunks : 1, sizeof(*want));
+    cmn_sql_stmt_t *st;
+    int rc;
+
+    *out = NULL;
+    *have = 0;
+    if (cmn_sql_prepare(db, "SELECT idx, sha256 FROM chunks WHERE object_id = ?", &st) < 0) {
+        free(want);
+        return CMN_EDB;
+    }
+    cmn_sql_bind_text(st, 1, u->object_id);
+    while ((rc = cmn_sql_step(st)) == CMN_SQL_ROW) {
+        int64_t i = cmn_sql_column_int64(st, 0);
+        const char *h = cmn_sql_column_text(st, 1);
+        if (i < 0 || i >= (int64_t)u->nchunks || !h || strlen(h) != PROTO_HEX256 ||
+            want[i][0])
+            continue;
+        memcpy(want[i], h, PROTO_HEX256 + 1);
+        (*have)++;
+    }
+    cmn_sql_finalize(st);
+    if (rc != CMN_SQL_DONE) {
+        CMN_LOG_E("ingest", "chunk rows: %s", cmn_sql_errmsg(db));
+        free(want);
+        return CMN_EDB;
+    }
+    *out = want;
+    return 0;
+}
+
+static void reader_init(cloud_staging_reader_t *r, const upload_t *u, const chunk_sha_t *want)
+{
+    r->object_id = u->object_id;
+    r->size = u->size;
+    r->chunk_size = u->chunk_size;
+    r->nchunks = u->nchunks;
+    r->want = want;
+    cloud__staging_reader_init(r);
+}
+
+/*
+ * Streams the staged chunks (each checked against its row) into the new
+ * scratch file out_path (open as out, which is closed), hashing the whole.
+ * 0; CMN_ENOTFOUND / CMN_EHASH with r->bad for a lost or damaged chunk;
+ * -errno or an S3 error. out_path is unlinked on error.
+ */
+static int assemble(cloud_staging_reader_t *r, int out, const char *out_path, char sha_hex[65],
+                    uint64_t *size)
+{
     cmn_sha256_ctx_t ctx;
     uint8_t h[CMN_SHA256_LEN];
     char *buf;
-    int out, rc = 0;
+    ssize_t n;
+    int rc = 0;
 
-    if (staging_dir(u->object_id, dir, sizeof(dir)) < 0)
-        return -ENAMETOOLONG;
-    out = open(out_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
-    if (out < 0)
-        return -errno;
     buf = cmn_xmalloc(1 << 16);
     cmn_sha256_init(&ctx);
     *size = 0;
-    for (uint32_t i = 0; i < u->nchunks && rc == 0; i++) {
-        int in;
-        ssize_t n;
-
-        snprintf(p, sizeof(p), "%s/%" PRIu32, dir, i);
-        in = open(p, O_RDONLY | O_CLOEXEC);
-        if (in < 0) {
-            rc = -errno;
+    while ((n = cloud__staging_read(r, buf, 1 << 16)) > 0) {
+        cmn_sha256_update(&ctx, buf, (size_t)n);
+        if (write(out, buf, (size_t)n) != n) {
+            rc = errno ? -errno : -EIO;
             break;
         }
-        while ((n = read(in, buf, 1 << 16)) > 0) {
-            cmn_sha256_update(&ctx, buf, (size_t)n);
-            if (write(out, buf, (size_t)n) != n) {
-                rc = errno ? -errno : -EIO;
-                break;
-            }
-            *size += (uint64_t)n;
-        }
-        if (n < 0)
-            rc = -errno;
-        close(in);
+        *size += (uint64_t)n;
     }
+    if (n < 0)
+        rc = (int)n;
     free(buf);
     cmn_sha256_final(&ctx, h);
     cmn_hex(h, sizeof(h), sha_hex);
@@ -813,20 +793,6 @@ static int upload_set(cmn_sql_t *db, const char *id, const char *state, const ch
     return rc;
 }
 
-static int count_chunks(cmn_sql_t *db, const char *id, int64_t *n)
-{
-    cmn_sql_stmt_t *st;
-    int rc;
-
-    if (cmn_sql_prepare(db, "SELECT count(*) FROM chunks WHERE object_id = ?", &st) < 0)
-        return CMN_EDB;
-    cmn_sql_bind_text(st, 1, id);
-    rc = cmn_sql_step(st);
-    *n = rc == CMN_SQL_ROW ? cmn_sql_column_int64(st, 0) : -1;
-    cmn_sql_finalize(st);
-    return rc == CMN_SQL_ROW ? 0 : CMN_EDB;
-}
-
 /* The answer of a committed upload: stored per-member JSON for bundles. */
 static void commit_respond_upload(cmn_http_resp_t *resp, const upload_t *u)
 {
@@ -838,6 +804,60 @@ static void commit_respond_upload(cmn_http_resp_t *resp, const upload_t *u)
         return;
     }
     commit_respond(resp, u->result, u->sop_uid);
+}
+
+static int chunk_forget(cmn_sql_t *db, const char *id, uint32_t i)
+{
+    cmn_sql_stmt_t *st;
+    int rc;
+
+    if (cmn_sql_prepare(db, "DELETE FROM chunks WHERE object_id = ? AND idx = ?", &st) < 0)
+        return CMN_EDB;
+    cmn_sql_bind_text(st, 1, id);
+    cmn_sql_bind_int64(st, 2, i);
+    rc = cmn_sql_step(st) == CMN_SQL_DONE ? 0 : CMN_EDB;
+    cmn_sql_finalize(st);
+    return rc;
+}
+
+/*
+ * The commit found chunk `bad` gone from staging (lost: CMN_ENOTFOUND) or
+ * different from its row (CMN_EHASH). Unless a concurrent commit finished
+ * the upload meanwhile (then its answer is repeated), the chunk's row goes,
+ * and so do the rows of later chunks that are gone too, and the answer is
+ * 409 incomplete: the edge re-declares, sees them missing from "have" and
+ * sends them again. Never a 500 that the edge would repeat forever.
+ */
+static void chunk_lost(cmn_sql_t *db, cmn_http_resp_t *resp, const signed_req_t *sr,
+                       upload_t *u, uint32_t bad, int why)
+{
+    char id[PROTO_HEX256 + 1], msg[160];
+    uint32_t nlost = 1;
+    upload_t now;
+
+    snprintf(id, sizeof(id), "%s", u->object_id);
+    if (upload_load(db, id, &now) == 0 && strcmp(now.state, "committed") == 0) {
+        commit_respond_upload(resp, &now);
+        upload_free(&now);
+        return;
+    }
+    upload_free(&now);
+    if (why == CMN_EHASH)
+        cloud__staging_drop(id, bad);
+    if (chunk_forget(db, id, bad) < 0) {
+        cloud_resp_error(resp, 503, "unavailable", "index unavailable");
+        return;
+    }
+    for (uint32_t i = bad + 1; i < u->nchunks; i++) {
+        if (cloud__staging_has(id, i) == 0 && chunk_forget(db, id, i) == 0)
+            nlost++;
+    }
+    CMN_LOG_W("ingest", "commit object=%.16s edge=%s: chunk %" PRIu32 " %s; forgot %" PRIu32
+              " chunk(s), the edge re-sends them", id, sr->edge_id, bad,
+              why == CMN_EHASH ? "differs from its record" : "is missing from staging", nlost);
+    snprintf(msg, sizeof(msg), "chunk %" PRIu32 " is no longer staged: declare again and send "
+             "the missing chunks", bad);
+    reject(resp, sr, 409, "incomplete", msg);
 }
 
 static int upload_set_members(cmn_sql_t *db, const char *id, const char *members)
@@ -871,9 +891,10 @@ static proto_commit_result_t store_result(cloud_store_result_t r)
  * upload so that a repeated commit repeats it.
  */
 static void handle_bundle_commit(cmn_sql_t *db, cmn_http_resp_t *resp, const signed_req_t *sr,
-                                 upload_t *u)
+                                 upload_t *u, const chunk_sha_t *want)
 {
-    char dir[4096], err[256], id[PROTO_HEX256 + 1];
+    char err[256], id[PROTO_HEX256 + 1];
+    cloud_staging_reader_t rd;
     cloud_bundle_item_t *items = NULL;
     proto_bundle_commit_t c;
     uint32_t n = 0, nstored = 0, ndup = 0, nconf = 0, nrej = 0;
@@ -882,11 +903,13 @@ static void handle_bundle_commit(cmn_sql_t *db, cmn_http_resp_t *resp, const sig
 
     memset(&c, 0, sizeof(c));
     snprintf(id, sizeof(id), "%s", u->object_id);
-    if (staging_dir(id, dir, sizeof(dir)) < 0) {
-        cloud_resp_error(resp, 500, "storage", "staging path too long");
+    reader_init(&rd, u, want);
+    rc = cloud__bundle_split(&rd, u->size, u->sha256, &items, &n, err, sizeof(err));
+    cloud__staging_reader_close(&rd);
+    if (rc == CMN_ENOTFOUND || rc == CMN_EHASH) {
+        chunk_lost(db, resp, sr, u, rd.bad, rc);
         return;
     }
-    rc = cloud__bundle_split(dir, u->nchunks, u->size, u->sha256, &items, &n, err, sizeof(err));
     if (rc == CMN_EPARSE) {
         (void)upload_set(db, id, "rejected", NULL);
         staging_remove(u);
@@ -896,7 +919,8 @@ static void handle_bundle_commit(cmn_sql_t *db, cmn_http_resp_t *resp, const sig
     }
     if (rc < 0) {
         CMN_LOG_E("ingest", "bundle split object=%.16s: %s", id, cmn_strerror(rc));
-        cloud_resp_error(resp, rc == -ENOSPC ? 507 : 500, "storage", "cannot split the bundle");
+        cloud_resp_error(resp, rc == -ENOSPC || rc == CMN_ENOSPACE ? 507 : 500, "storage",
+                         "cannot split the bundle");
         return;
     }
     c.n = n;
@@ -960,16 +984,18 @@ out:
 static void handle_commit(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_t *resp,
                           const signed_req_t *sr, const char *id)
 {
-    char dir[4096], tmp[4200], dst[4096], sha[65], err[256], prefix[512];
+    char tmp[4200], dst[4096], sha[65], err[256], prefix[512];
     cmn_dicom_info_t *info = NULL;
+    cloud_staging_reader_t r;
+    chunk_sha_t *want = NULL;
     cloud_instance_ref_t have;
     const char *result;
     char *json = NULL;
     size_t jsonlen;
     uint64_t size = 0;
-    int64_t n;
+    uint32_t n;
     upload_t u;
-    int rc;
+    int rc, fd;
 
     (void)req;
     rc = upload_load(db, id, &u);
@@ -989,25 +1015,36 @@ static void handle_commit(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_res
         reject(resp, sr, 404, "not_found", "object was rejected; declare it again");
         goto out;
     }
-    if (count_chunks(db, id, &n) < 0) {
+    if (load_chunk_hashes(db, &u, &want, &n) < 0) {
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         goto out;
     }
-    if (n != (int64_t)u.nchunks) {
+    if (n != u.nchunks) {
         reject(resp, sr, 409, "incomplete", "not all chunks have been received");
         goto out;
     }
     if (strcmp(u.kind, "bundle") == 0) {
-        handle_bundle_commit(db, resp, sr, &u);
+        handle_bundle_commit(db, resp, sr, &u, want);
         goto out;
     }
 
-    staging_dir(id, dir, sizeof(dir));
-    snprintf(tmp, sizeof(tmp), "%s/object.%ld.dcm", dir, (long)gettid());
-    rc = assemble(&u, tmp, sha, &size);
+    fd = cloud__staging_tmpfile("object", tmp, sizeof(tmp));
+    if (fd < 0) {
+        CMN_LOG_E("ingest", "scratch file object=%.16s: %s", id, cmn_strerror(fd));
+        cloud_resp_error(resp, fd == -ENOSPC ? 507 : 500, "storage", "cannot assemble the object");
+        goto out;
+    }
+    reader_init(&r, &u, want);
+    rc = assemble(&r, fd, tmp, sha, &size);
+    cloud__staging_reader_close(&r);
+    if (rc == CMN_ENOTFOUND || rc == CMN_EHASH) {
+        chunk_lost(db, resp, sr, &u, r.bad, rc);
+        goto out;
+    }
     if (rc < 0) {
         CMN_LOG_E("ingest", "assemble object=%.16s: %s", id, cmn_strerror(rc));
-        cloud_resp_error(resp, rc == -ENOSPC ? 507 : 500, "storage", "cannot assemble the object");
+        cloud_resp_error(resp, rc == -ENOSPC || rc == CMN_ENOSPACE ? 507 : 500, "storage",
+                         "cannot assemble the object");
         goto out;
     }
     if (size != u.size || strcmp(sha, u.sha256) != 0) {
@@ -1099,6 +1136,7 @@ out_rollback:
     CMN_LOG_E("ingest", "commit failed object=%.16s edge=%s", id, sr->edge_id);
     cloud_resp_error(resp, 500, "internal", "commit failed; retry");
 out:
+    free(want);
     free(json);
     free(info);
     upload_free(&u);

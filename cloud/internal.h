@@ -10,6 +10,7 @@
  *               connection pool, queries used by others
  *   archive.c   the local directory archive (atomic file placement)
  *   ingest.c    the signed edge upload protocol (/api/v1/token, /api/v1/objects...)
+ *   staging.c   chunks of uploads in progress: staging_dir (dir) or the bucket (s3)
  *   auth.c      users, sessions, login/logout/me, the request guard, audit
  *   dicomweb.c  QIDO-RS, WADO-RS, WADO-URI
  *   stow.c      STOW-RS; cloud_store_place() (archive + index one instance)
@@ -288,7 +289,19 @@ int cloud_archive_hash(const char *path, bool remote, char hex[65], uint64_t *si
 int cloud_archive_delete(const char *path);
 /** Backend s3 with a cache cap: runs one eviction pass now (tests, scrub). */
 int cloud_archive_cache_trim(void);
-/** Writes len bytes to path via a temp file + fsync + rename + dir fsync. 0 or -errno. */
+/**
+ * The archive's shared S3 client (created on first use; owned by archive.c,
+ * never destroyed by the caller): 0 with *out set for backend "s3", 0 with
+ * *out NULL for "dir", CMN_ECONFIG. staging.c keeps upload chunks with it.
+ */
+struct cmn_s3;
+int cloud__archive_s3(struct cmn_s3 **out);
+/** archive.s3_prefix, "" when unset (static storage). */
+const char *cloud__archive_prefix(void);
+/**
+ * Writes len bytes to path via a uniquely named temp file (mkstemp) + fsync
+ * + rename + dir fsync. 0 or -errno.
+ */
 int cloud_write_file_atomic(const char *path, const void *p, size_t len);
 
 /* ------------------------------------------------------------------- ingest */

@@ -23,7 +23,8 @@ import pydicom
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from yyharness import (Cloud, HttpSession, check, eq, generate, http_conn,  # noqa: E402
-                       parse_multipart, run, tag_value, tempdir, test)
+                       parse_multipart, run, s3_delete, s3_get, s3_list, s3_put, tag_value,
+                       tempdir, test)
 
 CHUNK = 64 * 1024
 _env = {}
@@ -243,6 +244,160 @@ def resume_lists_held_chunks():
     eq(s["chunk_size"], CHUNK, "chunk size kept on resume")
     eq(sorted(s["have"]), [0, 2], "held chunks")
     eq(ed.upload(data)["result"], "stored", "resumed upload")
+
+
+def staged(e, oid, i):
+    """Where chunk i of object oid is staged: ("s3", key) or ("dir", path)."""
+    c = e["cloud"]
+    if c.backend == "s3":
+        return "s3", f"{c.s3_prefix}staging/{oid}/{i}"
+    return "dir", os.path.join(c.dir, "staging", oid, str(i))
+
+
+def staged_remove(e, oid, i):
+    kind, where = staged(e, oid, i)
+    if kind == "s3":
+        s3_delete(where)
+    else:
+        os.unlink(where)
+
+
+def staged_write(e, oid, i, data):
+    kind, where = staged(e, oid, i)
+    if kind == "s3":
+        s3_put(where, data)
+    else:
+        with open(where, "wb") as f:
+            f.write(data)
+
+
+def staged_chunks(e, oid):
+    """Indices of the chunks of oid that are staged."""
+    c = e["cloud"]
+    if c.backend == "s3":
+        prefix = f"{c.s3_prefix}staging/{oid}/"
+        return sorted(int(k[len(prefix):]) for k in s3_list(prefix))
+    d = os.path.join(c.dir, "staging", oid)
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def resend_until_committed(ed, oid, data, n, missing, declare):
+    """The edge's loop: re-send what is missing, commit, re-declare on 409, until the
+    commit is final; at most n + 1 rounds, and never a 5xx."""
+    for _ in range(n + 1):
+        for i in missing:
+            eq(ed.put_chunk(oid, i, data[i * CHUNK:(i + 1) * CHUNK])[0], 204, f"re-sent chunk {i}")
+        st, c = ed.commit(oid)
+        check(st in (200, 409), f"commit answered {st}: {c}")
+        if st == 200:
+            return st, c
+        st, s = declare()
+        eq(st, 200, f"re-declare: {s}")
+        missing = sorted(set(range(n)) - set(s["have"]))
+        check(missing, "a 409 leaves something to send")
+    raise AssertionError(f"no final commit after {n + 1} rounds")
+
+
+@test
+def chunks_lost_from_staging_are_sent_again():
+    """A chunk the index lists but staging lost (deleted behind the cloud's back) or
+    holds with other bytes: commit forgets it and answers 409 incomplete (never 500),
+    re-declaring lists it missing, and after re-sending it the upload commits the
+    declared bytes. Staging is emptied after the commit (the bucket with S3)."""
+    e = upload_all()
+    ed = e["edge"]
+    ds, data = variant(e["studies"]["ct"]["files"][3], ".12")
+    st, s = ed.declare(data)
+    eq(st, 200, "declare")
+    oid, n = s["object_id"], s["nchunks"]
+    check(n >= 4, f"chunks of the test object: {n}")
+    for i in range(n):
+        eq(ed.put_chunk(oid, i, data[i * CHUNK:(i + 1) * CHUNK])[0], 204, f"chunk {i}")
+    eq(staged_chunks(e, oid), list(range(n)), "all chunks staged")
+    staged_remove(e, oid, 1)
+    staged_remove(e, oid, 3)
+    staged_write(e, oid, 2, b"\0" * CHUNK)          # same length, other bytes
+    for attempt in range(2):                           # a repeat without re-sending: 409 again
+        st, c = ed.commit(oid)
+        eq((st, c["error"]), (409, "incomplete"), f"commit with lost chunks (attempt {attempt})")
+    st, s = ed.declare(data)
+    eq(st, 200, "re-declare")
+    eq(s["state"], "open", "state after the lost chunks")
+    missing = sorted(set(range(n)) - set(s["have"]))
+    # Every lost chunk is forgotten at once; the damaged one when the commit reads it.
+    check(1 in missing and 3 in missing and set(missing) <= {1, 2, 3},
+          f"chunks the cloud asks for again: {missing}")
+    st, c = resend_until_committed(ed, oid, data, n, missing, lambda: ed.declare(data))
+    eq((st, c["result"]), (200, "stored"), "commit after re-sending")
+    con = db(e)
+    try:
+        path, sha = con.execute("SELECT path, sha256 FROM instances WHERE sop_uid = ?",
+                                (ds.SOPInstanceUID,)).fetchone()
+    finally:
+        con.close()
+    eq(sha, hashlib.sha256(data).hexdigest(), "indexed hash")
+    if e["cloud"].backend == "s3":
+        eq(hashlib.sha256(s3_get(e["cloud"].object_key(path))).hexdigest(), sha, "archived object")
+    else:
+        eq(read(path), data, "archived bytes")
+    eq(staged_chunks(e, oid), [], "staging emptied after commit")
+    log = e["cloud"].log_text()
+    check("is missing from staging" in log and "differs from its record" in log,
+          "the lost and the damaged chunk are logged")
+
+
+@test
+def bundle_chunks_lost_from_staging_are_sent_again():
+    """The same for a bundle (PROTOCOL.md "Bundles"): the first chunk lost, the last one
+    damaged (found only when the split reads past the last member); after re-sending,
+    the commit stores every member."""
+    import struct
+    e = upload_all()
+    ed = e["edge"]
+    members = []
+    for k, f in enumerate(e["studies"]["ct"]["files"][:3]):
+        ds, b = variant(f, ".13")
+        members.append((b, ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID))
+    study = members[0][3]
+    hdr = {"v": 1, "study_uid": study,
+           "members": [{"sop_uid": s, "series_uid": se, "sha256": hashlib.sha256(b).hexdigest(),
+                        "size": len(b)} for b, s, se, _ in members]}
+    j = json.dumps(hdr, separators=(",", ":"), sort_keys=True).encode()
+    data = b"YYBNDL01" + struct.pack(">I", len(j)) + j + b"".join(m[0] for m in members)
+    decl = {"v": 1, "kind": "bundle", "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data), "chunk_size": CHUNK, "study_uid": study, "members": len(members)}
+
+    def declare():
+        st, body, _ = ed.request("POST", "/api/v1/objects", json.dumps(decl).encode())
+        return st, json.loads(body)
+
+    st, s = declare()
+    eq(st, 200, f"declare bundle: {s}")
+    oid, n = s["object_id"], s["nchunks"]
+    check(n >= 3, f"chunks of the test bundle: {n}")
+    for i in range(n):
+        eq(ed.put_chunk(oid, i, data[i * CHUNK:(i + 1) * CHUNK])[0], 204, f"chunk {i}")
+    damaged_before = e["cloud"].log_text().count("differs from its record")
+    staged_remove(e, oid, 0)
+    last = data[(n - 1) * CHUNK:]
+    staged_write(e, oid, n - 1, bytes(b ^ 0x5A for b in last))
+    st, c = ed.commit(oid)
+    eq((st, c["error"]), (409, "incomplete"), "bundle commit with lost chunks")
+    st, s = declare()
+    missing = sorted(set(range(n)) - set(s["have"]))
+    check(0 in missing, f"chunks the cloud asks for again: {missing}")
+    st, c = resend_until_committed(ed, oid, data, n, missing, declare)
+    eq([m["result"] for m in c["members"]], ["stored"] * len(members), f"bundle answer {c}")
+    con = db(e)
+    try:
+        for b, sop, _, _ in members:
+            row = con.execute("SELECT sha256 FROM instances WHERE sop_uid = ?", (sop,)).fetchone()
+            eq(row[0] if row else None, hashlib.sha256(b).hexdigest(), f"indexed hash of {sop}")
+    finally:
+        con.close()
+    eq(staged_chunks(e, oid), [], "staging emptied after the bundle commit")
+    eq(e["cloud"].log_text().count("differs from its record") - damaged_before, 1,
+       "the damaged last chunk was found by the split")
 
 
 @test

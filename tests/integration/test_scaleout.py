@@ -10,7 +10,8 @@ archive servers chosen below.
 
   upload_spreads_over_both_nodes   a 300-slice CT: the chunks of one upload are served by
                                    both nodes, both commit, every instance hash-verifies
-                                   (index vs edge, WADO-RS through the balancer, S3 objects)
+                                   (index vs edge, WADO-RS through the balancer, S3 objects);
+                                   with S3 no staged chunk is left in the bucket
   node_sigkilled_mid_upload        a second 300-slice CT; one node is SIGKILLed mid-upload
                                    while a request body is half-way to it (nginx reaches that
                                    node through a FaultProxy that holds its bytes): nothing
@@ -29,11 +30,13 @@ for development:
                       $YY_PG_DIR) | sqlite (one file shared by the nodes: WAL, one machine)
   YY_SCALEOUT_ARCHIVE s3 (default; yyharness's Swift, reused with $YY_SWIFT_DIR) |
                       dir (one shared directory)
-  YY_SCALEOUT_STAGING shared (default) | node. The nodes keep upload chunks in
-                      ingest.staging_dir on local disk, so per-request balancing needs
-                      that directory shared by the nodes; "node" gives each node its
-                      own and shows what happens without it (fails today).
   YY_SCALEOUT_SLICES  CT slices per upload (default 300).
+
+Staging follows the archive, as docs/cloud.md "Scale-out" requires: with S3 the
+chunks of uploads in progress live in the bucket, so every node has its own local
+ingest.staging_dir (scratch only) - one upload's chunks land on both nodes and either
+commits them; with the "dir" archive the chunks are files in ingest.staging_dir,
+so the nodes share one.
 
 Prints "N passed, N failed" last.
 """
@@ -60,7 +63,7 @@ from faultproxy import FaultProxy  # noqa: E402
 NGINX_SH = os.path.join(h.TOP, "tests", "infra", "nginx.sh")
 SLICES = int(os.environ.get("YY_SCALEOUT_SLICES", "300"))
 ARCHIVE = os.environ.get("YY_SCALEOUT_ARCHIVE", "s3")
-STAGING = os.environ.get("YY_SCALEOUT_STAGING", "shared")
+STAGING = "node" if ARCHIVE == "s3" else "shared"   # see the module doc
 ACCEPT_DICOM_ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 # Interrupted (timeout, ^C): still stop every process this script started.
 atexit.register(h._cleanup_all)
@@ -173,7 +176,8 @@ class Cluster:
         shared = os.path.join(self.dir, "shared")
         # archive.dir: with S3 the local cache. The index records paths under
         # archive.dir, so every node needs the same archive.dir path (on one
-        # machine: the same directory); staging is shared, see the module doc.
+        # machine: the same directory). Staging: per node with S3, else shared
+        # (see the module doc).
         self.archive_dir = os.path.join(shared, "archive")
         cfg = {
             "log": {"level": "info"},
@@ -436,6 +440,14 @@ def upload_spreads_over_both_nodes():
         h.check(re.search(r"commit (bundle )?object=", n.log_text()), f"{n.name} committed nothing")
     by_sop = verify_exactly_once(cl, edge, m["study_uid"], sent)
     wado_series_hashes(sess, m["study_uid"], by_sop)
+    if ARCHIVE == "s3":
+        # Chunks were staged in the bucket (no node-local staging directory holds
+        # any) and every commit deleted its own.
+        for n in cl.nodes:
+            local = os.path.join(n.dir, "staging")
+            h.eq([d for d in os.listdir(local) if not d.startswith(".")], [],
+                 f"chunk directories in {n.name}'s local staging")
+        h.eq(h.s3_list(cl.s3_prefix + "staging/"), {}, "staged chunks left in the bucket")
     print(f"    {len(spread)} objects, {len(split)} with chunks on both nodes; "
           f"{sum(1 for ln in lines if 'up=' in ln)} requests through the balancer", flush=True)
 
