@@ -49,6 +49,7 @@ cloud_pid=
 orthanc_pid=
 raw_pid=
 cleanup() {
+    set +e   # a failed kill or wait must not end the cleanup (set -e)
     [ -n "$raw_pid" ] && kill "$raw_pid" 2>/dev/null
     [ -n "$cloud_pid" ] && kill "$cloud_pid" 2>/dev/null && wait "$cloud_pid" 2>/dev/null
     [ -n "$orthanc_pid" ] && kill "$orthanc_pid" 2>/dev/null && wait "$orthanc_pid" 2>/dev/null
@@ -254,7 +255,8 @@ q_orth=$(median_latency 50 "http://127.0.0.1:$oport/dicom-web/studies/$study/ser
 qs_ours=$(median_latency 50 "http://127.0.0.1:$cport/dicomweb/studies?PatientName=*" -H "$auth")
 qs_orth=$(median_latency 50 "http://127.0.0.1:$oport/dicom-web/studies?PatientName=*")
 
-awk -v n="$slices" -v bytes="$bytes" -v nours="$n_ours" -v northanc="$n_orth" \
+rss_end=$(ps -o rss= -p "$cloud_pid" | tr -d ' ')   # idle again, after every run above
+awk -v n="$slices" -v bytes="$bytes" -v rss_end="$rss_end" -v nours="$n_ours" -v northanc="$n_orth" \
     -v so="$t_seq_ours" -v sx="$t_seq_orth" -v po="$t_par_ours" -v px="$t_par_orth" \
     -v eo="$t_ser_ours" -v ex="$t_ser_orth" -v pf="$t_par_ofile" -v er="$t_ser_raw" -v mo="$m_ours" -v mz="$m_ours_gz" -v mx="$m_orth" \
     -v qo="$q_ours" -v qx="$q_orth" -v zo="$qs_ours" -v zx="$qs_orth" -v rss="$rss" 'BEGIN {
@@ -274,5 +276,6 @@ awk -v n="$slices" -v bytes="$bytes" -v nours="$n_ours" -v northanc="$n_orth" \
     printf "%-34s %9.1f ms %9.1f ms %7.2fx\n", "QIDO instances of the series, p50", qo, qx, qx / qo
     printf "%-34s %9.1f ms %9.1f ms %7.2fx\n", "QIDO studies PatientName=*, p50", zo, zx, zx / zo
     printf "%-34s %9.1f MB\n", "yunying-cloud RSS after load", rss / 1024
+    printf "%-34s %9.1f MB\n", "  idle after all retrievals", rss_end / 1024
     printf "targets: 8-conn >= 4x Orthanc (= its raw file endpoint); whole series >= 0.9x raw loopback; instance QIDO <= 10 ms\n"
 }'

@@ -36,6 +36,7 @@ w=$(mktemp -d /tmp/yy-bench-ingest-XXXXXX)
 NS=yyb-ing-$$
 pids=""
 cleanup() {
+    set +e   # a failed kill or wait must not end the cleanup (set -e)
     for p in $pids; do kill "$p" 2>/dev/null || true; done
     ip netns del "$NS" 2>/dev/null || true
     rm -rf "$w"

@@ -11,7 +11,8 @@
 # transcodes meanwhile), then is restarted with "immediate" and timed until
 # every row is DONE. Anchor: curl PUTs the very bytes the edge uploaded (its
 # JPEG-LS files) to an HTTPS sink in the cloud namespace, 1 stream and 4
-# streams (the edge uses upload.parallel = 4), with -H 'Expect:'.
+# streams, with -H 'Expect:'. The edge runs with upload.parallel =
+# YY_BENCH_PARALLEL (default 8, the edge's default).
 # Then a cut: the link drops for 3 s in the middle of a second upload; the
 # bytes sent beyond the object sizes are the re-sent bytes.
 #
@@ -40,6 +41,7 @@ NSC=yyb-c-$$ NSE=yyb-e-$$
 CIP=10.199.0.1 EIP=10.199.0.2
 pids=""
 cleanup() {
+    set +e   # a failed kill or wait must not end the cleanup (set -e)
     for p in $pids; do kill "$p" 2>/dev/null || true; done
     sleep 0.3
     ip netns del "$NSC" 2>/dev/null || true
@@ -130,7 +132,7 @@ edge_conf() {   # SCHEDULE_JSON SPOOL PORT
  "scp":{"ae_title":"YUNYING","bind":"0.0.0.0","port":$3},
  "spool":{"dir":"$2","min_free_mb":0},
  "upload":{"cloud_url":"https://$CIP:$port","edge_id":"bench-edge","secret_file":"$w/edge.secret",
-           "ca_file":"$w/ca/ca.pem","parallel":4,"compress":true,"retry_min_ms":200,"retry_max_ms":2000,
+           "ca_file":"$w/ca/ca.pem","parallel":${YY_BENCH_PARALLEL:-8},"compress":true,"retry_min_ms":200,"retry_max_ms":2000,
            "chunk_size":${YY_BENCH_CHUNK:-4194304},"bundle_max_bytes":${YY_BENCH_BUNDLE:-4194304}},
  "schedule":$1}
 J
@@ -155,21 +157,32 @@ upload_run() {  # NAME SPOOL -> prints seconds; leaves sums in $w/NAME.*
     while [ "$(sqlite3 "file:$2/spool.db?mode=ro" "SELECT COUNT(*) FROM instances WHERE up_path IS NULL")" != 0 ]; do sleep 0.2; done
     stop_edge
     edge_conf '"immediate"' "$2" 11112
+    nup() { sqlite3 "file:$w/cloud/index.db?mode=ro" "SELECT COUNT(*) FROM uploads" 2>/dev/null || echo 0; }
+    up0=$(nup)
     t0=$(now)
     run_edge "$w/$1-upload.log"
     if [ "${3:-}" = cut ]; then
-        # mid-upload: the cloud holds a few chunks of objects not yet committed
-        while [ "$(sqlite3 "file:$w/cloud/index.db?mode=ro" "SELECT COUNT(*) FROM chunks" 2>/dev/null || echo 0)" -lt 4 ]; do sleep 0.05; done
+        # mid-upload: a quarter of the objects (bundles) declared to the cloud
+        # (chunk rows go away at each commit, so they are no clock)
+        n=0
+        while [ "$(nup)" -lt $((up0 + 3)) ]; do
+            n=$((n + 1)); [ $n -gt 1200 ] && { echo "bench_upload: the upload did not start" >&2; exit 1; }
+            sleep 0.05
+        done
         shape 100; sleep 3; shape 0.25
     fi
-    while [ "$(done_count "$2/spool.db")" -lt 300 ]; do sleep 0.1; done
+    n=0
+    while [ "$(done_count "$2/spool.db")" -lt 300 ]; do
+        n=$((n + 1)); [ $n -gt 3000 ] && { echo "bench_upload: not uploaded after 300 s" >&2; exit 1; }
+        sleep 0.1
+    done
     t1=$(now)
     stop_edge
     echo "$t0 $t1" | awk '{printf "%.2f", $2 - $1}' >"$w/$1.secs"
 }
 
 echo
-echo "== upload (edge, JPEG-LS on, parallel 4, TLS, bundles up to ${YY_BENCH_BUNDLE:-4194304} bytes, chunks ${YY_BENCH_CHUNK:-4194304})"
+echo "== upload (edge, JPEG-LS on, parallel ${YY_BENCH_PARALLEL:-8}, TLS, bundles up to ${YY_BENCH_BUNDLE:-4194304} bytes, chunks ${YY_BENCH_CHUNK:-4194304})"
 ob0=$(obj_bytes)
 upload_run a "$w/spool-a"
 objs_a=$(sqlite3 "file:$w/cloud/index.db?mode=ro" "SELECT group_concat(kind || '=' || n, ' ') FROM (SELECT kind, COUNT(*) n FROM uploads WHERE state='committed' GROUP BY kind)")
@@ -218,7 +231,7 @@ echo
 echo "        committed objects: $objs_a"
 
 echo
-echo "== upload with a 3 s cut mid-upload (once the cloud holds 4 chunks of open objects)"
+echo "== upload with a 3 s cut mid-upload (once 3 objects are declared to the cloud)"
 ob1=$(obj_bytes)
 upload_run b "$w/spool-b" cut "$files2"
 ob2=$(obj_bytes)

@@ -69,6 +69,7 @@ work=$(mktemp -d /tmp/yy-bench-viewer-XXXXXX)
 cloud_pid=
 orthanc_pid=
 cleanup() {
+    set +e   # a failed kill or wait must not end the cleanup (set -e)
     [ -n "$cloud_pid" ] && kill "$cloud_pid" 2>/dev/null && wait "$cloud_pid" 2>/dev/null
     [ -n "$orthanc_pid" ] && kill "$orthanc_pid" 2>/dev/null && wait "$orthanc_pid" 2>/dev/null
     rm -rf "$work"
