@@ -273,6 +273,7 @@ typedef struct {
     int nparams;
     long long limit, offset;
     bool clamped;                /* limit was above QIDO_MAX_LIMIT */
+    bool pg;                     /* the index is PostgreSQL (matching SQL differs) */
     uint32_t incl[MAX_INCLUDE];  /* includefield tags */
     int nincl;
     bool incl_all;
@@ -353,14 +354,23 @@ static bool add_like_param(query_t *q, const char *v)
     return add_param(q, out, n);
 }
 
-/* col = v, or col LIKE v when wildcards are present (or always when ci). */
+/*
+ * col = v, or col LIKE v when wildcards are present (or always when ci).
+ * LIKE is case-insensitive for ASCII on both engines (cmn/sql.h). SQLite
+ * turns a prefix into a range on patients_name (COLLATE NOCASE). PostgreSQL
+ * would run ILIKE, which no index serves; lower(col) ~~ lower(v) (~~ is
+ * LIKE, '\' its default escape) matches the same rows and uses the
+ * lower(name) index (text_pattern_ops) for a literal prefix.
+ */
 static bool add_match(query_t *q, const char *col, const char *v, bool ci)
 {
     if (!*v || strcmp(v, "*") == 0)
         return true;  /* universal matching */
     if (ci || has_wildcard(v)) {
-        /* LIKE is case-insensitive for ASCII; GLOB would make it sensitive. */
-        cmn_buf_appendf(&q->where, " AND %s LIKE ? ESCAPE '\\'", col);
+        if (q->pg)
+            cmn_buf_appendf(&q->where, " AND lower(%s) ~~ lower(?)", col);
+        else
+            cmn_buf_appendf(&q->where, " AND %s LIKE ? ESCAPE '\\'", col);
         return add_like_param(q, v);
     }
     cmn_buf_appendf(&q->where, " AND %s = ?", col);
@@ -712,7 +722,7 @@ static void put_int_col(row_t *r, uint32_t tag, const char *vr, cmn_sql_stmt_t *
                                 .i = cmn_sql_column_int64(st, i) };
 }
 
-/* A comma-separated list (group_concat) as a multi-valued attribute. */
+/* A comma-separated list (studies.modalities) as a multi-valued attribute. */
 static void put_list(row_t *r, uint32_t tag, const char *vr, const char *csv)
 {
     if (r->n < (int)CMN_ARRAY_SIZE(r->el))
@@ -895,6 +905,57 @@ static void study_attrs(row_t *o, cmn_sql_stmt_t *st)
     put_str(o, 0x00080056, "CS", "ONLINE");
 }
 
+/*
+ * The attributes every row of a level carries (what run_qido puts; keep in
+ * step). includefield naming only these changes nothing: the web app's
+ * study list asks for NumberOfStudyRelated* and ModalitiesInStudy, which
+ * must not cost a representative instance per row.
+ */
+static const uint32_t rows_common[] = {
+    0x0020000D, 0x00080020, 0x00080030, 0x00080050, 0x00200010, 0x00081030, 0x00080090,
+    0x00100020, 0x00100010, 0x00100030, 0x00100040, 0x00080056, 0x00081190,
+};
+static const uint32_t rows_study[] = { 0x00080061, 0x00201206, 0x00201208 };
+static const uint32_t rows_series[] = {
+    0x0020000E, 0x00080060, 0x00200011, 0x0008103E, 0x00180015, 0x00080021, 0x00080031,
+    0x00201209,
+};
+static const uint32_t rows_instance[] = {
+    0x0020000E, 0x00080060, 0x00200011, 0x00080018, 0x00080016, 0x00200013, 0x00280010,
+    0x00280011, 0x00280008, 0x00083002, 0x00280100,
+};
+
+static bool in_list(const uint32_t *list, size_t n, uint32_t tag)
+{
+    for (size_t i = 0; i < n; i++)
+        if (list[i] == tag)
+            return true;
+    return false;
+}
+
+static bool in_rows(level_t level, uint32_t tag)
+{
+    if (in_list(rows_common, CMN_ARRAY_SIZE(rows_common), tag))
+        return true;
+    switch (level) {
+    case LEVEL_STUDY: return in_list(rows_study, CMN_ARRAY_SIZE(rows_study), tag);
+    case LEVEL_SERIES: return in_list(rows_series, CMN_ARRAY_SIZE(rows_series), tag);
+    case LEVEL_INSTANCE: return in_list(rows_instance, CMN_ARRAY_SIZE(rows_instance), tag);
+    }
+    return false;
+}
+
+/* Whether includefield asks for anything beyond the level's rows. */
+static bool has_extra_fields(const query_t *q, level_t level)
+{
+    if (q->incl_all)
+        return true;
+    for (int i = 0; i < q->nincl; i++)
+        if (!in_rows(level, q->incl[i]))
+            return true;
+    return false;
+}
+
 /* Whether the answer needs a representative instance's JSON. */
 static bool needs_rep(const query_t *q, level_t level)
 {
@@ -902,7 +963,7 @@ static bool needs_rep(const query_t *q, level_t level)
         return true;
     for (int i = 0; i < q->nincl; i++) {
         int ai = attr_index(q->incl[i]);
-        if (ai < 0 || attrs[ai].level > level)
+        if (!in_rows(level, q->incl[i]) && (ai < 0 || attrs[ai].level > level))
             return true;
     }
     return false;
@@ -914,6 +975,7 @@ static int run_qido(cmn_sql_t *db, const char *base, level_t level, query_t *q, 
 {
     static __thread row_t row;   /* 40 KiB: off the handler's stack */
     bool rep = needs_rep(q, level);
+    bool extra = has_extra_fields(q, level);
     const char *where = q->where.data ? q->where.data : "";
     cmn_buf_t sql;
     cmn_sql_stmt_t *st;
@@ -923,36 +985,40 @@ static int run_qido(cmn_sql_t *db, const char *base, level_t level, query_t *q, 
     *more = false;
     cmn_buf_init(&sql, 128 << 10);
     switch (level) {
+    /*
+     * Study and series rows carry their counts and modalities as columns
+     * (migration 8). A representative instance (includefield beyond the
+     * rows) is looked up for the page only: the page is sorted and cut
+     * first (a MATERIALIZED CTE on both engines), then joined.
+     */
     case LEVEL_STUDY:
         cmn_buf_appendf(&sql,
-                        "SELECT %s,"
-                        " (SELECT group_concat(DISTINCT x.modality) FROM series x"
-                        "   WHERE x.study_uid = s.study_uid AND x.modality != ''),"
-                        " (SELECT count(*) FROM series x WHERE x.study_uid = s.study_uid),"
-                        " (SELECT count(*) FROM instances x WHERE x.study_uid = s.study_uid),"
-                        " %s"
+                        "%sSELECT %s, s.modalities, s.num_series, s.num_instances%s"
                         " FROM studies s JOIN patients p ON p.pk = s.patient_pk WHERE 1 = 1%s"
                         " ORDER BY s.study_date DESC, s.study_time DESC, s.study_uid"
-                        " LIMIT %lld OFFSET %lld",
-                        study_cols,
-                        rep ? "(SELECT r.json FROM instances r WHERE r.study_uid = s.study_uid"
-                              " LIMIT 1)" : "NULL",
-                        where, q->limit + 1, q->offset);
+                        " LIMIT %lld OFFSET %lld%s",
+                        rep ? "WITH page AS MATERIALIZED (" : "", study_cols, rep ? "" : ", NULL",
+                        where, q->limit + 1, q->offset,
+                        rep ? ") SELECT page.*, (SELECT r.json FROM instances r"
+                              " WHERE r.study_uid = page.study_uid LIMIT 1) FROM page"
+                              " ORDER BY page.study_date DESC, page.study_time DESC,"
+                              " page.study_uid" : "");
         break;
     case LEVEL_SERIES:
         cmn_buf_appendf(&sql,
-                        "SELECT %s, se.series_uid, se.modality, se.series_number,"
-                        " se.description, se.body_part, se.series_date, se.series_time,"
-                        " (SELECT count(*) FROM instances x WHERE x.series_uid = se.series_uid),"
-                        " %s"
+                        "%sSELECT %s, se.series_uid, se.modality, se.series_number,"
+                        " se.description AS series_description, se.body_part, se.series_date,"
+                        " se.series_time, se.num_instances%s"
                         " FROM series se JOIN studies s ON s.study_uid = se.study_uid"
                         " JOIN patients p ON p.pk = s.patient_pk WHERE 1 = 1%s"
                         " ORDER BY s.study_uid, se.series_number NULLS FIRST, se.series_uid"
-                        " LIMIT %lld OFFSET %lld",
-                        study_cols,
-                        rep ? "(SELECT r.json FROM instances r WHERE r.series_uid = se.series_uid"
-                              " LIMIT 1)" : "NULL",
-                        where, q->limit + 1, q->offset);
+                        " LIMIT %lld OFFSET %lld%s",
+                        rep ? "WITH page AS MATERIALIZED (" : "", study_cols, rep ? "" : ", NULL",
+                        where, q->limit + 1, q->offset,
+                        rep ? ") SELECT page.*, (SELECT r.json FROM instances r"
+                              " WHERE r.series_uid = page.series_uid LIMIT 1) FROM page"
+                              " ORDER BY page.study_uid, page.series_number NULLS FIRST,"
+                              " page.series_uid" : "");
         break;
     case LEVEL_INSTANCE:
         cmn_buf_appendf(&sql,
@@ -1025,7 +1091,7 @@ static int run_qido(cmn_sql_t *db, const char *base, level_t level, query_t *q, 
         }
         if (count > 1)
             cmn_buf_append(out, ",", 1);
-        if (q->nincl || q->incl_all) {
+        if (extra) {
             /* Rare path: merge with the representative instance in jansson. */
             cmn_buf_t one;
             json_t *obj, *rj = NULL;
@@ -1074,6 +1140,7 @@ static void handle_qido(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_resp_
     bool more;
 
     query_init(&q);
+    q.pg = cmn_sql_engine(db) == CMN_SQL_PG;
     /* Path constraints first: their parameters bind before the query's. */
     if (study) {
         cmn_buf_appends(&q.where, " AND s.study_uid = ?");

@@ -4,8 +4,9 @@
  *
  * Tables:
  *   patients   one row per Patient ID (issuer not modelled yet)
- *   studies    study attributes; ModalitiesInStudy is derived from series
- *   series     series attributes
+ *   studies    study attributes, and NumberOfStudyRelatedSeries/Instances and
+ *              ModalitiesInStudy kept by triggers (migration 8)
+ *   series     series attributes, NumberOfSeriesRelatedInstances (triggers)
  *   instances  instance attributes, archive file (path, size, sha256), the
  *              native pixel data byte range and the instance's DICOM JSON
  *              (PS3.18 F) so series metadata is a concatenation of rows
@@ -466,6 +467,141 @@ static const cmn_sql_migration_t migrations[] = {
         "  to_char(to_timestamp(i.created) AT TIME ZONE 'UTC', 'YYYY-MM') AS month,"
         "  i.size AS size"
         " FROM instances i LEFT JOIN series se ON se.series_uid = i.series_uid;" },
+
+    /* 8: QIDO's derived attributes kept as columns (issue 4: QIDO at a million
+     * instances): NumberOfStudyRelatedSeries/Instances, ModalitiesInStudy
+     * (distinct non-empty series modalities, sorted, ',' between) and
+     * NumberOfSeriesRelatedInstances. Triggers keep them in the transaction
+     * that inserts, deletes or moves instances and series (STOW, edge uploads,
+     * bundles, retention), with the same definitions as the subqueries they
+     * replace (instances count by their own study_uid, series by theirs).
+     * instances_series_dt is folded into the insert trigger (one UPDATE of the
+     * series per instance). PostgreSQL: the patient name index becomes
+     * text_pattern_ops, so prefix matching on lower(name) uses it whatever the
+     * database's collation. */
+    { .sqlite =
+        "ALTER TABLE studies ADD COLUMN num_series INTEGER NOT NULL DEFAULT 0;"
+        "ALTER TABLE studies ADD COLUMN num_instances INTEGER NOT NULL DEFAULT 0;"
+        "ALTER TABLE studies ADD COLUMN modalities TEXT NOT NULL DEFAULT '';"
+        "ALTER TABLE series ADD COLUMN num_instances INTEGER NOT NULL DEFAULT 0;"
+        "UPDATE series SET num_instances ="
+        "  (SELECT count(*) FROM instances i WHERE i.series_uid = series.series_uid);"
+        "UPDATE studies SET"
+        "  num_series = (SELECT count(*) FROM series x WHERE x.study_uid = studies.study_uid),"
+        "  num_instances = (SELECT count(*) FROM instances x WHERE x.study_uid = studies.study_uid),"
+        "  modalities = coalesce((SELECT group_concat(m) FROM (SELECT DISTINCT x.modality AS m"
+        "    FROM series x WHERE x.study_uid = studies.study_uid AND x.modality != ''"
+        "    ORDER BY m)), '');"
+        "DROP TRIGGER instances_series_dt;"
+        "CREATE TRIGGER instances_insert AFTER INSERT ON instances BEGIN"
+        "  UPDATE series SET"
+        "    series_date = coalesce(json_extract(NEW.json, '$.\"00080021\".Value[0]'), ''),"
+        "    series_time = coalesce(json_extract(NEW.json, '$.\"00080031\".Value[0]'), ''),"
+        "    num_instances = num_instances + 1"
+        "  WHERE series_uid = NEW.series_uid;"
+        "  UPDATE studies SET num_instances = num_instances + 1 WHERE study_uid = NEW.study_uid;"
+        "  END;"
+        "CREATE TRIGGER instances_delete AFTER DELETE ON instances BEGIN"
+        "  UPDATE series SET num_instances = num_instances - 1 WHERE series_uid = OLD.series_uid;"
+        "  UPDATE studies SET num_instances = num_instances - 1 WHERE study_uid = OLD.study_uid;"
+        "  END;"
+        "CREATE TRIGGER instances_move AFTER UPDATE OF series_uid, study_uid ON instances"
+        "  WHEN OLD.series_uid IS NOT NEW.series_uid OR OLD.study_uid IS NOT NEW.study_uid BEGIN"
+        "  UPDATE series SET num_instances = num_instances - 1 WHERE series_uid = OLD.series_uid;"
+        "  UPDATE studies SET num_instances = num_instances - 1 WHERE study_uid = OLD.study_uid;"
+        "  UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = NEW.series_uid;"
+        "  UPDATE studies SET num_instances = num_instances + 1 WHERE study_uid = NEW.study_uid;"
+        "  END;"
+        /* Series inserts are rare (one per series): recount the study outright. */
+        "CREATE TRIGGER series_insert AFTER INSERT ON series BEGIN"
+        "  UPDATE studies SET num_series = num_series + 1,"
+        "    modalities = coalesce((SELECT group_concat(m) FROM (SELECT DISTINCT x.modality AS m"
+        "      FROM series x WHERE x.study_uid = NEW.study_uid AND x.modality != ''"
+        "      ORDER BY m)), '')"
+        "  WHERE study_uid = NEW.study_uid; END;"
+        "CREATE TRIGGER series_delete AFTER DELETE ON series BEGIN"
+        "  UPDATE studies SET num_series = num_series - 1,"
+        "    modalities = coalesce((SELECT group_concat(m) FROM (SELECT DISTINCT x.modality AS m"
+        "      FROM series x WHERE x.study_uid = OLD.study_uid AND x.modality != ''"
+        "      ORDER BY m)), '')"
+        "  WHERE study_uid = OLD.study_uid; END;"
+        /* Every instance upserts its series: fires only when something changed. */
+        "CREATE TRIGGER series_update AFTER UPDATE OF study_uid, modality ON series"
+        "  WHEN OLD.study_uid IS NOT NEW.study_uid OR OLD.modality IS NOT NEW.modality BEGIN"
+        "  UPDATE studies SET"
+        "    num_series = (SELECT count(*) FROM series x WHERE x.study_uid = studies.study_uid),"
+        "    modalities = coalesce((SELECT group_concat(m) FROM (SELECT DISTINCT x.modality AS m"
+        "      FROM series x WHERE x.study_uid = studies.study_uid AND x.modality != ''"
+        "      ORDER BY m)), '')"
+        "  WHERE study_uid IN (OLD.study_uid, NEW.study_uid); END;",
+      .pg =
+        "ALTER TABLE studies ADD COLUMN num_series BIGINT NOT NULL DEFAULT 0,"
+        "  ADD COLUMN num_instances BIGINT NOT NULL DEFAULT 0,"
+        "  ADD COLUMN modalities TEXT NOT NULL DEFAULT '';"
+        "ALTER TABLE series ADD COLUMN num_instances BIGINT NOT NULL DEFAULT 0;"
+        "CREATE FUNCTION yy_study_modalities(uid TEXT) RETURNS TEXT LANGUAGE sql STABLE AS"
+        "  $$ SELECT coalesce(string_agg(DISTINCT x.modality, ',' ORDER BY x.modality), '')"
+        "  FROM series x WHERE x.study_uid = uid AND x.modality != '' $$;"
+        "UPDATE series se SET num_instances = c.n FROM (SELECT series_uid, count(*) AS n"
+        "  FROM instances GROUP BY series_uid) c WHERE c.series_uid = se.series_uid;"
+        "UPDATE studies s SET num_instances = c.n FROM (SELECT study_uid, count(*) AS n"
+        "  FROM instances GROUP BY study_uid) c WHERE c.study_uid = s.study_uid;"
+        "UPDATE studies s SET num_series = c.n, modalities = c.m FROM (SELECT study_uid,"
+        "  count(*) AS n, coalesce(string_agg(DISTINCT CASE WHEN modality != '' THEN modality"
+        "  END, ',' ORDER BY CASE WHEN modality != '' THEN modality END), '') AS m"
+        "  FROM series GROUP BY study_uid) c WHERE c.study_uid = s.study_uid;"
+        "DROP TRIGGER instances_series_dt ON instances;"
+        "DROP FUNCTION instances_series_dt();"
+        "CREATE FUNCTION instances_insert() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        "  UPDATE series SET"
+        "    series_date = coalesce(NEW.json::jsonb #>> '{00080021,Value,0}', ''),"
+        "    series_time = coalesce(NEW.json::jsonb #>> '{00080031,Value,0}', ''),"
+        "    num_instances = num_instances + 1"
+        "  WHERE series_uid = NEW.series_uid;"
+        "  UPDATE studies SET num_instances = num_instances + 1 WHERE study_uid = NEW.study_uid;"
+        "  RETURN NULL; END $$;"
+        "CREATE TRIGGER instances_insert AFTER INSERT ON instances"
+        "  FOR EACH ROW EXECUTE FUNCTION instances_insert();"
+        "CREATE FUNCTION instances_delete() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        "  UPDATE series SET num_instances = num_instances - 1 WHERE series_uid = OLD.series_uid;"
+        "  UPDATE studies SET num_instances = num_instances - 1 WHERE study_uid = OLD.study_uid;"
+        "  RETURN NULL; END $$;"
+        "CREATE TRIGGER instances_delete AFTER DELETE ON instances"
+        "  FOR EACH ROW EXECUTE FUNCTION instances_delete();"
+        "CREATE FUNCTION instances_move() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        "  UPDATE series SET num_instances = num_instances - 1 WHERE series_uid = OLD.series_uid;"
+        "  UPDATE studies SET num_instances = num_instances - 1 WHERE study_uid = OLD.study_uid;"
+        "  UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = NEW.series_uid;"
+        "  UPDATE studies SET num_instances = num_instances + 1 WHERE study_uid = NEW.study_uid;"
+        "  RETURN NULL; END $$;"
+        "CREATE TRIGGER instances_move AFTER UPDATE OF series_uid, study_uid ON instances"
+        "  FOR EACH ROW WHEN (OLD.series_uid IS DISTINCT FROM NEW.series_uid"
+        "  OR OLD.study_uid IS DISTINCT FROM NEW.study_uid)"
+        "  EXECUTE FUNCTION instances_move();"
+        "CREATE FUNCTION series_insert() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        "  UPDATE studies SET num_series = num_series + 1,"
+        "    modalities = yy_study_modalities(NEW.study_uid) WHERE study_uid = NEW.study_uid;"
+        "  RETURN NULL; END $$;"
+        "CREATE TRIGGER series_insert AFTER INSERT ON series"
+        "  FOR EACH ROW EXECUTE FUNCTION series_insert();"
+        "CREATE FUNCTION series_delete() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        "  UPDATE studies SET num_series = num_series - 1,"
+        "    modalities = yy_study_modalities(OLD.study_uid) WHERE study_uid = OLD.study_uid;"
+        "  RETURN NULL; END $$;"
+        "CREATE TRIGGER series_delete AFTER DELETE ON series"
+        "  FOR EACH ROW EXECUTE FUNCTION series_delete();"
+        "CREATE FUNCTION series_update() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        "  UPDATE studies SET"
+        "    num_series = (SELECT count(*) FROM series x WHERE x.study_uid = studies.study_uid),"
+        "    modalities = yy_study_modalities(studies.study_uid)"
+        "  WHERE study_uid IN (OLD.study_uid, NEW.study_uid);"
+        "  RETURN NULL; END $$;"
+        "CREATE TRIGGER series_update AFTER UPDATE OF study_uid, modality ON series"
+        "  FOR EACH ROW WHEN (OLD.study_uid IS DISTINCT FROM NEW.study_uid"
+        "  OR OLD.modality IS DISTINCT FROM NEW.modality)"
+        "  EXECUTE FUNCTION series_update();"
+        "DROP INDEX patients_name;"
+        "CREATE INDEX patients_name ON patients(lower(name) text_pattern_ops);" },
 };
 
 /* ------------------------------------------------------------------- pool */

@@ -394,6 +394,124 @@ def qido_bad_queries_are_answered_not_crashed():
     eq(len(qido(s, "/dicomweb/studies", "PatientID=PDW01")), 1, "server alive after bad queries")
 
 
+def counts_qido(s, study):
+    """(instances, series, modalities, {series: instances}) as QIDO answers them, or None."""
+    r = qido(s, "/dicomweb/studies", f"StudyInstanceUID={study}")
+    if not r:
+        return None
+    per = {tag_value(x, "0020000E"): tag_value(x, "00201209")
+           for x in qido(s, f"/dicomweb/studies/{study}/series")}
+    return (tag_value(r[0], "00201208"), tag_value(r[0], "00201206"),
+            r[0].get("00080061", {}).get("Value", []), per)
+
+
+def counts_index(cloud, study):
+    """The same, counted from the index rows (what QIDO used to compute per query)."""
+    con = cloud.db()
+    try:
+        if not con.execute("SELECT 1 FROM studies WHERE study_uid = ?", (study,)).fetchall():
+            return None
+        per = dict(con.execute("SELECT se.series_uid, (SELECT count(*) FROM instances i"
+                               " WHERE i.series_uid = se.series_uid) FROM series se"
+                               " WHERE se.study_uid = ?", (study,)).fetchall())
+        n = con.execute("SELECT count(*) FROM instances WHERE study_uid = ?",
+                        (study,)).fetchone()[0]
+        mods = sorted({m for (m,) in con.execute("SELECT modality FROM series WHERE study_uid = ?",
+                                                  (study,)).fetchall() if m})
+    finally:
+        con.close()
+    return (n, len(per), mods, per)
+
+
+def variant(src, study, series, sop, modality, **attrs):
+    """src re-identified as (study, series, sop) with Modality set, as Part 10 bytes."""
+    ds = pydicom.dcmread(src)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.Modality = modality
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    buf = io.BytesIO()
+    ds.save_as(buf, write_like_original=False)
+    return buf.getvalue()
+
+
+@test
+def qido_counts_and_modalities_follow_stores_duplicates_and_conflicts():
+    """NumberOfStudyRelatedInstances/Series, ModalitiesInStudy and
+    NumberOfSeriesRelatedInstances are kept in the index as instances come
+    (migration 8): duplicates and conflicts must not count, new series and a
+    series whose modality changes must show."""
+    e = loaded()
+    s, cloud = e["s"], e["cloud"]
+    ct = e["studies"]["ct"]
+    ctu = ct["study_uid"]
+    ct_series = ds_of(ct["files"][0]).SeriesInstanceUID
+    jls_series = ds_of(e["jls"]).SeriesInstanceUID
+    eq(counts_qido(s, ctu), (7, 2, ["CT"], {ct_series: 6, jls_series: 1}), "CT study counts")
+    for kind in ("ct", "mr", "xa"):
+        u = e["studies"][kind]["study_uid"]
+        eq(counts_qido(s, u), counts_index(cloud, u), f"{kind} study counts = index rows")
+
+    root = "1.2.826.0.1.3680043.9.7433.61"
+    st_uid, ser_a, ser_b = root + ".1", root + ".1.1", root + ".1.2"
+    src = e["studies"]["mr"]["files"][0]
+    a1 = variant(src, st_uid, ser_a, ser_a + ".1", "MR")
+    a2 = variant(src, st_uid, ser_a, ser_a + ".2", "MR")
+
+    def expect(n, nser, mods, per, what):
+        got = counts_qido(s, st_uid)
+        eq(got, (n, nser, mods, per), what)
+        eq(got, counts_index(cloud, st_uid), what + " (= index rows)")
+
+    st, _, out = stow(s, [a1, a2])
+    eq(st, 200, f"new study: {out}")
+    expect(2, 1, ["MR"], {ser_a: 2}, "two instances")
+    # Duplicates (same bytes), alone and inside a multi-instance STOW.
+    st, _, out = stow(s, [a1, a2, a1])
+    eq(st, 200, f"duplicates: {out}")
+    expect(2, 1, ["MR"], {ser_a: 2}, "duplicates do not count")
+    # Conflict: same SOP Instance UID, other bytes: kept aside, not counted.
+    st, _, out = stow(s, [variant(src, st_uid, ser_a, ser_a + ".1", "MR",
+                                  StudyDescription="other bytes")])
+    eq(st, 409, f"conflict: {out}")
+    expect(2, 1, ["MR"], {ser_a: 2}, "a conflict does not count")
+    # A second series with another modality; a conflict and a new one in one request.
+    b1 = variant(src, st_uid, ser_b, ser_b + ".1", "CT")
+    st, _, out = stow(s, [b1, variant(src, st_uid, ser_a, ser_a + ".2", "MR",
+                                      StudyDescription="other")])
+    eq(st, 202, f"one stored, one conflict: {out}")
+    expect(3, 2, ["CT", "MR"], {ser_a: 2, ser_b: 1}, "new series")
+    mine = {ctu, st_uid, e["studies"]["mr"]["study_uid"], e["studies"]["xa"]["study_uid"]}
+    eq([u for u in uids(qido(s, "/dicomweb/studies", "ModalitiesInStudy=CT"), "0020000D")
+        if u in mine], sorted([ctu, st_uid]), "ModalitiesInStudy matches the new series")
+    # The latest instance's Modality becomes the series' (an OT instance in series A).
+    st, _, out = stow(s, [variant(src, st_uid, ser_a, ser_a + ".3", "OT")])
+    eq(st, 200, f"modality change: {out}")
+    expect(4, 2, ["CT", "OT"], {ser_a: 3, ser_b: 1}, "series modality changed")
+    # includefield takes the other query shape (representative instance): same counts.
+    r = qido(s, "/dicomweb/studies", f"StudyInstanceUID={st_uid}&includefield=all")[0]
+    eq((tag_value(r, "00201208"), tag_value(r, "00201206"), r["00080061"]["Value"]),
+       (4, 2, ["CT", "OT"]), "counts with includefield=all")
+    r = qido(s, f"/dicomweb/studies/{st_uid}/series", "includefield=all")
+    eq({tag_value(x, "0020000E"): tag_value(x, "00201209") for x in r}, {ser_a: 3, ser_b: 1},
+       "series counts with includefield=all")
+    # includefield naming attributes every row carries (the web app's lists) answers the same.
+    for path, q, fields in (
+            ("/dicomweb/studies", f"StudyInstanceUID={st_uid}",
+             "StudyDescription,00201206,NumberOfStudyRelatedInstances,ModalitiesInStudy"),
+            (f"/dicomweb/studies/{st_uid}/series", "", "SeriesDescription,00201209"),
+            (f"/dicomweb/studies/{st_uid}/series/{ser_a}/instances", "",
+             "InstanceNumber,NumberOfFrames")):
+        plain = qido(s, path, q)
+        eq(qido(s, path, "&".join(x for x in (q, "includefield=" + fields) if x)), plain,
+           f"includefield of row attributes on {path}")
+    # Every study the server knows agrees with its rows.
+    for r in qido(s, "/dicomweb/studies"):
+        u = tag_value(r, "0020000D")
+        eq(counts_qido(s, u), counts_index(cloud, u), f"study {u}")
+
+
 # ------------------------------------------------------------------ WADO-RS
 
 @test

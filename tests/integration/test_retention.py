@@ -62,6 +62,30 @@ def db(cloud):
     return cloud.db(timeout=30)
 
 
+def qido_counts(s, uid):
+    """(instances, series, modalities, {series: instances}) as QIDO answers them, or None."""
+    res = s.get_json(f"/dicomweb/studies?StudyInstanceUID={uid}")
+    if not res:
+        return None
+    per = {tag_value(x, "0020000E"): tag_value(x, "00201209")
+           for x in s.get_json(f"/dicomweb/studies/{uid}/series")}
+    return (tag_value(res[0], "00201208"), tag_value(res[0], "00201206"),
+            res[0].get("00080061", {}).get("Value", []), per)
+
+
+def index_counts(cloud, uid):
+    """The same, counted from the index rows."""
+    if not q(cloud, "SELECT 1 FROM studies WHERE study_uid = ?", uid):
+        return None
+    per = dict(q(cloud, "SELECT se.series_uid, (SELECT count(*) FROM instances i"
+                        " WHERE i.series_uid = se.series_uid) FROM series se WHERE se.study_uid = ?",
+                 uid))
+    n = q(cloud, "SELECT count(*) FROM instances WHERE study_uid = ?", uid)[0][0]
+    mods = sorted({m for (m,) in q(cloud, "SELECT modality FROM series WHERE study_uid = ?", uid)
+                   if m})
+    return (n, len(per), mods, per)
+
+
 def q(cloud, sql, *args):
     c = db(cloud)
     try:
@@ -200,6 +224,11 @@ def apply_deletes_only_planned_studies():
             check(cloud.backend == "s3" or os.path.exists(p), f"{n}'s file {p} kept")
         eq(count(s, uid(e, n)), len(before[n]), f"study {n} still served")
     eq(count(s, uid(e, "A")), 0, "A gone from QIDO")
+    eq(qido_counts(s, uid(e, "A")), None, "A's study row gone")
+    for n in "BCD":
+        got = qido_counts(s, uid(e, n))
+        eq(got, index_counts(cloud, uid(e, n)), f"study {n}: QIDO counts = index rows")
+        eq(got[0], len(before[n]), f"study {n}: NumberOfStudyRelatedInstances")
     audit = q(cloud, "SELECT username, study_uid FROM audit WHERE action = 'retention-delete'")
     eq(audit, [("system:retention", uid(e, "A"))], "audit row")
     # A second apply finds nothing more.
@@ -305,6 +334,43 @@ def daemon_scrubs_periodically_and_records_the_run():
         cloud.set_config("scrub", interval_h=0)
         cloud.start()
         e["session"] = cloud.session()
+
+
+@test
+def qido_counts_follow_partial_deletions():
+    """The counts QIDO answers are kept by the index (migration 8 triggers):
+    deleting index rows the way retention does (instances, then the series
+    and the study they leave empty) must show at once, on both engines.
+    Retention deletes only what it planned; a study keeping instances
+    archived after the plan is the partial case, done here by hand."""
+    e = env()
+    cloud, s = e["cloud"], e["session"]
+    c_uid, b_uid = uid(e, "C"), uid(e, "B")
+    c0 = qido_counts(s, c_uid)
+    eq(c0[0], 3, "C before")
+    (sop,) = q(cloud, "SELECT sop_uid FROM instances WHERE study_uid = ? ORDER BY sop_uid LIMIT 1",
+               c_uid)[0]
+    con = db(cloud)
+    with con:
+        con.execute("DELETE FROM instances WHERE sop_uid = ?", (sop,))
+    con.close()
+    got = qido_counts(s, c_uid)
+    eq(got, index_counts(cloud, c_uid), "C after one instance: QIDO = index rows")
+    eq((got[0], got[1], got[2]), (2, 1, ["CT"]), "C after one instance")
+    # B: a whole series goes (its instances, then the empty series row).
+    b0 = qido_counts(s, b_uid)
+    ser, n_ser = sorted(b0[3].items())[0]
+    con = db(cloud)
+    with con:
+        con.execute("DELETE FROM instances WHERE series_uid = ?", (ser,))
+        con.execute("DELETE FROM series WHERE series_uid = ? AND NOT EXISTS"
+                    " (SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)", (ser,))
+    con.close()
+    got = qido_counts(s, b_uid)
+    eq(got, index_counts(cloud, b_uid), "B after one series: QIDO = index rows")
+    eq((got[0], got[1]), (b0[0] - n_ser, b0[1] - 1), "B after one series")
+    check(ser not in got[3], "deleted series not listed")
+    eq(got[2], ["MR"] if got[1] else [], "B modalities")
 
 
 if __name__ == "__main__":
