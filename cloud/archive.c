@@ -429,6 +429,49 @@ static void cache_touch(const char *path, const struct stat *sb)
 
 /* ------------------------------------------------------------ placement */
 
+/* Directory syncs deferred by cloud_archive_defer_dir_sync(), per thread. */
+#define DEFER_DIRS 16
+static _Thread_local struct {
+    bool on;
+    int n;
+    bool overflow;                     /* more distinct dirs than fit: synced at once */
+    char dirs[DEFER_DIRS][4096];
+} defer;
+
+void cloud_archive_defer_dir_sync(void)
+{
+    defer.on = true;
+    defer.n = 0;
+    defer.overflow = false;
+}
+
+int cloud_archive_flush_dir_sync(void)
+{
+    int rc = 0;
+    for (int i = 0; i < defer.n; i++) {
+        int r = cmn_fsync_dir(defer.dirs[i]);
+        if (r < 0 && rc == 0)
+            rc = r;
+    }
+    defer.on = false;
+    defer.n = 0;
+    return rc;
+}
+
+/* The rename into dir must be made durable: now, or at the flush. */
+static int dir_synced(const char *dir)
+{
+    if (!defer.on)
+        return cmn_fsync_dir(dir);
+    for (int i = 0; i < defer.n; i++)
+        if (strcmp(defer.dirs[i], dir) == 0)
+            return 0;
+    if (defer.n == DEFER_DIRS)
+        return cmn_fsync_dir(dir);
+    snprintf(defer.dirs[defer.n++], sizeof(defer.dirs[0]), "%s", dir);
+    return 0;
+}
+
 int cloud_archive_place_sha(const char *src, const char *dst, const char *sha256_hex)
 {
     char dir[4096], key[CMN_S3_MAX_KEY + 1];
@@ -458,7 +501,7 @@ int cloud_archive_place_sha(const char *src, const char *dst, const char *sha256
         return rc;
     if (rename(src, dst) < 0)
         return -errno;
-    rc = cmn_fsync_dir(dir);
+    rc = dir_synced(dir);
     if (rc == 0 && s3 && stat(dst, &sb) == 0)
         cache_added(s3, dst, (uint64_t)sb.st_size);
     return rc;

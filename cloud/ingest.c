@@ -937,6 +937,7 @@ static void handle_bundle_commit(cmn_sql_t *db, cmn_http_resp_t *resp, const sig
         commit_respond_upload(resp, u);
         goto out;
     }
+    cloud_archive_defer_dir_sync();
     for (uint32_t i = 0; i < n; i++) {
         cloud_bundle_item_t *it = &items[i];
         cloud_store_result_t r;
@@ -950,15 +951,18 @@ static void handle_bundle_commit(cmn_sql_t *db, cmn_http_resp_t *resp, const sig
             continue;
         }
         if (cloud_store_place(db, it->tmp, it->info, it->sha256, it->m.size, it->json,
-                              sr->edge_id, &r) < 0)
+                              sr->edge_id, &r) < 0) {
+            (void)cloud_archive_flush_dir_sync();
             goto out_rollback;
+        }
         c.m[i].result = store_result(r);
         nstored += r == CLOUD_STORE_STORED;
         ndup += r == CLOUD_STORE_DUPLICATE;
         nconf += r == CLOUD_STORE_CONFLICT;
     }
     json = proto_bundle_commit_encode(&c);
-    if (!json || upload_set(db, id, "committed", "bundle") < 0 ||
+    /* The renames are durable before the index names the files. */
+    if (cloud_archive_flush_dir_sync() < 0 || !json || upload_set(db, id, "committed", "bundle") < 0 ||
         upload_set_members(db, id, json) < 0 || cloud_index_commit(db) < 0)
         goto out_rollback;
     cloud__bundle_items_free(items, n);

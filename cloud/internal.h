@@ -237,6 +237,14 @@ int cloud_archive_conflict_path(const char *sop_uid, const char *sha256, char *o
  */
 int cloud_archive_place(const char *src, const char *dst);
 /**
+ * Defers the directory fsync of each placement on this thread until
+ * cloud_archive_flush_dir_sync(), which syncs every directory touched once
+ * (a bundle's members share their series directory). Flush before the index
+ * commit that names the files. Flush returns 0 or -errno.
+ */
+void cloud_archive_defer_dir_sync(void);
+int cloud_archive_flush_dir_sync(void);
+/**
  * cloud_archive_place() with the file's known SHA-256 (hex), which the S3
  * PUT then carries instead of hashing the file again. NULL = compute it.
  */

@@ -110,7 +110,7 @@ const cmn_conf_opt_t edge__upload_opts[] = {
                      "private key of client_cert_file (PEM); empty = inside client_cert_file"),
     CMN_CONF_OPT_INT(edge_conf_upload_t, parallel, 8, 1, 64,
                      "objects uploaded at once (a commit holds its slot while the cloud places it)"),
-    CMN_CONF_OPT_INT(edge_conf_upload_t, chunk_size, 4 << 20, PROTO_MIN_CHUNK, PROTO_MAX_CHUNK,
+    CMN_CONF_OPT_INT(edge_conf_upload_t, chunk_size, 2 << 20, PROTO_MIN_CHUNK, PROTO_MAX_CHUNK,
                      "bytes per chunk PUT (proposed; the cloud may choose another)"),
     CMN_CONF_OPT_INT(edge_conf_upload_t, retry_min_ms, 1000, 10, 3600000,
                      "first retry delay after a failed upload"),
@@ -125,7 +125,7 @@ const cmn_conf_opt_t edge__upload_opts[] = {
                      "instances transcoded at once"),
     CMN_CONF_OPT_STR(edge_conf_upload_t, urgent_calling_aes, "",
                      "comma-separated calling AE titles (e.g. the ER's CT) uploaded first"),
-    CMN_CONF_OPT_INT(edge_conf_upload_t, bundle_max_bytes, 4 << 20, 0, 256 << 20,
+    CMN_CONF_OPT_INT(edge_conf_upload_t, bundle_max_bytes, 2 << 20, 0, 256 << 20,
                      "bundle instances of one study (each at most a quarter of this) into one "
                      "upload object of up to this many bytes; 0 = one object per instance"),
     CMN_CONF_OPT_INT(edge_conf_upload_t, bundle_max_count, 100, 2, PROTO_BUNDLE_MAX_MEMBERS,

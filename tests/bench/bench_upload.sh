@@ -17,7 +17,7 @@
 # bytes sent beyond the object sizes are the re-sent bytes.
 #
 # The edge groups the CT's small instances into bundles (upload.bundle_max_bytes,
-# default 4 MiB; PROTOCOL.md "Bundles"): a few objects of a few 4 MiB chunks
+# default 2 MiB; PROTOCOL.md "Bundles"): a couple of dozen objects of one 2 MiB chunk
 # instead of 300 objects. Object bytes (bundle headers included) are read from
 # the cloud's index, so "re-sent" counts only chunks sent twice.
 #
@@ -133,7 +133,7 @@ edge_conf() {   # SCHEDULE_JSON SPOOL PORT
  "spool":{"dir":"$2","min_free_mb":0},
  "upload":{"cloud_url":"https://$CIP:$port","edge_id":"bench-edge","secret_file":"$w/edge.secret",
            "ca_file":"$w/ca/ca.pem","parallel":${YY_BENCH_PARALLEL:-8},"compress":true,"retry_min_ms":200,"retry_max_ms":2000,
-           "chunk_size":${YY_BENCH_CHUNK:-4194304},"bundle_max_bytes":${YY_BENCH_BUNDLE:-4194304}},
+           "chunk_size":${YY_BENCH_CHUNK:-2097152},"bundle_max_bytes":${YY_BENCH_BUNDLE:-2097152}},
  "schedule":$1}
 J
 }
@@ -182,14 +182,14 @@ upload_run() {  # NAME SPOOL -> prints seconds; leaves sums in $w/NAME.*
 }
 
 echo
-echo "== upload (edge, JPEG-LS on, parallel ${YY_BENCH_PARALLEL:-8}, TLS, bundles up to ${YY_BENCH_BUNDLE:-4194304} bytes, chunks ${YY_BENCH_CHUNK:-4194304})"
+echo "== upload (edge, JPEG-LS on, parallel ${YY_BENCH_PARALLEL:-8}, TLS, bundles up to ${YY_BENCH_BUNDLE:-2097152} bytes, chunks ${YY_BENCH_CHUNK:-2097152})"
 ob0=$(obj_bytes)
 upload_run a "$w/spool-a"
 objs_a=$(sqlite3 "file:$w/cloud/index.db?mode=ro" "SELECT group_concat(kind || '=' || n, ' ') FROM (SELECT kind, COUNT(*) n FROM uploads WHERE state='committed' GROUP BY kind)")
 secs=$(cat "$w/a.secs")
 up_bytes=$(sqlite3 "$w/spool-a/spool.db" "SELECT SUM(up_size) FROM instances")
 sent=$(sqlite3 "$w/spool-a/spool.db" "SELECT value FROM counters WHERE name='bytes_sent'")
-chunk=$(sqlite3 "$w/spool-a/spool.db" "SELECT 4194304")
+chunk=${YY_BENCH_CHUNK:-2097152}
 # Anchor: the same bytes with curl to an HTTPS sink in the cloud namespace.
 cat >"$w/sink.py" <<'P'
 import http.server, ssl, sys
@@ -239,7 +239,7 @@ secs=$(cat "$w/b.secs")
 up_bytes=$(sqlite3 "$w/spool-b/spool.db" "SELECT SUM(up_size) FROM instances")
 sent=$(sqlite3 "$w/spool-b/spool.db" "SELECT value FROM counters WHERE name='bytes_sent'")
 errs=$(sqlite3 "$w/spool-b/spool.db" "SELECT group_concat(substr(name,5) || '=' || value, ' ') FROM counters WHERE name LIKE 'err.%'")
-awk -v s="$secs" -v b="$((ob2 - ob1))" -v sent="$sent" -v e="$errs" -v c="${YY_BENCH_CHUNK:-4194304}" 'BEGIN {
+awk -v s="$secs" -v b="$((ob2 - ob1))" -v sent="$sent" -v e="$errs" -v c="${YY_BENCH_CHUNK:-2097152}" 'BEGIN {
     printf "edge:   %.2f s; objects %d bytes, sent %d: re-sent %d bytes = %.2f chunks of %d (4 objects in flight; limit 1 per object); errors: %s\n",
            s, b, sent, sent - b, (sent - b) / c, c, e }'
 
