@@ -2260,7 +2260,7 @@ void cloud_wado_uri_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
         cloud_resp_error(resp, 500, "archive", "archived file unavailable");
         goto out;
     }
-    cloud_index_audit(db, user.username, "wado-uri", study, req->peer);
+    audit(db, user.username, "wado-uri", study, req->peer);   /* group commit, as WADO-RS */
 out:
     cloud_index_put(db);
 }

@@ -766,6 +766,21 @@ def authentication_is_required_and_audited():
     check(before >= 1, "QIDO audited with the study UID")
     row = con.execute("SELECT username, peer FROM audit WHERE action = 'qido-series'").fetchone()
     eq(row, (Cloud.USER, "127.0.0.1"), "audit user and peer")
+    # Each retrieval is audited before its answer: WADO-RS and WADO-URI (the viewer's path).
+    sop = ct["files"][0]
+    import pydicom
+    ds = pydicom.dcmread(sop, stop_before_pixels=True)
+    for action, path in (
+            ("wado-instance", f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                              f"/instances/{ds.SOPInstanceUID}"),
+            ("wado-uri", f"/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}&seriesUID="
+                         f"{ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}&contentType=application/dicom")):
+        q = "SELECT count(*) FROM audit WHERE action = ? AND study_uid = ?"
+        n0 = con.execute(q, (action, ds.StudyInstanceUID)).fetchone()[0]
+        st, _, _ = s.request("GET", path, headers={"Accept": "multipart/related; type=\"application/dicom\""}
+                             if action != "wado-uri" else None)
+        eq(st, 200, f"{action} answered")
+        eq(con.execute(q, (action, ds.StudyInstanceUID)).fetchone()[0], n0 + 1, f"{action} audited")
     try:
         with con:
             con.execute("DELETE FROM audit")
