@@ -74,6 +74,9 @@ const cmn_conf_opt_t cloud__ingest_opts[] = {
                      "accepted clock difference of signed edge requests, seconds"),
     CMN_CONF_OPT_INT(cloud_ingest_conf_t, token_ttl_s, 900, 1, 86400,
                      "lifetime of an edge token (POST /api/v1/token), seconds"),
+    CMN_CONF_OPT_INT(cloud_ingest_conf_t, abandon_after_h, 168, 0, 87600,
+                     "an upload left open this long is removed with its staged chunks (an edge"
+                     " that comes back declares it anew); 0 = never"),
 };
 const size_t cloud__ingest_nopts = CMN_ARRAY_SIZE(cloud__ingest_opts);
 
@@ -1148,6 +1151,83 @@ out:
 
 /* ------------------------------------------------------------------ route */
 
+/*
+ * Abandoned uploads: objects declared but never committed (an edge
+ * decommissioned or reinstalled mid-upload) would keep their staged chunks
+ * forever. Each row is deleted in its own transaction, and only if it is
+ * still open and still old (an edge resuming it meanwhile wins); its chunks
+ * go after the row. Should an edge declare the same object again at that
+ * moment, its commit finds a chunk missing and the edge re-sends it (409).
+ */
+int cloud_ingest_gc(cmn_sql_t *db, int64_t older_than_s, int max, int *removed)
+{
+    struct { char id[PROTO_HEX256 + 1]; uint32_t n; } *v = cmn_xcalloc((size_t)max, sizeof(*v));
+    int64_t cutoff = cloud_now() - older_than_s;
+    cmn_sql_stmt_t *st;
+    int n = 0, rc = 0;
+
+    *removed = 0;
+    if (cmn_sql_prepare(db, "SELECT object_id, nchunks FROM uploads WHERE state = 'open'"
+                            " AND updated <= ? ORDER BY updated LIMIT ?", &st) < 0) {
+        free(v);
+        return CMN_EDB;
+    }
+    cmn_sql_bind_int64(st, 1, cutoff);
+    cmn_sql_bind_int64(st, 2, max);
+    while (n < max && (rc = cmn_sql_step(st)) == CMN_SQL_ROW) {
+        snprintf(v[n].id, sizeof(v[n].id), "%s", cmn_sql_column_text(st, 0));
+        v[n].n = (uint32_t)cmn_sql_column_int64(st, 1);
+        n++;
+    }
+    cmn_sql_finalize(st);
+    rc = rc < 0 ? rc : 0;
+    for (int i = 0; rc == 0 && i < n; i++) {
+        int changed = 0;
+        if (cloud_index_begin(db) < 0) {
+            rc = CMN_EDB;
+            break;
+        }
+        if (cmn_sql_prepare(db, "DELETE FROM uploads WHERE object_id = ? AND state = 'open'"
+                                " AND updated <= ?", &st) == 0) {
+            cmn_sql_bind_text(st, 1, v[i].id);
+            cmn_sql_bind_int64(st, 2, cutoff);
+            if (cmn_sql_step(st) == CMN_SQL_DONE)
+                changed = cmn_sql_changes(db) > 0;
+            else
+                rc = CMN_EDB;
+            cmn_sql_finalize(st);
+        } else {
+            rc = CMN_EDB;
+        }
+        if (rc < 0 || cloud_index_commit(db) < 0) {
+            cloud_index_rollback(db);
+            rc = CMN_EDB;
+            break;
+        }
+        if (changed) {
+            cloud__staging_remove(v[i].id, v[i].n);
+            (*removed)++;
+            CMN_LOG_I("ingest", "abandoned upload removed object=%.16s chunks=%" PRIu32, v[i].id,
+                      v[i].n);
+        }
+    }
+    free(v);
+    return rc;
+}
+
+/* Runs the GC at most once an hour per process, from request handlers. */
+static void gc_maybe(cmn_sql_t *db)
+{
+    static _Atomic int64_t next_s;
+    int64_t now = cloud_now(), due = atomic_load(&next_s);
+    int removed;
+
+    if (cloud_conf->ingest.abandon_after_h <= 0 || now < due ||
+        !atomic_compare_exchange_strong(&next_s, &due, now + 3600))
+        return;
+    (void)cloud_ingest_gc(db, cloud_conf->ingest.abandon_after_h * 3600, 200, &removed);
+}
+
 void cloud_ingest_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
 {
     const char *rest;
@@ -1179,9 +1259,10 @@ void cloud_ingest_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
     }
 
     if (*rest == '\0' || strcmp(rest, "/") == 0) {
-        if (strcmp(req->method, "POST") == 0)
+        if (strcmp(req->method, "POST") == 0) {
             handle_declare(db, req, resp, &sr);
-        else
+            gc_maybe(db);
+        } else
             cloud_resp_error(resp, 405, "method_not_allowed", "use POST");
         goto out;
     }

@@ -75,6 +75,7 @@ typedef struct {
     char *staging_dir;           /* partial uploads, one directory per object */
     long long max_skew_s;        /* accepted clock difference for signed requests, s */
     long long token_ttl_s;       /* lifetime of an issued edge token, s */
+    long long abandon_after_h;   /* open uploads older than this are removed; 0 = never */
 } cloud_ingest_conf_t;
 
 typedef struct {
@@ -422,5 +423,11 @@ void cloud_resp_json_take(cmn_http_resp_t *resp, int status, const char *content
 
 /** Handler for /api/v1/studies/{uid}/annotations (viewer annotations, blocking route). */
 void cloud_annotations_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp);
+
+/**
+ * Removes up to max uploads still open after older_than_s seconds (rows and
+ * staged chunks); *removed says how many. 0 or CMN_EDB. Blocking.
+ */
+int cloud_ingest_gc(cmn_sql_t *db, int64_t older_than_s, int max, int *removed);
 
 #endif /* CLOUD_INTERNAL_H */

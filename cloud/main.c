@@ -107,7 +107,8 @@ static void usage(FILE *f)
             "       yunying-cloud retention-plan --config FILE [--json] [--limit N]\n"
             "       yunying-cloud retention-apply --config FILE --confirm [--json] [--limit N]\n"
             "       yunying-cloud scrub --config FILE [--limit N] [--json]\n"
-            "       yunying-cloud storage-report --config FILE [--json]\n");
+            "       yunying-cloud storage-report --config FILE [--json]\n"
+            "       yunying-cloud uploads-gc --config FILE [--limit HOURS]\n");
 }
 
 static int parse_args(int argc, char **argv, args_t *a)
@@ -124,7 +125,7 @@ static int parse_args(int argc, char **argv, args_t *a)
         strcmp(a->cmd, "edge-disable") != 0 && strcmp(a->cmd, "edge-enable") != 0 &&
         strcmp(a->cmd, "user-add") != 0 && strcmp(a->cmd, "retention-plan") != 0 &&
         strcmp(a->cmd, "retention-apply") != 0 && strcmp(a->cmd, "scrub") != 0 &&
-        strcmp(a->cmd, "storage-report") != 0) {
+        strcmp(a->cmd, "storage-report") != 0 && strcmp(a->cmd, "uploads-gc") != 0) {
         fprintf(stderr, "yunying-cloud: unknown command '%s'\n", a->cmd);
         return -1;
     }
@@ -432,6 +433,36 @@ static long long parse_limit(const char *v)
     return n;
 }
 
+/* uploads-gc: open uploads older than --limit hours (default
+ * ingest.abandon_after_h; "0h" is not a number --limit takes, so the tests
+ * pass the env YY_GC_OLDER_THAN_S). */
+static int cmd_uploads_gc(const args_t *a)
+{
+    long long hours = a->limit ? parse_limit(a->limit) : cloud_conf->ingest.abandon_after_h;
+    const char *env = getenv("YY_GC_OLDER_THAN_S");
+    int64_t secs = env && *env ? strtoll(env, NULL, 10) : hours * 3600;
+    int total = 0, removed = 0;
+    cmn_sql_t *db;
+
+    if (hours < 0 || (!env && hours == 0)) {
+        fprintf(stderr, "yunying-cloud: --limit must be a positive number of hours\n");
+        return 2;
+    }
+    if (!(db = cloud_index_get()))
+        return 1;
+    do {
+        if (cloud_ingest_gc(db, secs, 200, &removed) < 0) {
+            cloud_index_put(db);
+            fprintf(stderr, "yunying-cloud: uploads-gc failed (see the log)\n");
+            return 1;
+        }
+        total += removed;
+    } while (removed == 200);
+    cloud_index_put(db);
+    printf("removed %d abandoned upload(s) open for more than %lld s\n", total, (long long)secs);
+    return 0;
+}
+
 static int cmd_maintenance(const args_t *a)
 {
     long long limit = parse_limit(a->limit);
@@ -442,6 +473,8 @@ static int cmd_maintenance(const args_t *a)
     }
     if (strcmp(a->cmd, "storage-report") == 0)
         return cloud_storage_report_cmd(a->json);
+    if (strcmp(a->cmd, "uploads-gc") == 0)
+        return cmd_uploads_gc(a);
     if (cloud_archive_probe() < 0) {
         fprintf(stderr, "yunying-cloud: the archive is not reachable (see the log)\n");
         return 2;

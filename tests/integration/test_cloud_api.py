@@ -299,6 +299,53 @@ def resend_until_committed(ed, oid, data, n, missing, declare):
 
 
 @test
+def abandoned_uploads_are_removed_and_can_start_again():
+    """An upload left open (an edge gone mid-upload) is removed with its staged
+    chunks by uploads-gc (and hourly by the daemon after ingest.abandon_after_h);
+    committed uploads stay. The same object declared again starts afresh."""
+    e = upload_all()
+    ed, cloud = e["edge"], e["cloud"]
+    ds, data = variant(e["studies"]["ct"]["files"][2], ".21")
+    st, s = ed.declare(data)
+    eq(st, 200, "declare")
+    oid, n = s["object_id"], s["nchunks"]
+    eq(ed.put_chunk(oid, 0, data[:CHUNK])[0], 204, "first chunk")
+    eq(staged_chunks(e, oid), [0], "chunk staged")
+    con = db(e)
+    try:
+        committed = con.execute("SELECT count(*) FROM uploads WHERE state = 'committed'").fetchone()[0]
+    finally:
+        con.close()
+    check(committed > 0, "committed uploads exist before the GC")
+    # Not old enough under the default (a week): nothing removed.
+    check("removed 0 " in cloud.admin("uploads-gc"), "a fresh upload is kept")
+    old = os.environ.get("YY_GC_OLDER_THAN_S")
+    os.environ["YY_GC_OLDER_THAN_S"] = "0"
+    try:
+        out = cloud.admin("uploads-gc")
+    finally:
+        if old is None:
+            del os.environ["YY_GC_OLDER_THAN_S"]
+        else:
+            os.environ["YY_GC_OLDER_THAN_S"] = old
+    check("removed 1 " in out, out)
+    eq(staged_chunks(e, oid), [], "staged chunks removed")
+    con = db(e)
+    try:
+        eq(con.execute("SELECT count(*) FROM uploads WHERE object_id = ?", (oid,)).fetchone()[0], 0,
+           "upload row removed")
+        eq(con.execute("SELECT count(*) FROM chunks WHERE object_id = ?", (oid,)).fetchone()[0], 0,
+           "chunk rows removed")
+        eq(con.execute("SELECT count(*) FROM uploads WHERE state = 'committed'").fetchone()[0],
+           committed, "committed uploads kept")
+    finally:
+        con.close()
+    st, s = ed.declare(data)
+    eq((st, s["state"], s["have"]), (200, "open", []), "declared again from scratch")
+    eq(ed.upload(data)["result"], "stored", "the object arrives after all")
+
+
+@test
 def chunks_lost_from_staging_are_sent_again():
     """A chunk the index lists but staging lost (deleted behind the cloud's back) or
     holds with other bytes: commit forgets it and answers 409 incomplete (never 500),
