@@ -48,40 +48,12 @@ PY=/usr/bin/python3
 
 say() { echo "nginx.sh: $*" >&2; }
 die() { say "$*"; exit 1; }
+. "$(dirname "$0")/lib.sh"
 
-do_install() {
-    missing=""
-    for p in $PKGS; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"
-    done
-    [ -n "$missing" ] || return 0
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    say "installing$missing"
-    # Keep the packaged nginx service from starting (no-op where policy-rc.d exists).
-    tmp_policy=""
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        tmp_policy=/usr/sbin/policy-rc.d
-        printf '#!/bin/sh\nexit 101\n' | $SUDO tee $tmp_policy >/dev/null
-        $SUDO chmod 755 $tmp_policy
-    fi
-    rc=0
-    { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-          -o DPkg::Lock::Timeout=600 $missing >&2 ||
-      { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq -o DPkg::Lock::Timeout=600 >&2 &&
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            -o DPkg::Lock::Timeout=600 $missing >&2; }; } || rc=$?
-    [ -z "$tmp_policy" ] || $SUDO rm -f "$tmp_policy"
-    [ "$rc" -eq 0 ] || die "apt-get install failed ($rc)"
-}
+do_install() { infra_install $PKGS; }
 
 NGINX=/usr/sbin/nginx
 
-alive() {
-    [ -r "/proc/$1/stat" ] || return 1
-    st=$(sed 's/^.*) \(.\).*$/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
-    [ "$st" != Z ] && [ "$st" != X ]
-}
 
 master_pid() {
     [ -s "$1/nginx.pid" ] && head -n1 "$1/nginx.pid"

@@ -35,42 +35,9 @@ SERVERS="account container object proxy memcached"
 
 say() { echo "swift.sh: $*" >&2; }
 die() { say "$*"; exit 1; }
+. "$(dirname "$0")/lib.sh"
 
-need_install() {
-    for p in $PKGS; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || return 0
-    done
-    return 1
-}
-
-do_install() {
-    need_install || return 0
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    say "installing $PKGS"
-    # The packages' post-install scripts try to start swift-proxy on 8080 and
-    # memcached on 11211; a policy-rc.d that says "no" keeps them down.
-    tmp_policy=""
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        tmp_policy=/usr/sbin/policy-rc.d
-        printf '#!/bin/sh\nexit 101\n' | $SUDO tee $tmp_policy >/dev/null
-        $SUDO chmod 755 $tmp_policy
-    fi
-    rc=0
-    { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $PKGS >&2 ||
-      { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $PKGS >&2; }; } || rc=$?
-    [ -z "$tmp_policy" ] || $SUDO rm -f "$tmp_policy"
-    [ "$rc" -eq 0 ] || die "apt-get install failed ($rc)"
-}
-
-# Prints "1" if the PID is a live (not zombie) process. Processes here are not
-# reaped by PID 1, so kill -0 succeeds on zombies: read /proc/PID/stat.
-alive() {
-    [ -r "/proc/$1/stat" ] || return 1
-    st=$(sed 's/^.*) \(.\).*$/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
-    [ "$st" != Z ] && [ "$st" != X ]
-}
+do_install() { infra_install $PKGS; }
 
 all_alive() {
     run=$1/run
