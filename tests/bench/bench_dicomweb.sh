@@ -27,21 +27,11 @@ case "$build" in /*) ;; *) build="$top/$build" ;; esac
 slices=${YY_BENCH_SLICES:-300}
 py=/usr/bin/python3
 
-if [ -z "${YY_BENCH_NETNS:-}" ]; then
-    exec unshare --net -- env YY_BENCH_NETNS=1 sh -c 'ip link set lo up && exec sh "$0" "$@"' \
-        "$0" "$build"
-fi
+NAME=bench_dicomweb
+. "$top/tests/bench/lib.sh"
+bench_netns "$0" "$build"
 
-plugin=/usr/share/orthanc/plugins/libOrthancDicomWeb.so
-if ! command -v Orthanc >/dev/null 2>&1 || [ ! -f "$plugin" ]; then
-    echo "bench_dicomweb: installing orthanc orthanc-dicomweb ..."
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
-        orthanc orthanc-dicomweb >/dev/null 2>&1 ||
-        { apt-get update -qq -o DPkg::Lock::Timeout=600 >/dev/null 2>&1 &&
-          DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
-              orthanc orthanc-dicomweb >/dev/null; }
-fi
-[ -f "$plugin" ] || plugin=$(dpkg -L orthanc-dicomweb | grep 'libOrthancDicomWeb.so$' | head -n1)
+plugin=$(orthanc_plugin orthanc-dicomweb libOrthancDicomWeb.so)
 [ -x "$build/yunying-cloud" ] || { echo "bench_dicomweb: $build/yunying-cloud missing: make first" >&2; exit 2; }
 
 work=$(mktemp -d /tmp/yy-bench-dicomweb-XXXXXX)
@@ -59,13 +49,7 @@ trap cleanup EXIT INT TERM
 
 data=${YY_BENCH_DATA:-$work/data}
 mkdir -p "$data"
-ctdir=$(ls -d "$data"/ct_* 2>/dev/null | head -n1 || true)
-if [ -z "$ctdir" ] || [ "$(ls "$ctdir"/*.dcm | wc -l)" -ne "$slices" ]; then
-    echo "bench_dicomweb: generating a $slices-slice CT in $data ..."
-    rm -rf "$data"/ct_*
-    "$py" "$top/tests/data/gen_studies.py" "$data" --only ct --ct-slices "$slices" --quiet
-    ctdir=$(ls -d "$data"/ct_* | head -n1)
-fi
+ctdir=$(bench_ct "$data" "$slices")
 
 # ------------------------------------------------------------------ servers
 cport=18042
@@ -95,14 +79,6 @@ EOF
 TCP_NODELAY=1 Orthanc "$work/orthanc/orthanc.json" >"$work/orthanc/out.log" 2>&1 &
 orthanc_pid=$!
 
-wait_http() {   # url, name
-    i=0
-    until curl -s -o /dev/null "$1"; do
-        i=$((i + 1))
-        [ $i -gt 600 ] && { echo "bench_dicomweb: $2 did not start" >&2; exit 1; }
-        sleep 0.1   # polling a server's readiness, not synchronising a test
-    done
-}
 wait_http "http://127.0.0.1:$cport/" yunying-cloud
 wait_http "http://127.0.0.1:$oport/system" Orthanc
 
