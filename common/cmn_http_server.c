@@ -103,7 +103,8 @@ typedef struct {
     char *data;          /* SEG_MEM: owned (malloc) */
     size_t cap;          /* SEG_MEM: > 0 when cmn_http_resp_body may append */
     char *path;          /* SEG_FILE: owned copy */
-    int fd;              /* SEG_FILE on plain HTTP: opened by the handler, sent by sendfile(2); else -1 */
+    bool sf;             /* SEG_FILE on plain HTTP: sent by sendfile(2) */
+    int fd;              /* SEG_FILE: open while it is being sent (sf), else -1 */
     uint64_t off;        /* SEG_FILE: first byte */
     uint64_t len;        /* bytes */
 } seg_t;
@@ -431,34 +432,16 @@ int cmn_http_resp_file(cmn_http_resp_t *resp, const char *path, uint64_t off, ui
     if (len == 0)
         return 0;
 
-    /* Small files (a DICOM instance, a web asset) are read here, on the
-     * handler's thread, while the page cache is warm: the loop then sends
-     * them with one write instead of an open, reads and a close each
-     * bounced through the threadpool (which the handlers also occupy).
-     * Larger bodies stream from the file in FILE_CHUNK steps. */
-    if (resp->plain) {
-        /* Plain HTTP: the loop sends it with sendfile(2), no copy through
-         * user space. Opened here, off the loop. */
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
-            return -errno;
-        char *pcopy = strdup(path);
-        seg_t *fs = pcopy ? resp_new_seg(resp) : NULL;
-        if (fs == NULL) {
-            free(pcopy);
-            close(fd);
-            resp->failed = true;
-            return -ENOMEM;
-        }
-        fs->kind = SEG_FILE;
-        fs->path = pcopy;
-        fs->fd = fd;
-        fs->off = off;
-        fs->len = len;
-        resp->body_len += len;
-        return 0;
-    }
-    if (len <= FILE_INLINE_MAX - resp->inlined) {
+    /* Plain HTTP: the loop sends the file with sendfile(2), no copy through
+     * user space, opening it only when its turn comes (a whole-series answer
+     * of hundreds of files holds one descriptor at a time). Under TLS, small
+     * files (a DICOM instance, a web asset) are read here, on the handler's
+     * thread, while the page cache is warm: the loop then sends them with
+     * one write instead of an open, reads and a close each bounced through
+     * the threadpool (which the handlers also occupy). Larger bodies stream
+     * from the file in FILE_CHUNK steps. */
+    bool sf = resp->plain;
+    if (!sf && len <= FILE_INLINE_MAX - resp->inlined) {
         char *buf = cmn_try_malloc((size_t)len);
         int fd = buf ? open(path, O_RDONLY | O_CLOEXEC) : -1;
         uint64_t got = 0;
@@ -496,6 +479,7 @@ int cmn_http_resp_file(cmn_http_resp_t *resp, const char *path, uint64_t off, ui
     }
     s->kind = SEG_FILE;
     s->path = copy;
+    s->sf = sf;
     s->fd = -1;
     s->off = off;
     s->len = len;
@@ -918,6 +902,10 @@ static int send_file_seg(conn_t *c, seg_t *s)
     int err;
 
     if (!c->sf_started) {
+        /* On the loop thread, as nginx does: the handler has just stat'ed
+         * the file, so its inode and pages are normally cached. */
+        if (s->fd < 0 && (s->fd = open(s->path, O_RDONLY | O_CLOEXEC)) < 0)
+            return -errno;
         c->sf_started = true;
         c->sf_pos = s->off;
         c->sf_rem = s->len;
@@ -988,7 +976,7 @@ static void send_next(conn_t *c)
     while (c->seg_idx < r->nsegs) {
         seg_t *s = &r->segs[c->seg_idx];
 
-        if (s->kind == SEG_FILE && s->fd >= 0) {
+        if (s->kind == SEG_FILE && s->sf) {
             if (c->npend > 0)
                 break;                       /* what precedes it goes first */
             int r2 = send_file_seg(c, s);

@@ -170,8 +170,8 @@ int cmn_http_resp_body(cmn_http_resp_t *resp, const void *p, size_t n);
 int cmn_http_resp_body_take(cmn_http_resp_t *resp, void *p, size_t n);
 /**
  * Appends the byte range [off, off+len) of a file; len = UINT64_MAX means to
- * the end. Stats the file, and reads it when small (up to 4 MiB per response,
- * blocking): call from blocking handlers. 0 or -errno.
+ * the end. Stats the file (and under TLS reads it when small, up to 4 MiB per
+ * response): call from blocking handlers. 0 or -errno.
  */
 int cmn_http_resp_file(cmn_http_resp_t *resp, const char *path, uint64_t off, uint64_t len);
 /** Convenience: status + Content-Type + a copied body. */

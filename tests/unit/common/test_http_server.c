@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include <cmocka.h>
+#include <sys/resource.h>
 
 #include "cmn/crypto.h"
 #include "http_test_util.h"
@@ -106,6 +107,18 @@ static void h_file(const cmn_http_req_t *req, cmn_http_resp_t *resp)
         cmn_http_resp_status(resp, 500);
 }
 
+/* A whole-series style answer: many file segments in one response. */
+#define MANY_SEGS 3000
+#define MANY_LEN 997
+static void h_many(const cmn_http_req_t *req, cmn_http_resp_t *resp)
+{
+    for (int i = 0; i < MANY_SEGS; i++)
+        if (cmn_http_resp_file(resp, req->route_ud, (uint64_t)i * 13, MANY_LEN) < 0) {
+            cmn_http_resp_status(resp, 500);
+            return;
+        }
+}
+
 static void h_block(const cmn_http_req_t *req, cmn_http_resp_t *resp)
 {
     const char *cur = req->query;
@@ -147,6 +160,7 @@ static cmn_http_route_t routes[] = {
     {"POST", "/sha", h_sha, NULL, 64u * 1024 * 1024, true},   /* ud = spool dir */
     {"POST", "/small", h_small, NULL, 1024, false},
     {"GET", "/file", h_file, NULL, 0, true},                  /* ud = data file */
+    {"GET", "/many", h_many, NULL, 0, true},                  /* ud = data file */
     {NULL, "/block", h_block, NULL, 0, true},
     {NULL, "/info", h_info, NULL, 0, false},
     {"GET", "/nostatus", h_nostatus, NULL, 0, false},
@@ -182,6 +196,7 @@ static int setup(void **state)
     fclose(f);
     routes[2].ud = fx->spool_dir;
     routes[4].ud = fx->data_file;
+    routes[5].ud = fx->data_file;
 
     cmn_http_server_opts_t opts = {
         .host = "127.0.0.1",
@@ -684,6 +699,28 @@ static void test_file_segments(void **state)
     client_res_free(&r2);
 }
 
+/* 3000 file segments with a 256-descriptor limit: files are opened one at
+ * a time as they are sent, not all by the handler. */
+static void test_many_file_segments(void **state)
+{
+    fx_t *fx = *state;
+    client_res_t res;
+    struct rlimit old, low;
+
+    assert_int_equal(getrlimit(RLIMIT_NOFILE, &old), 0);
+    low = old;
+    low.rlim_cur = 256;
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &low), 0);
+    get(fx, "/many", &res);
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &old), 0);
+    assert_int_equal(res.err, 0);
+    assert_int_equal(res.status, 200);
+    assert_int_equal(res.body_len, (size_t)MANY_SEGS * MANY_LEN);
+    for (int i = 0; i < MANY_SEGS; i += 499)
+        assert_memory_equal(res.body + (size_t)i * MANY_LEN, fx->data + (size_t)i * 13, MANY_LEN);
+    client_res_free(&res);
+}
+
 static void test_blocking_handler(void **state)
 {
     fx_t *fx = *state;
@@ -820,6 +857,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_keep_alive_and_close, setup, teardown),
         cmocka_unit_test_setup_teardown(test_pipelined, setup, teardown),
         cmocka_unit_test_setup_teardown(test_file_segments, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_many_file_segments, setup, teardown),
         cmocka_unit_test_setup_teardown(test_blocking_handler, setup, teardown),
         cmocka_unit_test_setup_teardown(test_timeouts, setup, teardown),
         cmocka_unit_test_setup_teardown(test_create_errors, setup, teardown),
