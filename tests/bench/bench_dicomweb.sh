@@ -90,36 +90,14 @@ auth="Authorization: Bearer $token"
 
 # ------------------------------------------------------------------ load
 echo "bench_dicomweb: loading $slices instances (ours: STOW-RS; Orthanc: REST) ..."
-"$py" - "$ctdir" "$work" "$cport" "$oport" "$token" <<'EOF'
-import glob, http.client, json, os, sys
-ctdir, work, cport, oport, token = sys.argv[1:]
+"$py" - "$ctdir" "$work" "$cport" "$oport" "$token" "$top" <<'EOF'
+import glob, os, sys
+ctdir, work, cport, oport, token, top = sys.argv[1:]
+sys.path.insert(0, os.path.join(top, "tests", "bench"))
+from benchload import orthanc_post, stow
 files = sorted(glob.glob(os.path.join(ctdir, "*.dcm")))
-b = "yy-bench-boundary"
-with open(os.path.join(work, "stow.body"), "wb") as out:
-    for f in files:
-        out.write(f"--{b}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-        out.write(open(f, "rb").read())
-        out.write(b"\r\n")
-    out.write(f"--{b}--\r\n".encode())
-c = http.client.HTTPConnection("127.0.0.1", int(cport), timeout=600)
-with open(os.path.join(work, "stow.body"), "rb") as body:
-    c.request("POST", "/dicomweb/studies", body=body, headers={
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={b}',
-        "Content-Length": str(os.path.getsize(os.path.join(work, "stow.body"))),
-        "Authorization": "Bearer " + token})
-r = c.getresponse()
-ans = r.read()
-assert r.status == 200, (r.status, ans[:300])
-os.unlink(os.path.join(work, "stow.body"))
-o = http.client.HTTPConnection("127.0.0.1", int(oport), timeout=600)
-oids = []
-for f in files:
-    o.request("POST", "/instances", body=open(f, "rb").read(),
-              headers={"Content-Type": "application/dicom"})
-    r = o.getresponse()
-    ans = r.read()
-    assert r.status == 200, r.status
-    oids.append(json.loads(ans)["ID"])
+stow(files, cport, token, work)
+oids, _ = orthanc_post(files, oport)
 with open(os.path.join(work, "orthanc_ids.txt"), "w") as out:
     out.write("\n".join(oids) + "\n")
 # The series' bytes in one file, for the raw loopback anchor.

@@ -119,35 +119,14 @@ token=$(curl -s -D - -o /dev/null -H 'Content-Type: application/json' \
 
 # ------------------------------------------------------------------ load
 echo "bench_viewer: loading $slices instances (ours: STOW-RS; Orthanc: REST) ..."
-"$py" - "$ctdir" "$work" "$cport" "$oport" "$token" "$ourdir" <<'EOP'
-import glob, http.client, json, os, sys
-ctdir, work, cport, oport, token, ourdir = sys.argv[1:]
+"$py" - "$ctdir" "$work" "$cport" "$oport" "$token" "$ourdir" "$top" <<'EOP'
+import glob, json, os, sys
+ctdir, work, cport, oport, token, ourdir, top = sys.argv[1:]
+sys.path.insert(0, os.path.join(top, "tests", "bench"))
+from benchload import orthanc_post, stow
 files = sorted(glob.glob(os.path.join(ctdir, "*.dcm")))
-ours = sorted(glob.glob(os.path.join(ourdir, "*.dcm")))
-b = "yy-bench-boundary"
-with open(os.path.join(work, "stow.body"), "wb") as out:
-    for f in ours:
-        out.write(f"--{b}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-        out.write(open(f, "rb").read())
-        out.write(b"\r\n")
-    out.write(f"--{b}--\r\n".encode())
-c = http.client.HTTPConnection("127.0.0.1", int(cport), timeout=600)
-with open(os.path.join(work, "stow.body"), "rb") as body:
-    c.request("POST", "/dicomweb/studies", body=body, headers={
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={b}',
-        "Content-Length": str(os.path.getsize(os.path.join(work, "stow.body"))),
-        "Authorization": "Bearer " + token})
-r = c.getresponse()
-ans = r.read()
-assert r.status == 200, (r.status, ans[:300])
-os.unlink(os.path.join(work, "stow.body"))
-o = http.client.HTTPConnection("127.0.0.1", int(oport), timeout=600)
-for f in files:
-    o.request("POST", "/instances", body=open(f, "rb").read(),
-              headers={"Content-Type": "application/dicom"})
-    r = o.getresponse()
-    r.read()
-    assert r.status == 200, r.status
+stow(sorted(glob.glob(os.path.join(ourdir, "*.dcm"))), cport, token, work)
+_, o = orthanc_post(files, oport)
 o.request("GET", "/series")
 series = json.loads(o.getresponse().read())
 assert len(series) == 1, series
