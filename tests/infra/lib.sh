@@ -35,3 +35,26 @@ alive() {
     st=$(sed 's/^.*) \(.\).*$/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
     [ "$st" != Z ] && [ "$st" != X ]
 }
+
+# port_free PORT: true if nothing listens on 127.0.0.1:PORT or 0.0.0.0:PORT
+# (the scripts refuse a taken port rather than share it). Needs PY.
+port_free() {
+    $PY - "$1" <<'EOP'
+import socket, sys
+port = int(sys.argv[1])
+for host in ("127.0.0.1", "0.0.0.0"):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError:
+        sys.exit(1)
+    finally:
+        s.close()
+EOP
+}
+
+# free_port: prints a TCP port free on 127.0.0.1 now.
+free_port() {
+    $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}

@@ -64,23 +64,7 @@ is_running() {
     [ -n "$pid" ] && alive "$pid"
 }
 
-port_free() {
-    $PY - "$1" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-finally:
-    s.close()
-EOF
-}
 
-free_port() {
-    $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 # parse_opts ARGS...: sets cert key upca upname maxbody port nodes.
 parse_opts() {

@@ -55,25 +55,7 @@ is_running() {
     [ -n "$pid" ] && alive "$pid"
 }
 
-port_free() {
-    $PY - "$1" <<'EOF'
-import socket, sys
-port = int(sys.argv[1])
-for host in ("127.0.0.1", "0.0.0.0"):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind((host, port))
-    except OSError:
-        sys.exit(1)
-    finally:
-        s.close()
-EOF
-}
 
-free_port() {
-    $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 write_env() {
     dir=$1 port=$2

@@ -62,22 +62,6 @@ for s in socks:
 EOF
 }
 
-# port_free PORT: exit 0 if nothing listens on 127.0.0.1:PORT or 0.0.0.0:PORT.
-port_free() {
-    $PY - "$1" <<'EOF'
-import socket, sys
-port = int(sys.argv[1])
-for host in ("127.0.0.1", "0.0.0.0"):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind((host, port))
-    except OSError:
-        sys.exit(1)
-    finally:
-        s.close()
-EOF
-}
 
 print_env() {
     cat "$1/env"
