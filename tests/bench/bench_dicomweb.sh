@@ -55,37 +55,7 @@ ctdir=$(bench_ct "$data" "$slices")
 cport=18042
 oport=18043
 odport=18044
-mkdir -p "$work/cloud" "$work/orthanc/storage" "$work/orthanc/index"
-cat >"$work/cloud/cloud.json" <<EOF
-{ "log": {"level": "warn"},
-  "http": {"bind": "127.0.0.1", "port": $cport, "web_root": "$work/cloud/web"},
-  "index": {"path": "$work/cloud/index.db"},
-  "archive": {"dir": "$work/cloud/archive"},
-  "ingest": {"staging_dir": "$work/cloud/staging"} }
-EOF
-"$build/yunying-cloud" user-add --config "$work/cloud/cloud.json" --user bench \
-    --password bench-pass-1 --role doctor >/dev/null
-"$build/yunying-cloud" --config "$work/cloud/cloud.json" >"$work/cloud/out.log" 2>&1 &
-cloud_pid=$!
-
-cat >"$work/orthanc/orthanc.json" <<EOF
-{ "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": $odport, "HttpPort": $oport,
-  "DicomCheckCalledAet": false, "DicomAlwaysAllowStore": true,
-  "RemoteAccessAllowed": false, "AuthenticationEnabled": false,
-  "StorageDirectory": "$work/orthanc/storage", "IndexDirectory": "$work/orthanc/index",
-  "SyncStorageArea": false, "Plugins": ["$plugin"],
-  "DicomWeb": {"Enable": true, "Root": "/dicom-web/"} }
-EOF
-TCP_NODELAY=1 Orthanc "$work/orthanc/orthanc.json" >"$work/orthanc/out.log" 2>&1 &
-orthanc_pid=$!
-
-wait_http "http://127.0.0.1:$cport/" yunying-cloud
-wait_http "http://127.0.0.1:$oport/system" Orthanc
-
-token=$(curl -s -D - -o /dev/null -H 'Content-Type: application/json' \
-    -d '{"username":"bench","password":"bench-pass-1"}' "http://127.0.0.1:$cport/api/v1/login" |
-    sed -n 's/^[Ss]et-[Cc]ookie: yy_session=\([0-9a-f]*\).*/\1/p')
-[ -n "$token" ] || { echo "bench_dicomweb: login failed" >&2; exit 1; }
+bench_servers "$work/cloud/web" "$plugin" '"DicomWeb": {"Enable": true, "Root": "/dicom-web/"}'
 auth="Authorization: Bearer $token"
 
 # ------------------------------------------------------------------ load

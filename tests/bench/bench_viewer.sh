@@ -85,37 +85,8 @@ fi
 cport=18052
 oport=18053
 odport=18054
-mkdir -p "$work/cloud" "$work/orthanc/storage" "$work/orthanc/index" "$work/orthanc/cache"
-cat >"$work/cloud/cloud.json" <<EOC
-{ "log": {"level": "warn"},
-  "http": {"bind": "127.0.0.1", "port": $cport, "web_root": "$web"},
-  "index": {"path": "$work/cloud/index.db"},
-  "archive": {"dir": "$work/cloud/archive"},
-  "ingest": {"staging_dir": "$work/cloud/staging"} }
-EOC
-"$build/yunying-cloud" user-add --config "$work/cloud/cloud.json" --user bench \
-    --password bench-pass-1 --role doctor >/dev/null
-"$build/yunying-cloud" --config "$work/cloud/cloud.json" >"$work/cloud/out.log" 2>&1 &
-cloud_pid=$!
-
-cat >"$work/orthanc/orthanc.json" <<EOC
-{ "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": $odport, "HttpPort": $oport,
-  "DicomCheckCalledAet": false, "DicomAlwaysAllowStore": true,
-  "RemoteAccessAllowed": false, "AuthenticationEnabled": false,
-  "StorageDirectory": "$work/orthanc/storage", "IndexDirectory": "$work/orthanc/index",
-  "SyncStorageArea": false, "Plugins": ["$plugin"],
-  "WebViewer": {"CachePath": "$work/orthanc/cache"} }
-EOC
-TCP_NODELAY=1 Orthanc "$work/orthanc/orthanc.json" >"$work/orthanc/out.log" 2>&1 &
-orthanc_pid=$!
-
-wait_http "http://127.0.0.1:$cport/" yunying-cloud
-wait_http "http://127.0.0.1:$oport/system" Orthanc
-
-token=$(curl -s -D - -o /dev/null -H 'Content-Type: application/json' \
-    -d '{"username":"bench","password":"bench-pass-1"}' "http://127.0.0.1:$cport/api/v1/login" |
-    sed -n 's/^[Ss]et-[Cc]ookie: yy_session=\([0-9a-f]*\).*/\1/p')
-[ -n "$token" ] || { echo "bench_viewer: login failed" >&2; exit 1; }
+mkdir -p "$work/orthanc/cache"
+bench_servers "$web" "$plugin" "\"WebViewer\": {\"CachePath\": \"$work/orthanc/cache\"}"
 
 # ------------------------------------------------------------------ load
 echo "bench_viewer: loading $slices instances (ours: STOW-RS; Orthanc: REST) ..."

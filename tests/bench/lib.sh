@@ -46,3 +46,38 @@ wait_http() {
         sleep 0.1
     done
 }
+
+# bench_servers WEB_ROOT PLUGIN ORTHANC_EXTRA: starts yunying-cloud (port
+# $cport, user bench) and Orthanc (HTTP $oport, DICOM $odport, the plugin,
+# ORTHANC_EXTRA one more JSON member) under $work, waits for both, logs in;
+# sets cloud_pid, orthanc_pid and token. Needs build, work, cport, oport, odport.
+bench_servers() {
+    mkdir -p "$work/cloud" "$work/orthanc/storage" "$work/orthanc/index"
+    cat >"$work/cloud/cloud.json" <<EOC
+{ "log": {"level": "warn"},
+  "http": {"bind": "127.0.0.1", "port": $cport, "web_root": "$1"},
+  "index": {"path": "$work/cloud/index.db"},
+  "archive": {"dir": "$work/cloud/archive"},
+  "ingest": {"staging_dir": "$work/cloud/staging"} }
+EOC
+    "$build/yunying-cloud" user-add --config "$work/cloud/cloud.json" --user bench \
+        --password bench-pass-1 --role doctor >/dev/null
+    "$build/yunying-cloud" --config "$work/cloud/cloud.json" >"$work/cloud/out.log" 2>&1 &
+    cloud_pid=$!
+    cat >"$work/orthanc/orthanc.json" <<EOC
+{ "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": $odport, "HttpPort": $oport,
+  "DicomCheckCalledAet": false, "DicomAlwaysAllowStore": true,
+  "RemoteAccessAllowed": false, "AuthenticationEnabled": false,
+  "StorageDirectory": "$work/orthanc/storage", "IndexDirectory": "$work/orthanc/index",
+  "SyncStorageArea": false, "Plugins": ["$2"],
+  $3 }
+EOC
+    TCP_NODELAY=1 Orthanc "$work/orthanc/orthanc.json" >"$work/orthanc/out.log" 2>&1 &
+    orthanc_pid=$!
+    wait_http "http://127.0.0.1:$cport/" yunying-cloud
+    wait_http "http://127.0.0.1:$oport/system" Orthanc
+    token=$(curl -s -D - -o /dev/null -H 'Content-Type: application/json' \
+        -d '{"username":"bench","password":"bench-pass-1"}' "http://127.0.0.1:$cport/api/v1/login" |
+        sed -n 's/^[Ss]et-[Cc]ookie: yy_session=\([0-9a-f]*\).*/\1/p')
+    [ -n "$token" ] || { echo "$NAME: login failed" >&2; exit 1; }
+}
