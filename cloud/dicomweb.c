@@ -47,7 +47,6 @@
  */
 #include <errno.h>
 #include <inttypes.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1329,19 +1328,21 @@ static int select_instances(cmn_sql_t *db, const char *cols, const char *study, 
 {
     char sql[512];
 
+    /* One statement per level, not "?3 IS NULL OR sop_uid = ?3": that form
+     * kept SQLite on the study index, scanning and sorting every instance of
+     * the study to answer one (bench_dicomweb.sh, instances). */
     snprintf(sql, sizeof(sql),
-             "SELECT %s FROM instances WHERE study_uid = ?1"
-             " AND (CAST(?2 AS TEXT) IS NULL OR series_uid = ?2)"
-             " AND (CAST(?3 AS TEXT) IS NULL OR sop_uid = ?3)"
+             "SELECT %s FROM instances WHERE study_uid = ?%s%s"
              " ORDER BY series_uid, instance_number NULLS FIRST, sop_uid",
-             cols);
+             cols, series ? " AND series_uid = ?" : "", sop ? " AND sop_uid = ?" : "");
     if (cmn_sql_prepare(db, sql, out) < 0)
         return CMN_EDB;
-    cmn_sql_bind_text(*out, 1, study);
+    int i = 1;
+    cmn_sql_bind_text(*out, i++, study);
     if (series)
-        cmn_sql_bind_text(*out, 2, series);
+        cmn_sql_bind_text(*out, i++, series);
     if (sop)
-        cmn_sql_bind_text(*out, 3, sop);
+        cmn_sql_bind_text(*out, i, sop);
     return 0;
 }
 
@@ -1922,120 +1923,6 @@ static void handle_bulk_tag(cmn_sql_t *db, cmn_http_resp_t *resp, const char *st
     cmn_http_resp_body(resp, head, strlen(head));
 }
 
-/* ------------------------------------------------------------------ audit */
-
-/*
- * Group commit of audit rows. Every request still returns only after its row
- * is committed, but concurrent requests share one transaction (one WAL fsync)
- * instead of queueing for SQLite's write lock one by one (whose busy handler
- * sleeps in millisecond steps): with 8 connections this was the bottleneck.
- * The first waiting handler becomes the leader and writes everything queued
- * with its own connection; the others wait for the commit. (A candidate for
- * cloud_index_audit() itself, in index.c.)
- */
-#define AUDIT_BATCH 256
-
-typedef struct {
-    char user[CLOUD_USER_MAX + 1];
-    char action[32];
-    char study[65];
-    char peer[64];
-} audit_row_t;
-
-static struct {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    audit_row_t q[AUDIT_BATCH];  /* queued, not yet taken by a leader */
-    int n;
-    uint64_t queued;             /* rows ever queued */
-    uint64_t done;               /* rows ever written (or given up on) */
-    bool flushing;               /* a leader is writing */
-} aud = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
-
-/*
- * Durability of audit rows. Each request still returns only after its row is
- * committed (a crash of the process loses none), but a commit is flushed to
- * disk at most once per AUDIT_SYNC_MS: the other batches commit without an
- * fsync (SQLite WAL with synchronous=NORMAL; PostgreSQL synchronous_commit
- * off, which its WAL writer flushes within a fraction of a second). A power
- * failure may lose the audit rows of the last AUDIT_SYNC_MS, the window
- * syslog-based audit (IHE ATNA) accepts as well; an fsync per retrieval was
- * what capped WADO-RS with 8 connections (tests/bench/bench_dicomweb.sh).
- */
-#define AUDIT_SYNC_MS 1000
-
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-static void audit_write(cmn_sql_t *db, const audit_row_t *rows, int n)
-{
-    static uint64_t last_sync_ms;           /* under aud.flushing: one writer at a time */
-    uint64_t now = mono_ms();
-    bool sync = last_sync_ms == 0 || now - last_sync_ms >= AUDIT_SYNC_MS;
-    bool lite = cmn_sql_engine(db) == CMN_SQL_SQLITE;
-
-    if (!sync && lite)
-        cmn_sql_exec(db, "PRAGMA synchronous=NORMAL");
-    bool tx = cloud_index_begin(db) == 0;
-    if (tx && !sync && !lite)
-        cmn_sql_exec(db, "SET LOCAL synchronous_commit TO OFF");
-    for (int i = 0; i < n; i++)
-        cloud_index_audit(db, rows[i].user, rows[i].action, rows[i].study, rows[i].peer);
-    if (tx && cloud_index_commit(db) < 0) {
-        /* Rows of a failed batch are written one by one (best effort, as before). */
-        cloud_index_rollback(db);
-        for (int i = 0; i < n; i++)
-            cloud_index_audit(db, rows[i].user, rows[i].action, rows[i].study, rows[i].peer);
-    }
-    if (!sync && lite)
-        cmn_sql_exec(db, "PRAGMA synchronous=FULL");
-    if (sync)
-        last_sync_ms = now;
-}
-
-static void audit(cmn_sql_t *db, const char *user, const char *action, const char *study,
-                  const char *peer)
-{
-    audit_row_t *batch = NULL;
-    uint64_t mine;
-
-    pthread_mutex_lock(&aud.lock);
-    while (aud.n == AUDIT_BATCH)
-        pthread_cond_wait(&aud.cond, &aud.lock);
-    audit_row_t *r = &aud.q[aud.n++];
-    snprintf(r->user, sizeof(r->user), "%s", user);
-    snprintf(r->action, sizeof(r->action), "%s", action);
-    snprintf(r->study, sizeof(r->study), "%s", study ? study : "");
-    snprintf(r->peer, sizeof(r->peer), "%s", peer);
-    mine = ++aud.queued;
-    while (aud.done < mine) {
-        if (aud.flushing) {
-            pthread_cond_wait(&aud.cond, &aud.lock);
-            continue;
-        }
-        int n = aud.n;
-        uint64_t last = aud.queued;
-        if (!batch)
-            batch = cmn_xmalloc(sizeof(*batch) * AUDIT_BATCH);
-        memcpy(batch, aud.q, sizeof(*batch) * (size_t)n);
-        aud.n = 0;
-        aud.flushing = true;
-        pthread_cond_broadcast(&aud.cond);   /* room in the queue again */
-        pthread_mutex_unlock(&aud.lock);
-        audit_write(db, batch, n);
-        pthread_mutex_lock(&aud.lock);
-        aud.done = last;
-        aud.flushing = false;
-        pthread_cond_broadcast(&aud.cond);
-    }
-    pthread_mutex_unlock(&aud.lock);
-    free(batch);
-}
-
 /* ----------------------------------------------------------------- routing */
 
 /* Splits path after ROOT into segments (in buf). Count or -1. */
@@ -2183,7 +2070,7 @@ void cloud_dicomweb_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
     }
 audit:
     if (action[0])
-        audit(db, user.username, action, study ? study : "", req->peer);
+        cloud_index_audit_commit(db, user.username, action, study ? study : "", req->peer);
 out:
     cloud_index_put(db);
 }
@@ -2260,7 +2147,7 @@ void cloud_wado_uri_handle(const cmn_http_req_t *req, cmn_http_resp_t *resp)
         cloud_resp_error(resp, 500, "archive", "archived file unavailable");
         goto out;
     }
-    audit(db, user.username, "wado-uri", study, req->peer);   /* group commit, as WADO-RS */
+    cloud_index_audit_commit(db, user.username, "wado-uri", study, req->peer);
 out:
     cloud_index_put(db);
 }

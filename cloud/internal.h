@@ -172,6 +172,13 @@ int cloud_index_set_source(cmn_sql_t *db, const char *sop_uid, const char *sourc
 /** Appends an audit row (best effort, logs failures). */
 void cloud_index_audit(cmn_sql_t *db, const char *user, const char *action,
                        const char *study_uid, const char *peer);
+/**
+ * Audits one access to patient data outside a transaction: returns once the
+ * row is committed, sharing the commit with concurrent callers (group
+ * commit; flushed to disk at most once a second, see index.c).
+ */
+void cloud_index_audit_commit(cmn_sql_t *db, const char *user, const char *action,
+                              const char *study, const char *peer);
 
 /**
  * Adds an edge with a fresh secret (hex, 65 bytes incl. NUL, filled) and an

@@ -1,7 +1,13 @@
 /*
  * cmn_sql.c - the portable statement API (sql.h) over SQLite and libpq.
  *
- * SQLite: a thin wrapper over sqlite3_stmt.
+ * SQLite: a thin wrapper over sqlite3_stmt. Finalized statements are kept
+ * (reset, bindings cleared) in a small per-connection cache keyed by their
+ * SQL text, and handed out again by the next prepare of the same text: a
+ * WADO-RS retrieval runs the same handful of statements every time, and
+ * parsing them was a tenth of the cloud's CPU with 8 connections
+ * (tests/bench/bench_dicomweb.sh). Single statements given to exec (BEGIN,
+ * COMMIT, PRAGMA) go through the cache too.
  *
  * PostgreSQL: a statement keeps its SQL with placeholders rewritten to $N
  * and its bound values as text (integers are sent typed int8, text as
@@ -28,9 +34,13 @@
 #define WRITER_LOCK_KEY 0x59756e79LL
 #define OID_INT8 20
 
+#define STMT_CACHE 32           /* SQLite statements kept per connection */
+
 struct cmn_sql {
     cmn_sql_engine_t engine;
     sqlite3 *lite;               /* CMN_SQL_SQLITE; owned */
+    cmn_sql_stmt_t *cache[STMT_CACHE]; /* SQLite, most recently finalized first; owned */
+    int ncache;
     PGconn *pg;                  /* CMN_SQL_PG; owned */
     int64_t changes;             /* PG: rows changed by the last DML */
     char err[512];               /* PG: last error message */
@@ -39,6 +49,7 @@ struct cmn_sql {
 struct cmn_sql_stmt {
     cmn_sql_t *db;
     sqlite3_stmt *lite;          /* SQLite; owned */
+    uint32_t hash;               /* SQLite: of the SQL text, for the cache */
     /* PostgreSQL */
     char *sql;                   /* with $N placeholders; owned */
     int nparams;
@@ -112,10 +123,14 @@ int cmn_sql_open(const char *target, cmn_sql_t **out)
     return 0;
 }
 
+static void stmt_free(cmn_sql_stmt_t *st);
+
 void cmn_sql_close(cmn_sql_t *db)
 {
     if (!db)
         return;
+    for (int i = 0; i < db->ncache; i++)
+        stmt_free(db->cache[i]);
     if (db->lite)
         cmn_db_close(db->lite);
     if (db->pg)
@@ -161,13 +176,30 @@ static int pg_fail(cmn_sql_t *db, PGresult *res, const char *what)
     return CMN_EDB;
 }
 
+/* SQLite: one statement through the cache, several through sqlite3_exec. */
+static int lite_exec(cmn_sql_t *db, const char *sql)
+{
+    const char *semi = strchr(sql, ';');
+    cmn_sql_stmt_t *st;
+    int rc;
+
+    if (semi && semi[strspn(semi, "; \t\n")] != '\0')
+        return cmn_db_exec(db->lite, sql);
+    if (cmn_sql_prepare(db, sql, &st) < 0)
+        return CMN_EDB;
+    while ((rc = cmn_sql_step(st)) == CMN_SQL_ROW)
+        ;
+    cmn_sql_finalize(st);
+    return rc == CMN_SQL_DONE ? 0 : CMN_EDB;
+}
+
 int cmn_sql_exec(cmn_sql_t *db, const char *sql)
 {
     PGresult *res;
     int rc = 0;
 
     if (db->engine == CMN_SQL_SQLITE)
-        return cmn_db_exec(db->lite, sql);
+        return lite_exec(db, sql);
     res = PQexec(db->pg, sql);
     switch (res ? PQresultStatus(res) : PGRES_FATAL_ERROR) {
     case PGRES_COMMAND_OK:
@@ -257,6 +289,15 @@ bad:
 
 /* ------------------------------------------------------------ statements */
 
+static uint32_t sql_hash(const char *s)
+{
+    uint32_t h = 2166136261u;   /* FNV-1a */
+
+    for (; *s; s++)
+        h = (h ^ (uint8_t)*s) * 16777619u;
+    return h;
+}
+
 int cmn_sql_prepare(cmn_sql_t *db, const char *sql, cmn_sql_stmt_t **out)
 {
     cmn_sql_stmt_t *st;
@@ -267,6 +308,19 @@ int cmn_sql_prepare(cmn_sql_t *db, const char *sql, cmn_sql_stmt_t **out)
     st->db = db;
     st->row = -1;
     if (db->engine == CMN_SQL_SQLITE) {
+        uint32_t h = sql_hash(sql);
+        for (int i = 0; i < db->ncache; i++) {
+            cmn_sql_stmt_t *c = db->cache[i];
+            if (c->hash == h && strcmp(sqlite3_sql(c->lite), sql) == 0) {
+                memmove(&db->cache[i], &db->cache[i + 1],
+                        sizeof(db->cache[0]) * (size_t)(db->ncache - i - 1));
+                db->ncache--;
+                free(st);
+                *out = c;
+                return 0;
+            }
+        }
+        st->hash = h;
         if (cmn_db_prepare(db->lite, sql, &st->lite) < 0) {
             free(st);
             return CMN_EDB;
@@ -429,8 +483,27 @@ void cmn_sql_reset(cmn_sql_stmt_t *st)
 
 void cmn_sql_finalize(cmn_sql_stmt_t *st)
 {
+    cmn_sql_t *db;
+
     if (!st)
         return;
+    db = st->db;
+    if (st->lite) {
+        /* Back into the cache, the oldest entry making room. */
+        sqlite3_reset(st->lite);
+        sqlite3_clear_bindings(st->lite);
+        if (db->ncache == STMT_CACHE)
+            stmt_free(db->cache[--db->ncache]);
+        memmove(&db->cache[1], &db->cache[0], sizeof(db->cache[0]) * (size_t)db->ncache);
+        db->cache[0] = st;
+        db->ncache++;
+        return;
+    }
+    stmt_free(st);
+}
+
+static void stmt_free(cmn_sql_stmt_t *st)
+{
     if (st->lite) {
         sqlite3_finalize(st->lite);
     } else {
@@ -498,7 +571,7 @@ int cmn_sql_begin(cmn_sql_t *db)
     char sql[96];
 
     if (db->engine == CMN_SQL_SQLITE)
-        return cmn_db_exec(db->lite, "BEGIN IMMEDIATE");
+        return lite_exec(db, "BEGIN IMMEDIATE");
     snprintf(sql, sizeof(sql), "BEGIN; SELECT pg_advisory_xact_lock(%lld)", WRITER_LOCK_KEY);
     if (cmn_sql_exec(db, sql) < 0) {
         cmn_sql_rollback(db);
@@ -513,7 +586,7 @@ int cmn_sql_commit(cmn_sql_t *db)
     int rc = 0;
 
     if (db->engine == CMN_SQL_SQLITE)
-        return cmn_db_exec(db->lite, "COMMIT");
+        return lite_exec(db, "COMMIT");
     /* COMMIT of a failed transaction "succeeds" as a ROLLBACK: report it. */
     if (PQtransactionStatus(db->pg) == PQTRANS_INERROR) {
         set_err(db, "commit of a failed transaction");

@@ -840,6 +840,67 @@ def authentication_is_required_and_audited():
     eq(st, 401, "session ended by logout")
 
 
+@test
+def audit_rows_move_to_their_own_file():
+    """SQLite: audit rows live in index-audit.db. An index made before that
+    (audit in index.db), or a move cut short by a crash (rows in both), is
+    completed at start: every row once, same ids, main.audit gone, and the
+    table still append-only."""
+    e = upload_all()
+    c = e["cloud"]
+    if c.index_url:
+        return   # PostgreSQL keeps audit in its one database
+    c.stop()
+    con = c.db()
+    rows = con.execute("SELECT id, ts, username, action, study_uid, peer FROM aud.audit"
+                       " ORDER BY id").fetchall()
+    check(len(rows) >= 5, f"audit rows to move ({len(rows)})")
+    eq(con.execute("SELECT count(*) FROM main.sqlite_master WHERE name = 'audit'").fetchone()[0], 0,
+       "no audit table left in index.db")
+    # The layout of an older index: the rows in index.db, the first third also
+    # already copied (a move cut short after its copy).
+    con.executescript(
+        "CREATE TABLE main.audit (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL,"
+        " username TEXT NOT NULL, action TEXT NOT NULL, study_uid TEXT NOT NULL DEFAULT '',"
+        " peer TEXT NOT NULL DEFAULT '');")
+    con.executemany("INSERT INTO main.audit VALUES (?,?,?,?,?,?)", rows)
+    con.commit()
+    con.close()
+    keep = rows[: len(rows) // 3]
+    os.unlink(c.audit_db_path())
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(c.audit_db_path() + suffix):
+            os.unlink(c.audit_db_path() + suffix)
+    con = sqlite3.connect(c.audit_db_path())
+    con.execute("CREATE TABLE audit (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL,"
+                " username TEXT NOT NULL, action TEXT NOT NULL, study_uid TEXT NOT NULL DEFAULT '',"
+                " peer TEXT NOT NULL DEFAULT '')")
+    con.executemany("INSERT INTO audit VALUES (?,?,?,?,?,?)", keep)
+    con.commit()
+    con.close()
+    c.start()
+    s = c.session()
+    st, _, _ = s.request("GET", "/dicomweb/studies")
+    eq(st, 200, "QIDO after the move")
+    con = c.db(readonly=True)
+    eq(con.execute("SELECT count(*) FROM main.sqlite_master WHERE name = 'audit'").fetchone()[0], 0,
+       "index.db's audit table dropped")
+    moved = con.execute("SELECT id, ts, username, action, study_uid, peer FROM aud.audit"
+                        " WHERE id <= ? ORDER BY id", (rows[-1][0],)).fetchall()
+    eq(moved, rows, "every row moved once, same ids")
+    after = con.execute("SELECT action FROM aud.audit WHERE id > ?", (rows[-1][0],)).fetchall()
+    check(("login",) in after and ("qido-studies",) in after, f"new rows appended: {after}")
+    con.close()
+    con = c.db()
+    try:
+        with con:
+            con.execute("DELETE FROM audit")
+        raise AssertionError("moved audit rows could be deleted")
+    except sqlite3.DatabaseError:
+        pass
+    con.close()
+
+
 # ------------------------------------------------------------------ static
 
 @test

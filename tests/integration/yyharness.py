@@ -522,9 +522,14 @@ class Cloud:
             return PgIndex(self.index_url)
         import sqlite3
         path = os.path.join(self.dir, "index.db")
-        if readonly:
-            return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
-        return sqlite3.connect(path, timeout=timeout)
+        mode = "?mode=ro" if readonly else ""
+        con = sqlite3.connect(f"file:{path}{mode}", uri=True, timeout=timeout)
+        # The audit table lives in its own file (cloud/index.c), attached as "aud".
+        con.execute("ATTACH DATABASE ? AS aud", (f"file:{self.audit_db_path()}{mode}",))
+        return con
+
+    def audit_db_path(self):
+        return os.path.join(self.dir, "index-audit.db")
 
     def admin(self, *args, ok=(0,)):
         r = subprocess.run([CLOUD_BIN, args[0], "--config", self.config, *args[1:]],

@@ -378,6 +378,53 @@ static void test_rewrite(void **state)
     assert_false(cmn_sql_is_pg_target("var/cloud/index.db"));
 }
 
+/* Finalized statements come back from prepare with their bindings cleared
+ * (SQLite keeps them in a per-connection cache); the same text prepared
+ * twice at once gives two statements; more texts than the cache holds are
+ * finalized on the way (ASan reports any leak at close). */
+static void test_statement_reuse(void **state)
+{
+    static const char sel[] = "SELECT CAST(?1 AS TEXT) IS NULL, coalesce(CAST(?1 AS TEXT), 'none')";
+    cmn_sql_stmt_t *a, *b;
+    char sql[64];
+    FIXTURE(state);
+
+    assert_int_equal(cmn_sql_prepare(db, sel, &a), 0);
+    cmn_sql_bind_text(a, 1, "bound");
+    assert_int_equal(cmn_sql_step(a), CMN_SQL_ROW);
+    assert_string_equal(cmn_sql_column_text(a, 1), "bound");
+    cmn_sql_finalize(a);
+    assert_int_equal(cmn_sql_prepare(db, sel, &a), 0);
+    if (cmn_sql_engine(db) == CMN_SQL_SQLITE)
+        assert_non_null(a->lite);
+    assert_int_equal(cmn_sql_prepare(db, sel, &b), 0);
+    assert_ptr_not_equal(a, b);
+    assert_int_equal(cmn_sql_step(a), CMN_SQL_ROW);   /* not bound: NULL, not "bound" */
+    assert_int_equal(cmn_sql_column_int(a, 0), 1);
+    assert_string_equal(cmn_sql_column_text(a, 1), "none");
+    cmn_sql_bind_text(b, 1, "b");
+    assert_int_equal(cmn_sql_step(b), CMN_SQL_ROW);
+    assert_string_equal(cmn_sql_column_text(b, 1), "b");
+    cmn_sql_finalize(a);
+    cmn_sql_finalize(b);
+    for (int i = 0; i < 3 * STMT_CACHE; i++) {
+        snprintf(sql, sizeof(sql), "SELECT %d", i);
+        assert_int_equal(cmn_sql_prepare(db, sql, &a), 0);
+        assert_int_equal(cmn_sql_step(a), CMN_SQL_ROW);
+        assert_int_equal(cmn_sql_column_int(a, 0), i);
+        cmn_sql_finalize(a);
+    }
+    /* A single statement given to exec, twice, and one with a trailing ';'. */
+    assert_int_equal(cmn_sql_exec(db, "CREATE TABLE reuse (x INTEGER)"), 0);
+    assert_int_equal(cmn_sql_exec(db, "INSERT INTO reuse VALUES (1);"), 0);
+    assert_int_equal(cmn_sql_exec(db, "INSERT INTO reuse VALUES (1);"), 0);
+    assert_int_equal(cmn_sql_prepare(db, "SELECT count(*) FROM reuse", &a), 0);
+    assert_int_equal(cmn_sql_step(a), CMN_SQL_ROW);
+    assert_int_equal(cmn_sql_column_int(a, 0), 2);
+    cmn_sql_finalize(a);
+    assert_true(cmn_sql_exec(db, "INSERT INTO nosuch VALUES (1)") < 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -391,6 +438,7 @@ int main(void)
         BOTH(test_transactions),
         BOTH(test_portable_sql),
         BOTH(test_writers_serialise),
+        BOTH(test_statement_reuse),
 #undef BOTH
     };
     cmn_log_set_level_name("error");
