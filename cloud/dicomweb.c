@@ -109,7 +109,7 @@ void cloud__dicomweb_base_url(const cmn_http_req_t *req, char *out, size_t outle
     const char *host = cmn_http_req_header(req, "Host");
 
     if (host && strlen(host) < 256 && !strpbrk(host, "\"<> \\"))
-        snprintf(out, outlen, "%s://%s" ROOT, req->tls ? "https" : "http", host);
+        snprintf(out, outlen, "%s://%s" ROOT, req->client_https ? "https" : "http", host);
     else
         snprintf(out, outlen, ROOT);
 }

@@ -697,14 +697,21 @@ static void request_reset(conn_t *c)
 /* A trusted proxy's request: the client is the last X-Forwarded-For entry
  * (the one the proxy appended or wrote itself; earlier ones came from the
  * client and prove nothing). An absent or malformed header leaves the
- * proxy's address as the peer. */
+ * proxy's address as the peer. X-Forwarded-Proto "https" or "http" gives
+ * the client's scheme (nginx sets it, never appends). */
 static void apply_forwarded(conn_t *c)
 {
     cmn_http_server_t *srv = c->srv;
     cmn_http_req_t *q = &c->req;
 
+    q->client_https = q->tls;
     if (!srv->opts.trust_proxy || !srv->opts.trust_proxy(c->sock_peer, srv->opts.trust_proxy_ud))
         return;
+    const char *proto = cmn_http_req_header(q, "X-Forwarded-Proto");
+    if (proto && strcasecmp(proto, "https") == 0)
+        q->client_https = true;
+    else if (proto && strcasecmp(proto, "http") == 0)
+        q->client_https = false;
     const char *xff = cmn_http_req_header(q, "X-Forwarded-For");
     if (!xff)
         return;

@@ -408,6 +408,28 @@ def forwarded_for_is_believed_only_from_trusted_proxies():
     # Only the last entry counts: the ones before it came from the client.
     eq(token(c, "10.9.8.7, 203.0.113.9")[0], 403, "spoofed first entry ignored")
     eq(token(c, "203.0.113.9, 10.9.8.7")[0], 200, "last entry inside the allow list")
+    # X-Forwarded-Proto (nginx terminating TLS for a plain-HTTP node) sets the
+    # scheme of the URLs in answers, from a trusted proxy only.
+    with open(env()["files"][0], "rb") as f:
+        dcm = f.read()
+
+    def stow_url(cl, proto):
+        s = cl.session()
+        b = "yy-sec-boundary"
+        body = (f"--{b}\r\nContent-Type: application/dicom\r\n\r\n".encode() + dcm +
+                f"\r\n--{b}--\r\n".encode())
+        hd = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={b}',
+              "Accept": "application/dicom+json"}
+        if proto:
+            hd["X-Forwarded-Proto"] = proto
+        st, _, out = s.request("POST", "/dicomweb/studies", body, hd)
+        eq(st, 200, f"STOW: {out[:200]}")
+        return h.tag_value(json.loads(out), "00081190")
+
+    check(stow_url(cloud, None).startswith("https://"), "own scheme without the header")
+    check(stow_url(cloud, "http").startswith("http://"), "trusted proxy's X-Forwarded-Proto: http")
+    check(stow_url(cloud, "https").startswith("https://"), "trusted proxy's X-Forwarded-Proto: https")
+    check(stow_url(plain, "http").startswith("https://"), "X-Forwarded-Proto from anyone else ignored")
     # A bad list is refused at start, naming the key.
     bad = os.path.join(h.tempdir("yy-sec-conf-"), "cloud.json")
     with open(bad, "w") as f:

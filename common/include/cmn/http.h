@@ -78,6 +78,9 @@ typedef struct {
     char via[64];                /* that proxy's address, else "" */
     void *route_ud;              /* the route's ud */
     bool tls;                    /* the request arrived over TLS */
+    bool client_https;           /* the client's own scheme is https: tls, or a
+                                  * trusted proxy's X-Forwarded-Proto (for URLs
+                                  * written into answers, never for security) */
     /* Mutual TLS only (opts.tls_client_ca_file), else NULL. Both describe the
      * client certificate verified during the handshake; they point into the
      * connection and stay valid until the handler returns. */
