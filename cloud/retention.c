@@ -112,11 +112,14 @@ static void plan_free(plan_row_t *rows, size_t n)
 static int plan_compute(cmn_sql_t *db, int64_t cutoff, long long limit, plan_row_t **out,
                         size_t *nout)
 {
-    static const char sql[] =
+    /* The sources of a study joined with ','; PostgreSQL's built-in
+     * string_agg rather than the schema's SQL-language group_concat, which
+     * runs a function call per value. */
+    static const char sql_fmt[] =
         "SELECT s.study_uid, s.study_date, s.created,"
         "  coalesce(max(i.created), 0), count(i.sop_uid), coalesce(sum(i.size), 0),"
-        "  coalesce(group_concat(DISTINCT CASE WHEN i.source = '' THEN '(unknown)'"
-        "    ELSE i.source END), '')"
+        "  coalesce(%s(DISTINCT CASE WHEN i.source = '' THEN '(unknown)'"
+        "    ELSE i.source END%s), '')"
         " FROM studies s LEFT JOIN instances i ON i.study_uid = s.study_uid"
         " WHERE s.created <= ?1"
         " GROUP BY s.study_uid"
@@ -128,8 +131,12 @@ static int plan_compute(cmn_sql_t *db, int64_t cutoff, long long limit, plan_row
     cmn_sql_stmt_t *st;
     int rc;
 
+    char sql[sizeof(sql_fmt) + 32];
+    bool pg = cmn_sql_engine(db) == CMN_SQL_PG;
+
     *out = NULL;
     *nout = 0;
+    snprintf(sql, sizeof(sql), sql_fmt, pg ? "string_agg" : "group_concat", pg ? ", ','" : "");
     if (cmn_sql_prepare(db, sql, &st) < 0)
         return CMN_EDB;
     cmn_sql_bind_int64(st, 1, cutoff);
