@@ -190,6 +190,8 @@ def plan_never_lists_a_study_younger_than_min_days():
     eq(sorted(listed), sorted([uid(e, "A"), uid(e, "B")]), "eligible with delete_after_days=1")
     for s in p["studies"]:
         check(s["age_days"] >= 1095, f"listed study younger than min_days: {s}")
+    eq({s["study_uid"]: s["sources"] for s in p["studies"]},
+       {uid(e, "A"): "edge-test", uid(e, "B"): "hosp-b"}, "sources (the uploading edges)")
     # C (recent study date) and D (archived now) are never listed.
     set_policy(cloud, delete_after_days=1500)
     eq([s["study_uid"] for s in plan(cloud)["studies"]], [uid(e, "A")], "delete_after_days=1500")
