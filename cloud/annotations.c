@@ -98,7 +98,7 @@ static void handle_get(cmn_sql_t *db, const cloud_user_t *u, const char *uid,
         cloud_resp_error(resp, 503, "unavailable", "index unavailable");
         return;
     }
-    cloud_index_audit(db, u->username, "annotations_read", uid, req->peer);
+    cloud_index_audit_commit(db, u->username, "annotations_read", uid, req->peer);
     cmn_http_resp_header(resp, "Cache-Control", "no-store");
     cloud_resp_json_take(resp, 200, "application/json", text);
 }
