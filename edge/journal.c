@@ -77,8 +77,25 @@ struct edge_journal {
     bool stopping;
     bool full_waiters;
     int64_t last_append_ms;
+    int64_t idle_ms;                  /* checkpoint after this long without appends */
     edge_journal_stats_t stats;
+
+    /* The record being streamed (edge_journal_stream_*): not in recs yet;
+     * its bytes go at s_off, past head. One streaming writer at a time. */
+    bool s_open;
+    int s_err;                        /* sticky for this record: 0, -EFBIG, -errno */
+    uint64_t s_off;                   /* record start (head, or 0 after a wrap) */
+    uint64_t s_skip;                  /* ring tail skipped by a wrap */
+    uint64_t s_written;               /* data bytes written */
+    uint64_t s_kicked;                /* data bytes handed to writeback */
 };
+
+/* A streamed record's meta is padded to J_MAX_META, so its data starts at a
+ * fixed offset before the meta is known. */
+#define S_DATA (J_HDR + J_MAX_META)
+
+/* Writeback of a streamed record starts every S_KICK bytes. */
+#define S_KICK (256u << 10)
 
 static uint64_t align_up(uint64_t v, uint64_t a)
 {
@@ -165,6 +182,28 @@ static int copy_data(int src, int dst, uint64_t len, uint64_t off)
     return 0;
 }
 
+/* Copies len bytes inside the journal file, from src to dst (not overlapping). */
+static int copy_within(int fd, uint64_t src, uint64_t dst, uint64_t len)
+{
+    char *buf = malloc(1 << 16);
+
+    if (!buf)
+        return -ENOMEM;
+    for (uint64_t done = 0; done < len;) {
+        size_t chunk = len - done < (1 << 16) ? (size_t)(len - done) : (1 << 16);
+        int rc = pread_all(fd, buf, chunk, src + done);
+        if (rc == 0)
+            rc = pwrite_all(fd, buf, chunk, dst + done);
+        if (rc < 0) {
+            free(buf);
+            return rc;
+        }
+        done += chunk;
+    }
+    free(buf);
+    return 0;
+}
+
 static uint32_t hdr_crc(j_hdr_t h, const void *meta, size_t meta_len)
 {
     h.crc = 0;
@@ -219,6 +258,7 @@ int edge_journal_open(const char *path, uint64_t size, edge_journal_t **out)
     }
     j->fd = fd;
     j->size = size;
+    j->idle_ms = 2000;
     j->cap = (size_t)(size / J_ALIGN) + 1;
     j->recs = calloc(j->cap, sizeof(*j->recs));
     if (!j->recs) {
@@ -375,7 +415,7 @@ static void *cp_main(void *arg)
     pthread_mutex_lock(&j->mu);
     while (!j->stopping) {
         bool quarter = j->used >= j->size / 4;
-        bool idle = j->count > 0 && mono_ms() - j->last_append_ms >= 2000;
+        bool idle = j->count > 0 && mono_ms() - j->last_append_ms >= j->idle_ms;
         if (quarter || j->full_waiters || idle) {
             size_t before = j->count;
             if (checkpoint_locked(j) < 0)
@@ -388,6 +428,11 @@ static void *cp_main(void *arg)
     }
     pthread_mutex_unlock(&j->mu);
     return NULL;
+}
+
+void edge_journal_set_idle_ms(edge_journal_t *j, int64_t ms)
+{
+    j->idle_ms = ms > 0 ? ms : 2000;
 }
 
 int edge_journal_start(edge_journal_t *j, edge_journal_pos_t head, edge_journal_checkpoint_cb cb,
@@ -487,6 +532,159 @@ int edge_journal_append(edge_journal_t *j, const void *meta, size_t meta_len, in
 out_unlock:
     pthread_mutex_unlock(&j->mu);
     return rc;
+}
+
+/* ------------------------------------------------------------ streaming */
+
+/* Caller holds mu: can a record of len bytes stay at off? */
+static bool fits_at(const edge_journal_t *j, uint64_t off, uint64_t len)
+{
+    if (j->count == 0)
+        return off + len <= j->size;
+    uint64_t first = j->recs[j->first].off;
+    if (j->head > first)              /* live records run from first to head */
+        return off >= j->head ? off + len <= j->size : off + len <= first;
+    return off >= j->head && off + len <= first;
+}
+
+int edge_journal_stream_begin(edge_journal_t *j)
+{
+    pthread_mutex_lock(&j->mu);
+    j->s_open = true;
+    j->s_err = j->sync_err;
+    j->s_off = j->head;
+    j->s_skip = 0;
+    j->s_written = j->s_kicked = 0;
+    pthread_mutex_unlock(&j->mu);
+    return j->s_err;
+}
+
+/* Caller holds mu: makes room for the streamed record to grow to len data
+ * bytes, moving what was written when it must wrap to offset 0. */
+static int stream_room(edge_journal_t *j, uint64_t len)
+{
+    uint64_t total = rec_bytes(J_MAX_META, len), skip = 0;
+    int64_t off;
+
+    if (len > edge_journal_max_data(j))
+        return -EFBIG;
+    if (fits_at(j, j->s_off, total))
+        return 0;
+    while ((off = place(j, total, &skip)) < 0 && !j->stopping && j->sync_err == 0) {
+        j->full_waiters = true;
+        j->stats.waits_full++;
+        pthread_cond_signal(&j->cp_cond);
+        pthread_cond_wait(&j->cond, &j->mu);
+    }
+    j->full_waiters = false;
+    if (off < 0)
+        return j->sync_err ? j->sync_err : -ECANCELED;
+    if ((uint64_t)off != j->s_off && j->s_written > 0) {
+        /* Only the wrap moves a record (from head to 0), and a record is at
+         * most a quarter of the ring: the two places never overlap. */
+        int rc = copy_within(j->fd, j->s_off + S_DATA, (uint64_t)off + S_DATA, j->s_written);
+        if (rc < 0)
+            return rc;
+        j->s_kicked = 0;
+    }
+    j->s_off = (uint64_t)off;
+    j->s_skip = skip;
+    return 0;
+}
+
+int edge_journal_stream_write(edge_journal_t *j, const void *buf, size_t len)
+{
+    int rc;
+
+    pthread_mutex_lock(&j->mu);
+    rc = !j->s_open ? -EINVAL : j->s_err;
+    if (rc == 0)
+        rc = stream_room(j, j->s_written + len);
+    uint64_t at = j->s_off + S_DATA + j->s_written;
+    pthread_mutex_unlock(&j->mu);
+    /* The region past head is this writer's alone: written without the lock. */
+    if (rc == 0)
+        rc = pwrite_all(j->fd, buf, len, at);
+    pthread_mutex_lock(&j->mu);
+    if (rc < 0) {
+        j->s_err = rc;
+    } else {
+        j->s_written += len;
+        if (j->s_written - j->s_kicked >= S_KICK) {
+            /* Start writeback now, so the fdatasync at commit finds the
+             * record mostly on disk already. */
+            (void)sync_file_range(j->fd, (off_t)(j->s_off + S_DATA + j->s_kicked),
+                                  (off_t)(j->s_written - j->s_kicked), SYNC_FILE_RANGE_WRITE);
+            j->s_kicked = j->s_written;
+        }
+    }
+    pthread_mutex_unlock(&j->mu);
+    return rc;
+}
+
+uint64_t edge_journal_stream_bytes(edge_journal_t *j)
+{
+    pthread_mutex_lock(&j->mu);
+    uint64_t n = j->s_open && j->s_err == 0 ? j->s_written : 0;
+    pthread_mutex_unlock(&j->mu);
+    return n;
+}
+
+int edge_journal_stream_commit(edge_journal_t *j, const void *meta, size_t meta_len,
+                               uint64_t *seq)
+{
+    char *hbuf;
+    int rc;
+
+    if (meta_len > J_MAX_META)
+        return -EFBIG;
+    hbuf = calloc(1, S_DATA);
+    if (!hbuf)
+        return -ENOMEM;
+    pthread_mutex_lock(&j->mu);
+    rc = !j->s_open ? -EINVAL : j->s_err;
+    if (rc == 0)
+        rc = stream_room(j, j->s_written);
+    if (rc < 0)
+        goto out;
+    uint64_t total = rec_bytes(J_MAX_META, j->s_written);
+    j_hdr_t h = {.magic = J_MAGIC, .version = J_VERSION, .seq = j->next_seq,
+                 .meta_len = J_MAX_META, .data_len = j->s_written};
+    memcpy(hbuf + J_HDR, meta, meta_len);     /* zero-padded to J_MAX_META */
+    h.crc = hdr_crc(h, hbuf + J_HDR, J_MAX_META);
+    memcpy(hbuf, &h, J_HDR);
+    /* The header last, as in append: it never describes data not yet written. */
+    if ((rc = pwrite_all(j->fd, hbuf, S_DATA, j->s_off)) < 0)
+        goto out;
+    j_rec_t *r = &j->recs[(j->first + j->count) % j->cap];
+    r->seq = j->next_seq;
+    r->off = j->s_off;
+    r->len = total + j->s_skip;
+    r->done = false;
+    j->count++;
+    j->used += total + j->s_skip;
+    j->head = j->s_off + total;
+    if (j->head >= j->size)
+        j->head = 0;
+    *seq = j->next_seq++;
+    j->written_seq = *seq;
+    j->last_append_ms = mono_ms();
+    j->stats.appends++;
+    j->stats.streamed++;
+    if (j->used >= j->size / 4)
+        pthread_cond_signal(&j->cp_cond);
+out:
+    j->s_open = false;
+    pthread_mutex_unlock(&j->mu);
+    free(hbuf);
+    return rc;
+}
+
+void edge_journal_stream_abort(edge_journal_t *j)
+{
+    pthread_mutex_lock(&j->mu);
+    j->s_open = false;                /* head did not move: the next record overwrites it */
+    pthread_mutex_unlock(&j->mu);
 }
 
 int edge_journal_sync(edge_journal_t *j, uint64_t seq)

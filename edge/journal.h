@@ -66,6 +66,8 @@ int edge_journal_open(const char *path, uint64_t size, edge_journal_t **out);
 int edge_journal_replay(edge_journal_t *j, edge_journal_pos_t from, edge_journal_record_cb cb,
                         void *ud, edge_journal_pos_t *end);
 
+/** Checkpoint after ms without appends (default 2000; before edge_journal_start). */
+void edge_journal_set_idle_ms(edge_journal_t *j, int64_t ms);
 /** Starts appending at head (from replay, once its records are made durable) and the checkpoint thread. */
 int edge_journal_start(edge_journal_t *j, edge_journal_pos_t head, edge_journal_checkpoint_cb cb,
                        void *ud);
@@ -82,6 +84,34 @@ uint64_t edge_journal_max_data(const edge_journal_t *j);
 int edge_journal_append(edge_journal_t *j, const void *meta, size_t meta_len, int src_fd,
                         uint64_t len, uint64_t *seq);
 
+/*
+ * Streaming: a record written while its data arrives (an instance being
+ * received), so that by the end most of it is on disk already (writeback
+ * starts every 256 KiB) and no copy is left to make. One streaming writer
+ * per journal at a time, and no edge_journal_append on that journal
+ * meanwhile: the spool gives each association a journal of its own. The
+ * record's meta is padded to J_MAX_META (4 KiB) in the ring.
+ */
+/** Starts a record at head (an unfinished one is dropped). 0 or the journal's sticky error. */
+int edge_journal_stream_begin(edge_journal_t *j);
+/**
+ * Appends data to the record. Blocks while the ring is full. 0, -EFBIG (the
+ * record outgrew edge_journal_max_data: abort it and take another path), or
+ * -errno; an error sticks to the record.
+ */
+int edge_journal_stream_write(edge_journal_t *j, const void *buf, size_t len);
+/** Data bytes written to the open record (0 after an error). */
+uint64_t edge_journal_stream_bytes(edge_journal_t *j);
+/**
+ * Writes the header (with meta) and makes the record part of the log, as
+ * edge_journal_append does: then edge_journal_sync(*seq). 0 or negative
+ * (the record's error); the record is closed either way.
+ */
+int edge_journal_stream_commit(edge_journal_t *j, const void *meta, size_t meta_len,
+                               uint64_t *seq);
+/** Drops the open record (nothing of it is ever replayed). */
+void edge_journal_stream_abort(edge_journal_t *j);
+
 /** Waits until record seq is on stable storage (one fdatasync for every waiter). 0 or -errno. */
 int edge_journal_sync(edge_journal_t *j, uint64_t seq);
 
@@ -94,6 +124,7 @@ void edge_journal_done(edge_journal_t *j, uint64_t seq);
 
 typedef struct {
     uint64_t appends, syncs, checkpoints, waits_full;
+    uint64_t streamed;           /* of the appends, records written by streaming */
 } edge_journal_stats_t;
 void edge_journal_get_stats(edge_journal_t *j, edge_journal_stats_t *st);
 

@@ -412,6 +412,10 @@ int main(int argc, char **argv)
         .dimse_timeout_s = (int)e.conf.scp.dimse_timeout_s,
         .store_begin = edge__store_begin,
         .store_end = edge__store_end,
+        .stream_open = edge__stream_open,
+        .stream_begin = edge__stream_begin,
+        .stream_data = edge__stream_data,
+        .stream_close = edge__stream_close,
         .ud = &e.store,
     };
     rc = edge_scp_create(&so, &e.scp, err, sizeof(err));

@@ -118,6 +118,27 @@ int edge__store_begin(void *ud, char *path, size_t len)
     return 0;
 }
 
+void *edge__stream_open(void *ud)
+{
+    edge_store_ctx_t *ctx = ud;
+    return edge_spool_stream_get(ctx->spool);
+}
+
+void edge__stream_begin(void *h)
+{
+    edge_spool_stream_begin(h);
+}
+
+void edge__stream_data(void *h, const void *buf, size_t len)
+{
+    edge_spool_stream_write(h, buf, len);
+}
+
+void edge__stream_close(void *h)
+{
+    edge_spool_stream_put(h);
+}
+
 /* Part 10: 128-byte preamble + "DICM" precede the meta header. */
 #define PART10_PREFIX 132
 
@@ -188,7 +209,8 @@ unsigned edge__store_end(void *ud, const edge_scp_store_t *st)
     };
     if (st->sha256) {
         snprintf(sha, sizeof(sha), "%s", st->sha256);
-        rc = edge_spool_add_received(ctx->spool, st->tmp_path, &uids, sha, st->file_bytes, &id);
+        rc = edge_spool_add_received(ctx->spool, st->tmp_path, &uids, sha, st->file_bytes,
+                                     st->stream, &id);
     } else {
         rc = edge_spool_add(ctx->spool, st->tmp_path, &uids, &id, sha);
     }

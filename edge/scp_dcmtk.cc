@@ -179,7 +179,8 @@ static std::string trim(const OFString &s)
 class HashFileConsumer : public DcmConsumer
 {
 public:
-    HashFileConsumer(int fd, edge_sha256_t *sha, int err) : m_fd(fd), m_sha(sha), m_err(err) {}
+    HashFileConsumer(int fd, edge_sha256_t *sha, int err, void *stream)
+        : m_fd(fd), m_sha(sha), m_err(err), m_stream(stream) {}
     virtual OFBool good() const { return OFTrue; }
     virtual OFCondition status() const { return EC_Normal; }
     virtual OFBool isFlushed() const { return OFTrue; }
@@ -202,6 +203,8 @@ public:
                 p += n;
                 left -= (size_t)n;
             }
+            if (m_err == 0 && m_stream)
+                g_scp->opts.stream_data(m_stream, buf, (size_t)len);
         }
         return len;
     }
@@ -211,6 +214,7 @@ private:
     int m_fd;
     edge_sha256_t *m_sha;
     int m_err;                   /* first write errno, 0 = none */
+    void *m_stream;              /* opts.stream_data's handle, or NULL */
 };
 
 class HashFileStream : public DcmOutputStream
@@ -224,20 +228,26 @@ public:
 class EdgeStoreSCP : public DcmThreadSCP
 {
 public:
-    EdgeStoreSCP() : m_received(0), m_assoc(NULL) {}
+    EdgeStoreSCP() : m_received(0), m_assoc(NULL), m_stream(NULL), m_stream_tried(false) {}
 
     virtual OFCondition run(T_ASC_Association *assoc)
     {
+        OFCondition cond;
+
         /* DcmSCPPool never joins its threads: without this each association
          * leaks a stack mapping (c-stack.md). */
         pthread_detach(pthread_self());
         m_assoc = assoc;         /* DcmSCP keeps its copy private */
         try {
-            return DcmThreadSCP::run(assoc);
+            cond = DcmThreadSCP::run(assoc);
         } catch (...) {
             fprintf(stderr, "yunying-edge: scp: exception in association, dropped\n");
-            return EC_IllegalCall;
+            cond = EC_IllegalCall;
         }
+        if (m_stream)
+            g_scp->opts.stream_close(m_stream);
+        m_stream = NULL;
+        return cond;
     }
 
 protected:
@@ -328,6 +338,12 @@ private:
             return sendSTOREResponse(presID, req, EDGE_STATUS_OUT_OF_RESOURCES);
         }
 
+        if (!m_stream_tried && s->opts.stream_open) {
+            m_stream = s->opts.stream_open(s->opts.ud);
+            m_stream_tried = true;
+        }
+        if (m_stream)
+            s->opts.stream_begin(m_stream);
         m_received = 0;
         char sha[PROTO_HEX256 + 1];
         uint64_t file_bytes = 0;
@@ -343,6 +359,7 @@ private:
         st.sop_instance_uid = req.AffectedSOPInstanceUID;
         st.calling_ae = calling.c_str();
         st.peer_ip = peer.c_str();
+        st.stream = m_stream;
         if (cond.bad()) {
             st.receive_failed = 1;
             /* DIMSE read the rest of the data set and gave up on the file:
@@ -401,9 +418,11 @@ private:
             if (n == 0)
                 break;
             edge_sha256_update(&sha, buf, (size_t)n);
+            if (m_stream)
+                g_scp->opts.stream_data(m_stream, buf, (size_t)n);
             total += (uint64_t)n;
         }
-        HashFileConsumer cons(fd, &sha, *write_err);
+        HashFileConsumer cons(fd, &sha, *write_err, m_stream);
         HashFileStream out(&cons);
         cond = DIMSE_receiveDataSetInFile(m_assoc, getConfig().getDIMSEBlockingMode(),
                                           (int)getConfig().getDIMSETimeout(), &ds_pres, &out,
@@ -421,6 +440,8 @@ private:
 
     unsigned long m_received;    /* data set bytes received so far (progress callback) */
     T_ASC_Association *m_assoc;  /* this worker's association (owned by DcmSCP) */
+    void *m_stream;              /* opts.stream_open's handle for this association, or NULL */
+    bool m_stream_tried;         /* stream_open was called */
 };
 
 /* ------------------------------------------------------------ pool */

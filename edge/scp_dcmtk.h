@@ -42,6 +42,7 @@ typedef struct {
     /* Set when receiving succeeded: the file was hashed while it was written. */
     const char *sha256;          /* hex SHA-256 of the whole file, or NULL */
     uint64_t file_bytes;         /* size of the file */
+    void *stream;                /* the association's stream handle (opts.stream_open), or NULL */
 } edge_scp_store_t;
 
 typedef struct {
@@ -67,6 +68,18 @@ typedef struct {
      * Must be thread-safe.
      */
     unsigned (*store_end)(void *ud, const edge_scp_store_t *st);
+    /**
+     * Optional: a sink that sees every byte of each received file as it is
+     * written (the spool's streaming journal lanes). stream_open runs on the
+     * worker at an association's first C-STORE and returns a handle (NULL =
+     * none for this association); stream_begin(h) before each data set;
+     * stream_data(h, buf, len) for the file's bytes in order; store_end gets
+     * the handle as st->stream; stream_close(h) when the association ends.
+     */
+    void *(*stream_open)(void *ud);
+    void (*stream_begin)(void *h);
+    void (*stream_data)(void *h, const void *buf, size_t len);
+    void (*stream_close)(void *h);
     void *ud;
 } edge_scp_opts_t;
 

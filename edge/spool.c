@@ -58,6 +58,27 @@
  * benchmark's cost table, not a configuration knob. */
 #define JOURNAL_MB_DEFAULT 64
 
+/* Streaming lanes: journals written while an instance arrives (journal.h),
+ * one per association in progress; further associations share lane 0.
+ * YY_SPOOL_LANES overrides the count (0..LANES; the benchmark's cost table). */
+#define LANES 2
+#define LANE_MB 32
+
+/* A journal and its place: lane 0 is "journal", lane n "journal.<n>".
+ * Records are told apart across lanes by jseq = lane << 48 | seq. */
+struct edge_spool_stream {
+    edge_spool_t *sp;
+    edge_journal_t *jr;              /* owned; NULL = not in use */
+    int idx;
+    bool busy;                       /* lanes: checked out (under sp->mu) */
+    bool streaming;                  /* the current instance is being streamed */
+};
+
+static uint64_t jseq_of(const edge_spool_stream_t *l, uint64_t seq)
+{
+    return (uint64_t)l->idx << 48 | seq;
+}
+
 /* ------------------------------------------------------------ config */
 
 const cmn_conf_opt_t edge__spool_opts[] = {
@@ -103,12 +124,16 @@ struct edge_spool {
     int64_t last_alarm_log_ms;       /* rate limit of the alarm log line */
     int nurgent;
     char urgent[URGENT_MAX][17];     /* calling AE titles with priority 1 */
-    edge_journal_t *jr;              /* owned; NULL = direct path only */
+    /* Ingest journals: lane[0] is shared (instances copied in after receipt,
+     * group-committed); lane[1..] are streamed into while an association
+     * receives, one association per lane (edge_spool_stream_get). */
+    struct edge_spool_stream lane[1 + LANES];
     int objdir_fd;                   /* dir/objects, for syncfs and fsync; owned */
     bool unsafe_nosync;              /* YY_SPOOL_UNSAFE_NOSYNC=1: benchmark reference only */
 };
 
 static int journal_setup(edge_spool_t *sp);
+static void journals_close(edge_spool_t *sp);
 static int counter_add(edge_spool_t *sp, const char *name, int64_t delta, bool set);
 
 static const char *const migrations[] = {
@@ -347,7 +372,7 @@ void edge_spool_close(edge_spool_t *sp)
 {
     if (!sp)
         return;
-    edge_journal_close(sp->jr);       /* final checkpoint: needs the db */
+    journals_close(sp);               /* final checkpoints: need the db */
     if (!sp->readonly && sp->objdir_fd > 0)
         close(sp->objdir_fd);
     if (sp->readonly)
@@ -603,69 +628,152 @@ static int meta_decode(const char *meta, size_t len, const char *f[META_FIELDS])
     return strcmp(f[0], "1") == 0 && strlen(f[5]) == PROTO_HEX256 ? 0 : -EINVAL;
 }
 
+/* ------------------------------------------------------------ streaming */
+
+edge_spool_stream_t *edge_spool_stream_get(edge_spool_t *sp)
+{
+    edge_spool_stream_t *l = NULL;
+
+    if (sp->unsafe_nosync)
+        return NULL;
+    pthread_mutex_lock(&sp->mu);
+    for (int i = 1; i <= LANES && !l; i++) {
+        if (sp->lane[i].jr && !sp->lane[i].busy) {
+            l = &sp->lane[i];
+            l->busy = true;
+        }
+    }
+    pthread_mutex_unlock(&sp->mu);
+    return l;
+}
+
+void edge_spool_stream_put(edge_spool_stream_t *l)
+{
+    if (!l)
+        return;
+    if (l->streaming)
+        edge_journal_stream_abort(l->jr);
+    l->streaming = false;
+    pthread_mutex_lock(&l->sp->mu);
+    l->busy = false;
+    pthread_mutex_unlock(&l->sp->mu);
+}
+
+void edge_spool_stream_begin(edge_spool_stream_t *l)
+{
+    if (l)
+        l->streaming = edge_journal_stream_begin(l->jr) == 0;
+}
+
+void edge_spool_stream_write(edge_spool_stream_t *l, const void *buf, size_t len)
+{
+    if (l && l->streaming && edge_journal_stream_write(l->jr, buf, len) < 0) {
+        /* Too big for the lane, or an I/O error: this instance takes
+         * another path (add_received), from its temporary file. */
+        edge_journal_stream_abort(l->jr);
+        l->streaming = false;
+    }
+}
+
 int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids_t *uids,
-                            const char *sha, uint64_t size, int64_t *id_out)
+                            const char *sha, uint64_t size, edge_spool_stream_t *stream,
+                            int64_t *id_out)
 {
     char final[PATH_MAX + 128];
     char meta[1024];
+    edge_spool_stream_t *l = &sp->lane[0];
     uint64_t seq = 0;
     int64_t created = now_wall_ms();
-    int rc, fd, mlen;
+    int rc, fd = -1, mlen;
+    bool streamed = stream && stream->streaming && edge_journal_stream_bytes(stream->jr) == size;
 
-    fd = open(tmp_path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        rc = -errno;
-        unlink(tmp_path);
-        return rc;
+    if (stream && stream->streaming && !streamed) {
+        edge_journal_stream_abort(stream->jr);   /* not the whole file: not used */
+        stream->streaming = false;
     }
     mlen = meta_encode(meta, sizeof(meta), uids, sha, created);
-    if (!sp->jr || sp->unsafe_nosync || mlen < 0 || size > edge_journal_max_data(sp->jr)) {
-        rc = add_direct(sp, tmp_path, fd, uids, sha, size, id_out);
-        close(fd);
-        return rc;
+    if (!streamed) {
+        fd = open(tmp_path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            rc = -errno;
+            unlink(tmp_path);
+            return rc;
+        }
+        if (!l->jr || sp->unsafe_nosync || mlen < 0 || size > edge_journal_max_data(l->jr)) {
+            rc = add_direct(sp, tmp_path, fd, uids, sha, size, id_out);
+            close(fd);
+            return rc;
+        }
+    } else {
+        l = stream;
     }
     /* Not durable by itself: the journal record is what makes it so. */
     snprintf(final, sizeof(final), "%s/objects/%s.dcm", sp->dir, sha);
     if (rename(tmp_path, final) < 0) {
         rc = -errno;
         CMN_LOG_E("spool", "rename failed sop=%s: %s", uids->sop_uid, cmn_strerror(rc));
-        close(fd);
+        if (fd >= 0)
+            close(fd);
+        else
+            edge_journal_stream_abort(l->jr);
+        l->streaming = false;
         unlink(tmp_path);
         return rc;
     }
-    rc = edge_journal_append(sp->jr, meta, (size_t)mlen, fd, size, &seq);
-    close(fd);
+    if (streamed) {
+        rc = mlen < 0 ? mlen : edge_journal_stream_commit(l->jr, meta, (size_t)mlen, &seq);
+        l->streaming = false;
+    } else {
+        rc = edge_journal_append(l->jr, meta, (size_t)mlen, fd, size, &seq);
+        close(fd);
+    }
     if (rc == 0)
-        rc = edge_journal_sync(sp->jr, seq);
+        rc = edge_journal_sync(l->jr, seq);
     if (rc < 0) {
         CMN_LOG_E("spool", "journal write failed sop=%s: %s", uids->sop_uid, cmn_strerror(rc));
         if (seq)
-            edge_journal_done(sp->jr, seq);
+            edge_journal_done(l->jr, seq);
         return rc;     /* the object file stays: an orphan at worst (see add_direct) */
     }
     pthread_mutex_lock(&sp->mu);
     cmn_db_exec(sp->db, "PRAGMA synchronous=NORMAL");
-    rc = insert_row(sp, uids, sha, size, final, created, seq, id_out);
+    rc = insert_row(sp, uids, sha, size, final, created, jseq_of(l, seq), id_out);
     cmn_db_exec(sp->db, "PRAGMA synchronous=FULL");
     pthread_mutex_unlock(&sp->mu);
-    edge_journal_done(sp->jr, seq);
+    edge_journal_done(l->jr, seq);
     return rc;
 }
 
 /* Checkpoint: every object file and row of the records before tail become
  * durable on their own, then the tail is committed (synchronous=FULL). */
+/* The counters holding a lane's tail: "journal_off" for lane 0 (as before
+ * lanes existed), "journal<n>_off" for lane n. */
+static void tail_keys(const edge_spool_stream_t *l, char off[24], char seq[24])
+{
+    if (l->idx == 0) {
+        snprintf(off, 24, "journal_off");
+        snprintf(seq, 24, "journal_seq");
+    } else {
+        snprintf(off, 24, "journal%d_off", l->idx);
+        snprintf(seq, 24, "journal%d_seq", l->idx);
+    }
+}
+
 static int journal_checkpoint(void *ud, edge_journal_pos_t tail)
 {
-    edge_spool_t *sp = ud;
+    edge_spool_stream_t *l = ud;
+    edge_spool_t *sp = l->sp;
+    char koff[24], kseq[24];
     int rc;
 
+    tail_keys(l, koff, kseq);
     if (syncfs(sp->objdir_fd) < 0)
         return -errno;
     pthread_mutex_lock(&sp->mu);
     rc = cmn_db_exec(sp->db, "BEGIN IMMEDIATE");
     if (rc == 0) {
-        if ((rc = counter_add(sp, "journal_off", (int64_t)tail.off, true)) < 0 ||
-            (rc = counter_add(sp, "journal_seq", (int64_t)tail.seq, true)) < 0 ||
+        if ((rc = counter_add(sp, koff, (int64_t)tail.off, true)) < 0 ||
+            (rc = counter_add(sp, kseq, (int64_t)tail.seq, true)) < 0 ||
             (rc = cmn_db_exec(sp->db, "COMMIT")) < 0)
             cmn_db_exec(sp->db, "ROLLBACK");
     }
@@ -678,7 +786,8 @@ static int journal_checkpoint(void *ud, edge_journal_pos_t tail)
 static int journal_replay_one(void *ud, uint64_t seq, const char *meta, size_t meta_len, int jfd,
                               uint64_t data_off, uint64_t data_len)
 {
-    edge_spool_t *sp = ud;
+    edge_spool_stream_t *l = ud;
+    edge_spool_t *sp = l->sp;
     const char *f[META_FIELDS];
     char final[PATH_MAX + 128], tmp[PATH_MAX + 64], sha[PROTO_HEX256 + 1];
     uint64_t size = 0;
@@ -747,12 +856,13 @@ static int journal_replay_one(void *ud, uint64_t seq, const char *meta, size_t m
     pthread_mutex_lock(&sp->mu);
     rc = cmn_db_prepare(sp->db, "SELECT 1 FROM instances WHERE jseq=?1", &st);
     if (rc == 0) {
-        sqlite3_bind_int64(st, 1, (sqlite3_int64)seq);
+        sqlite3_bind_int64(st, 1, (sqlite3_int64)jseq_of(l, seq));
         have = sqlite3_step(st) == SQLITE_ROW;
         sqlite3_finalize(st);
         if (!have) {
             edge_spool_uids_t u = {f[1], f[2], f[3], f[4]};
-            rc = insert_row(sp, &u, f[5], data_len, final, strtoll(f[6], NULL, 10), seq, NULL);
+            rc = insert_row(sp, &u, f[5], data_len, final, strtoll(f[6], NULL, 10),
+                            jseq_of(l, seq), NULL);
             if (rc == 0)
                 CMN_LOG_W("spool", "journal restored row sop=%s seq=%llu", f[1],
                           (unsigned long long)seq);
@@ -776,45 +886,29 @@ static int64_t counter_get(edge_spool_t *sp, const char *name, int64_t dflt)
     return v;
 }
 
-static int journal_setup(edge_spool_t *sp)
+/* Opens (creating it if needed), replays and starts the journal of lane l:
+ * mb MiB for a new ring (an existing ring keeps its size). keep=false:
+ * replay only, then close. 0, or negative (the spool must not open). */
+static int lane_setup(edge_spool_t *sp, edge_spool_stream_t *l, long long mb, bool keep)
 {
-    char path[PATH_MAX + 32];
-    const char *env = getenv("YY_SPOOL_JOURNAL_MB");
-    long long mb = JOURNAL_MB_DEFAULT;
+    char path[PATH_MAX + 32], koff[24], kseq[24];
     edge_journal_pos_t tail, end;
+    struct stat sb;
     int rc;
 
-    if (env && *env)
-        mb = strtoll(env, NULL, 10);
-    snprintf(path, sizeof(path), "%s/journal", sp->dir);
-    if (mb <= 0) {
-        /* A journal left from before still holds records to replay. */
-        if (access(path, F_OK) != 0)
-            return 0;
-        mb = JOURNAL_MB_DEFAULT;
-    }
-    struct stat sb;
-    if (stat(path, &sb) == 0 && sb.st_size > 0) {
+    if (l->idx == 0)
+        snprintf(path, sizeof(path), "%s/journal", sp->dir);
+    else
+        snprintf(path, sizeof(path), "%s/journal.%d", sp->dir, l->idx);
+    if (stat(path, &sb) == 0 && sb.st_size > 0)
         mb = (long long)(sb.st_size >> 20);   /* keep an existing ring's size */
-    } else {
-        /* A new ring takes at most 1/8 of the free space; below 4 MiB the
-         * spool runs without one (small test file systems). */
-        struct statvfs vfs;
-        if (statvfs(sp->dir, &vfs) == 0) {
-            long long cap = (long long)(((uint64_t)vfs.f_bavail * vfs.f_frsize / 8) >> 20);
-            if (cap < mb)
-                mb = cap;
-        }
-        if (mb < 4) {
-            CMN_LOG_W("spool", "too little space for the ingest journal: every instance is"
-                      " synced on its own");
-            return 0;
-        }
-    }
-    rc = edge_journal_open(path, (uint64_t)mb << 20, &sp->jr);
+    else if (!keep || mb < 4)
+        return 0;                             /* nothing to replay, none wanted */
+    rc = edge_journal_open(path, (uint64_t)mb << 20, &l->jr);
     if (rc == -ENOSPC || rc == -EDQUOT) {
         unlink(path);
-        CMN_LOG_W("spool", "no space for the ingest journal: every instance is synced on its own");
+        l->jr = NULL;
+        CMN_LOG_W("spool", "no space for ingest journal %d: instances take another path", l->idx);
         return 0;
     }
     if (rc < 0) {
@@ -823,27 +917,83 @@ static int journal_setup(edge_spool_t *sp)
     }
     if ((rc = cmn_fsync_dir(sp->dir)) < 0)
         goto out_close;
+    tail_keys(l, koff, kseq);
     pthread_mutex_lock(&sp->mu);
-    tail.off = (uint64_t)counter_get(sp, "journal_off", 0);
-    tail.seq = (uint64_t)counter_get(sp, "journal_seq", 1);
+    tail.off = (uint64_t)counter_get(sp, koff, 0);
+    tail.seq = (uint64_t)counter_get(sp, kseq, 1);
     pthread_mutex_unlock(&sp->mu);
-    rc = edge_journal_replay(sp->jr, tail, journal_replay_one, sp, &end);
+    rc = edge_journal_replay(l->jr, tail, journal_replay_one, l, &end);
     if (rc < 0)
         goto out_close;
-    if ((end.seq != tail.seq || end.off != tail.off) && (rc = journal_checkpoint(sp, end)) < 0)
+    if ((end.seq != tail.seq || end.off != tail.off) && (rc = journal_checkpoint(l, end)) < 0)
         goto out_close;
-    if (env && strtoll(env, NULL, 10) <= 0) {
-        edge_journal_close(sp->jr);           /* replayed; not used from now on */
-        sp->jr = NULL;
+    if (!keep) {
+        edge_journal_close(l->jr);            /* replayed; not used from now on */
+        l->jr = NULL;
         return 0;
     }
-    return edge_journal_start(sp->jr, end, journal_checkpoint, sp);
+    /* Tests keep records un-checkpointed (to replay them) with a long idle time. */
+    const char *idle = getenv("YY_SPOOL_CHECKPOINT_IDLE_MS");
+    if (idle && *idle)
+        edge_journal_set_idle_ms(l->jr, strtoll(idle, NULL, 10));
+    return edge_journal_start(l->jr, end, journal_checkpoint, l);
 
 out_close:
     CMN_LOG_E("spool", "journal replay failed: %s", cmn_strerror(rc));
-    edge_journal_close(sp->jr);
-    sp->jr = NULL;
+    edge_journal_close(l->jr);
+    l->jr = NULL;
     return rc;
+}
+
+static int journal_setup(edge_spool_t *sp)
+{
+    const char *env = getenv("YY_SPOOL_JOURNAL_MB");
+    const char *env_lanes = getenv("YY_SPOOL_LANES");
+    long long mb = JOURNAL_MB_DEFAULT;
+    int lanes = LANES, rc;
+
+    if (env && *env)
+        mb = strtoll(env, NULL, 10);
+    if (env_lanes && *env_lanes)
+        lanes = (int)strtol(env_lanes, NULL, 10);
+    if (lanes < 0 || lanes > LANES)
+        lanes = LANES;
+    if (mb <= 0)
+        lanes = 0;
+    /* New rings take at most 1/8 of the free space together; below 4 MiB
+     * the shared one is not made (small test file systems), and lanes come
+     * only when they fit beside it. */
+    struct statvfs vfs;
+    if (mb > 0 && statvfs(sp->dir, &vfs) == 0) {
+        long long cap = (long long)(((uint64_t)vfs.f_bavail * vfs.f_frsize / 8) >> 20);
+        if (cap < mb)
+            mb = cap;
+        if (cap < mb + (long long)lanes * LANE_MB)
+            lanes = 0;
+        if (mb < 4)
+            CMN_LOG_W("spool", "too little space for the ingest journal: every instance is"
+                      " synced on its own");
+    }
+    for (int i = 0; i <= LANES; i++) {
+        edge_spool_stream_t *l = &sp->lane[i];
+        l->sp = sp;
+        l->idx = i;
+        /* A ring left from before still holds records to replay, wanted or not. */
+        rc = lane_setup(sp, l, i == 0 ? mb : LANE_MB, i == 0 ? mb > 0 : i <= lanes);
+        if (rc < 0) {
+            journals_close(sp);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static void journals_close(edge_spool_t *sp)
+{
+    for (int i = 0; i <= LANES; i++) {
+        edge_journal_close(sp->lane[i].jr);
+        sp->lane[i].jr = NULL;
+    }
 }
 
 static void copy_col(char *dst, size_t len, sqlite3_stmt *st, int col)

@@ -124,15 +124,33 @@ int edge_spool_add(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids
                    int64_t *id_out, char sha_out[PROTO_HEX256 + 1]);
 
 /**
+ * A streaming lane of the ingest journal, for one association at a time:
+ * the bytes of each instance are written to it as they arrive (stream_begin
+ * at each instance, stream_write for every byte of the file, meta header
+ * included), so that acknowledging it costs one fdatasync of what is not on
+ * disk yet. NULL when every lane is taken (the instance is then copied into
+ * the shared journal after receipt). Thread-safe; put it back when the
+ * association ends.
+ */
+typedef struct edge_spool_stream edge_spool_stream_t;
+edge_spool_stream_t *edge_spool_stream_get(edge_spool_t *sp);
+void edge_spool_stream_put(edge_spool_stream_t *stream);
+void edge_spool_stream_begin(edge_spool_stream_t *stream);
+void edge_spool_stream_write(edge_spool_stream_t *stream, const void *buf, size_t len);
+
+/**
  * Records a received file that was hashed while it was written (sha256,
- * size): through the ingest journal - one group-committed fdatasync, the
- * file renamed to dir/objects/<sha256>.dcm, the row inserted - or, for
- * instances too big for the journal, like edge_spool_add. Returns once the
- * instance and its row are durable (the caller may acknowledge it). The
- * temporary file no longer exists afterwards. 0 or as edge_spool_add.
+ * size): through the ingest journal - the lane it was streamed into
+ * (stream, when it holds all size bytes), else copied into the shared
+ * journal (one group-committed fdatasync) - the file renamed to
+ * dir/objects/<sha256>.dcm, the row inserted; or, for instances too big
+ * for the journal, like edge_spool_add. Returns once the instance and its
+ * row are durable (the caller may acknowledge it). The temporary file no
+ * longer exists afterwards. stream may be NULL. 0 or as edge_spool_add.
  */
 int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids_t *uids,
-                            const char *sha256, uint64_t size, int64_t *id_out);
+                            const char *sha256, uint64_t size, edge_spool_stream_t *stream,
+                            int64_t *id_out);
 
 /**
  * Claims up to max prepared PENDING rows due at now_ms (wall clock),
