@@ -129,6 +129,8 @@ struct edge_spool {
      * receives, one association per lane (edge_spool_stream_get). */
     struct edge_spool_stream lane[1 + LANES];
     int objdir_fd;                   /* dir/objects, for syncfs and fsync; owned */
+    /* Statements of the per-image path, prepared once (guarded by mu; owned). */
+    sqlite3_stmt *st_insert, *st_sync_normal, *st_sync_full;
     bool unsafe_nosync;              /* YY_SPOOL_UNSAFE_NOSYNC=1: benchmark reference only */
 };
 
@@ -373,6 +375,9 @@ void edge_spool_close(edge_spool_t *sp)
     if (!sp)
         return;
     journals_close(sp);               /* final checkpoints: need the db */
+    sqlite3_finalize(sp->st_insert);
+    sqlite3_finalize(sp->st_sync_normal);
+    sqlite3_finalize(sp->st_sync_full);
     if (!sp->readonly && sp->objdir_fd > 0)
         close(sp->objdir_fd);
     if (sp->readonly)
@@ -454,20 +459,50 @@ static int fsync_fd(edge_spool_t *sp, int fd, bool data_only)
     return (data_only ? fdatasync(fd) : fsync(fd)) < 0 ? -errno : 0;
 }
 
+/* A statement of the per-image path from *slot, prepared on first use and
+ * kept (parsing it for every image showed in the ingest profile); caller
+ * holds mu and gives it back with put_cached(). NULL on error (logged). */
+static sqlite3_stmt *cached(edge_spool_t *sp, sqlite3_stmt **slot, const char *sql)
+{
+    if (!*slot && sqlite3_prepare_v3(sp->db, sql, -1, SQLITE_PREPARE_PERSISTENT, slot, NULL) !=
+                      SQLITE_OK) {
+        CMN_LOG_E("spool", "prepare failed: %s", sqlite3_errmsg(sp->db));
+        *slot = NULL;
+    }
+    return *slot;
+}
+
+static void put_cached(sqlite3_stmt *st)
+{
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+}
+
+/* Runs a cached statement without parameters or rows (PRAGMA). 0 or CMN_EDB. */
+static int exec_cached(edge_spool_t *sp, sqlite3_stmt **slot, const char *sql)
+{
+    sqlite3_stmt *st = cached(sp, slot, sql);
+    int rc = st && sqlite3_step(st) == SQLITE_DONE ? 0 : CMN_EDB;
+
+    if (st)
+        put_cached(st);
+    return rc;
+}
+
 /* Inserts the PENDING row; caller holds mu. jseq 0 = not journaled. */
 static int insert_row(edge_spool_t *sp, const edge_spool_uids_t *uids, const char *sha,
                       uint64_t size, const char *path, int64_t created, uint64_t jseq,
                       int64_t *id_out)
 {
-    sqlite3_stmt *st = NULL;
-    int rc = cmn_db_prepare(sp->db,
-                            "INSERT INTO instances (sop_uid, study_uid, series_uid, sha256, size,"
-                            " path, state, attempts, next_attempt_at, created_at, updated_at,"
-                            " priority, calling_ae, jseq)"
-                            " VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'PENDING', 0, 0, ?7, ?7, ?8, ?9, ?10)",
-                            &st);
-    if (rc < 0)
-        return rc;
+    int rc = 0;
+    sqlite3_stmt *st = cached(sp, &sp->st_insert,
+                              "INSERT INTO instances (sop_uid, study_uid, series_uid, sha256, size,"
+                              " path, state, attempts, next_attempt_at, created_at, updated_at,"
+                              " priority, calling_ae, jseq)"
+                              " VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'PENDING', 0, 0, ?7, ?7, ?8, ?9,"
+                              " ?10)");
+    if (!st)
+        return CMN_EDB;
     sqlite3_bind_text(st, 1, uids->sop_uid, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, uids->study_uid, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 3, uids->series_uid, -1, SQLITE_STATIC);
@@ -490,7 +525,7 @@ static int insert_row(edge_spool_t *sp, const edge_spool_uids_t *uids, const cha
         if (id_out)
             *id_out = sqlite3_last_insert_rowid(sp->db);
     }
-    sqlite3_finalize(st);
+    put_cached(st);
     return rc;
 }
 
@@ -736,9 +771,9 @@ int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_s
         return rc;     /* the object file stays: an orphan at worst (see add_direct) */
     }
     pthread_mutex_lock(&sp->mu);
-    cmn_db_exec(sp->db, "PRAGMA synchronous=NORMAL");
+    exec_cached(sp, &sp->st_sync_normal, "PRAGMA synchronous=NORMAL");
     rc = insert_row(sp, uids, sha, size, final, created, jseq_of(l, seq), id_out);
-    cmn_db_exec(sp->db, "PRAGMA synchronous=FULL");
+    exec_cached(sp, &sp->st_sync_full, "PRAGMA synchronous=FULL");
     pthread_mutex_unlock(&sp->mu);
     edge_journal_done(l->jr, seq);
     return rc;
