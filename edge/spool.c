@@ -60,7 +60,8 @@
 
 /* Streaming lanes: journals written while an instance arrives (journal.h),
  * one per association in progress; further associations share lane 0.
- * YY_SPOOL_LANES overrides the count (0..LANES; the benchmark's cost table). */
+ * YY_SPOOL_LANES (0..LANES) and YY_SPOOL_LANE_MB override count and size of
+ * new lanes (the benchmark's cost table, not configuration knobs). */
 #define LANES 2
 #define LANE_MB 32
 
@@ -984,11 +985,14 @@ static int journal_setup(edge_spool_t *sp)
 {
     const char *env = getenv("YY_SPOOL_JOURNAL_MB");
     const char *env_lanes = getenv("YY_SPOOL_LANES");
-    long long mb = JOURNAL_MB_DEFAULT;
+    const char *env_lane_mb = getenv("YY_SPOOL_LANE_MB");
+    long long mb = JOURNAL_MB_DEFAULT, lane_mb = LANE_MB;
     int lanes = LANES, rc;
 
     if (env && *env)
         mb = strtoll(env, NULL, 10);
+    if (env_lane_mb && *env_lane_mb)
+        lane_mb = strtoll(env_lane_mb, NULL, 10);
     if (env_lanes && *env_lanes)
         lanes = (int)strtol(env_lanes, NULL, 10);
     if (lanes < 0 || lanes > LANES)
@@ -1003,7 +1007,7 @@ static int journal_setup(edge_spool_t *sp)
         long long cap = (long long)(((uint64_t)vfs.f_bavail * vfs.f_frsize / 8) >> 20);
         if (cap < mb)
             mb = cap;
-        if (cap < mb + (long long)lanes * LANE_MB)
+        if (cap < mb + (long long)lanes * lane_mb)
             lanes = 0;
         if (mb < 4)
             CMN_LOG_W("spool", "too little space for the ingest journal: every instance is"
@@ -1014,7 +1018,7 @@ static int journal_setup(edge_spool_t *sp)
         l->sp = sp;
         l->idx = i;
         /* A ring left from before still holds records to replay, wanted or not. */
-        rc = lane_setup(sp, l, i == 0 ? mb : LANE_MB, i == 0 ? mb > 0 : i <= lanes);
+        rc = lane_setup(sp, l, i == 0 ? mb : lane_mb, i == 0 ? mb > 0 : i <= lanes);
         if (rc < 0) {
             journals_close(sp);
             return rc;

@@ -24,8 +24,9 @@
 #                          copied into it after receipt, group-committed
 #                          fdatasync (the default before lanes)
 #   YY_SPOOL_JOURNAL_MB=0  direct path: fsync file, rename, fsync dir, SQLite FULL
-#   YY_SPOOL_JOURNAL_MB=512 (edge-ring512) a ring larger than the CT: no
-#                          checkpoint (syncfs of the object files) during it
+#   YY_SPOOL_JOURNAL_MB=512 YY_SPOOL_LANE_MB=512 (edge-ring512) rings larger
+#                          than the CT: no checkpoint (syncfs of the object
+#                          files) during it
 #   YY_SPOOL_UNSAFE_NOSYNC=1  no fsync at all (NOT durable; the price of durability)
 set -eu
 top=$(cd "$(dirname "$0")/../.." && pwd)
@@ -152,7 +153,7 @@ while [ $r -lt "$ROUNDS" ]; do
         if [ "${COSTS:-0}" = 1 ]; then
             edge_run edge-nolanes "$mode" "$EDGE" YY_SPOOL_LANES=0
             edge_run edge-direct "$mode" "$EDGE" YY_SPOOL_JOURNAL_MB=0
-            edge_run edge-ring512 "$mode" "$EDGE" YY_SPOOL_JOURNAL_MB=512
+            edge_run edge-ring512 "$mode" "$EDGE" YY_SPOOL_JOURNAL_MB=512 YY_SPOOL_LANE_MB=512
             edge_run edge-nosync "$mode" "$EDGE" YY_SPOOL_UNSAFE_NOSYNC=1
             if [ -n "${BASE_EDGE:-}" ]; then edge_run edge-before "$mode" "$BASE_EDGE"; fi
         fi
