@@ -10,9 +10,14 @@
  * instance, the original itself is recorded. upload.compress_parallel rows
  * per batch; a batch is listed, run, and the next listed when it is done.
  *
- * UPLOAD: the worker claims up to upload.parallel upload groups from the
- * spool (PENDING -> UPLOADING, urgent first, in the threadpool) and runs one
- * job per group - only while the schedule (schedule.h) has a window open.
+ * UPLOAD: the worker claims upload groups from the spool (PENDING ->
+ * UPLOADING, urgent first, in the threadpool) and runs one job per group -
+ * only while the schedule (schedule.h) has a window open. upload.parallel
+ * jobs send at once (sending slots); UPLOAD_AHEAD more are hashed, declared
+ * and have their first chunk read meanwhile, so a freed slot is used at
+ * once; a job whose last chunk is sent gives its slot back and waits for
+ * the cloud's commit outside the count (free_slots). Jobs hash in claim
+ * order, as many at once as there are CPUs.
  * A group is one instance, or a bundle: small instances of one study
  * (edge_spool_claim_group; upload.bundle_max_bytes/_count) sent as one
  * object of kind "bundle" (PROTOCOL.md "Bundles"). A bundle's bytes are
@@ -46,11 +51,12 @@
  *                                            v
  *                                         FINISHED (freed)
  *
- * PACING is the bandwidth cap: one token bucket (bytes/s of the open
- * window, burst one second) shared by all jobs; a job takes its chunk's
- * bytes when the bucket is not in debt, else it queues (FIFO) until the
- * refill pays the debt. The chunk size proposed to the cloud shrinks to
- * about one second of the cap, so pacing stays smooth on slow links.
+ * PACING: a job without a sending slot waits (FIFO) until one is free; then
+ * the bandwidth cap: one token bucket (bytes/s of the open window, burst
+ * one second) shared by all jobs; a job takes its chunk's bytes when the
+ * bucket is not in debt, else it queues (FIFO) until the refill pays the
+ * debt. The chunk size proposed to the cloud shrinks to about one second
+ * of the cap, so pacing stays smooth on slow links.
  *
  * Failures are never final for network reasons: every transport or HTTP
  * error is a retry with capped exponential backoff and jitter (attempts
@@ -63,9 +69,10 @@
  *
  * Every request is signed (proto_sign) with the key of a short-lived token
  * (token.h; the edge secret signs only the token request); a request the
- * cloud refuses for its token is re-sent once with a new token. Network
- * waits are bounded by the HTTP client's per-request timeout
- * (upload.timeout_ms).
+ * cloud refuses for its token is re-sent once with a new token. A token is
+ * asked for as soon as jobs are claimed, so the fetch overlaps their
+ * hashing. Network waits are bounded by the HTTP client's per-request
+ * timeout (upload.timeout_ms).
  */
 #include <ctype.h>
 #include <errno.h>
@@ -88,6 +95,7 @@
 
 #include "internal.h"
 #include "schedule.h"
+#include "sha256.h"
 #include "token.h"
 #include "upload.h"
 
@@ -109,7 +117,7 @@ const cmn_conf_opt_t edge__upload_opts[] = {
     CMN_CONF_OPT_STR(edge_conf_upload_t, client_key_file, "",
                      "private key of client_cert_file (PEM); empty = inside client_cert_file"),
     CMN_CONF_OPT_INT(edge_conf_upload_t, parallel, 8, 1, 64,
-                     "objects uploaded at once (a commit holds its slot while the cloud places it)"),
+                     "objects sent at once (one waiting for the cloud's commit does not hold a slot)"),
     CMN_CONF_OPT_INT(edge_conf_upload_t, chunk_size, 2 << 20, PROTO_MIN_CHUNK, PROTO_MAX_CHUNK,
                      "bytes per chunk PUT (proposed; the cloud may choose another)"),
     CMN_CONF_OPT_INT(edge_conf_upload_t, retry_min_ms, 1000, 10, 3600000,
@@ -303,6 +311,10 @@ typedef enum {
     JOB_OUT_SPLIT,                   /* bundle with a bad member: members settled one by one */
 } job_outcome_t;
 
+/* Objects made ready to send (hashed, declared, first chunk read) beyond
+ * upload.parallel, so a sending slot never waits for a declare (free_slots). */
+#define UPLOAD_AHEAD 2
+
 /* Local hash check result: the original is fine, the prepared file is not. */
 #define JOB_E_REPREPARE 1
 /* A bundle member's file is unusable: the bundle is dissolved (mstat says who). */
@@ -346,8 +358,11 @@ struct edge_job {
     char errkind[32];                /* error class for the counters ("timeout", ...) */
     int64_t next_at_ms;
     uint64_t bytes_sent;             /* chunk payload sent in this attempt */
+    bool sent_all;                   /* reached COMMITTING: counted in up->ncommitting */
+    bool has_slot;                   /* holds a sending slot: counted in up->nsending */
     edge_job_t *next;                /* in up->jobs */
-    edge_job_t *pace_next;           /* in up->pace_head while PACING */
+    edge_job_t *pace_next;           /* in up->pace_head or up->slot_head while PACING */
+    edge_job_t *hash_next;           /* in up->hash_head while waiting to hash */
 };
 
 /* One row being prepared (transcoded or not) in the threadpool. */
@@ -381,6 +396,10 @@ struct edge_upload {
     bool claiming;                   /* claim_work in flight (also while CLOSING) */
     edge_job_t *jobs;                /* in flight */
     int njobs;
+    int ncommitting;                 /* of which past their last chunk (sent_all) */
+    edge_job_t *hash_head, *hash_tail;   /* jobs waiting for a hashing slot, FIFO */
+    int nhashing, hash_max;          /* hash_work in flight, at most hash_max */
+    bool token_prefetch;             /* a token wait of our own is pending */
     int handles_open;                /* wake + timer + pace_timer + manifest_timer */
     /* study manifests */
     uv_timer_t manifest_timer;
@@ -398,6 +417,8 @@ struct edge_upload {
     uv_timer_t pace_timer;
     edge_job_t *pace_head, *pace_tail;   /* jobs waiting for tokens, FIFO */
     int npacing;
+    edge_job_t *slot_head, *slot_tail;   /* jobs ready to send, waiting for a slot, FIFO */
+    int nsending;                    /* jobs holding a sending slot (<= upload.parallel) */
     /* prepare pipeline */
     prep_t *preps;                   /* compress_parallel slots; owned */
     int prep_n, prep_inflight;
@@ -421,12 +442,31 @@ static void maybe_closed(edge_upload_t *up);
 static void on_timer(uv_timer_t *t);
 static void manifest_poke(edge_upload_t *up);
 static void manifest_finished(edge_upload_t *up, edge_job_t *job);
+static void hash_run(edge_upload_t *up);
+static void on_pace_timer(uv_timer_t *t);
 
 static const char *job_state_name(edge_job_state_t s)
 {
     static const char *const names[] = {"HASHING", "DECLARING", "READING", "PACING", "SENDING",
                                         "COMMITTING", "RECORDING", "FINISHED"};
     return (unsigned)s < CMN_ARRAY_SIZE(names) ? names[s] : "?";
+}
+
+/*
+ * A job gives its sending slot back (its last chunk is sent, or it ends):
+ * the next job waiting for one is let go by pace_run on the next loop turn,
+ * never from inside the caller's state change.
+ */
+static void slot_release(edge_job_t *job)
+{
+    edge_upload_t *up = job->up;
+
+    if (!job->has_slot)
+        return;
+    job->has_slot = false;
+    up->nsending--;
+    if (up->slot_head && up->state != EDGE_UPLOAD_CLOSING)
+        uv_timer_start(&up->pace_timer, on_pace_timer, 0, 0);
 }
 
 /* Legal moves (see the diagram in the file header). */
@@ -455,6 +495,12 @@ static void job_set_state(edge_job_t *job, edge_job_state_t to)
     CMN_LOG_D("upload", "id=%lld sop=%s %s -> %s", (long long)job->item.id, job->item.sop_uid,
               job_state_name(from), job_state_name(to));
     job->state = to;
+    if (to == EDGE_JOB_COMMITTING || to == EDGE_JOB_RECORDING || to == EDGE_JOB_FINISHED)
+        slot_release(job);
+    if (to == EDGE_JOB_COMMITTING && !job->manifest && !job->sent_all) {
+        job->sent_all = true;   /* no longer counts as being uploaded (free_slots) */
+        job->up->ncommitting++;
+    }
 }
 
 /* ------------------------------------------------------------ signing */
@@ -848,13 +894,55 @@ static void pace_pop(edge_upload_t *up, edge_job_t *job)
     up->npacing--;
 }
 
-/* Lets queued jobs send while the bucket allows; arms the timer for the rest. */
+static void pace_append(edge_upload_t *up, edge_job_t *job)
+{
+    job->pace_next = NULL;
+    if (up->pace_tail)
+        up->pace_tail->pace_next = job;
+    else
+        up->pace_head = job;
+    up->pace_tail = job;
+    up->npacing++;
+}
+
+static void slot_take(edge_job_t *job)
+{
+    if (!job->has_slot) {
+        job->has_slot = true;
+        job->up->nsending++;
+    }
+}
+
+static edge_job_t *slot_pop(edge_upload_t *up)
+{
+    edge_job_t *job = up->slot_head;
+
+    up->slot_head = job->pace_next;
+    if (!up->slot_head)
+        up->slot_tail = NULL;
+    job->pace_next = NULL;
+    return job;
+}
+
+/*
+ * Lets queued jobs send: first jobs waiting for a sending slot get the free
+ * ones (upload.parallel jobs send at once and keep their slot from their
+ * first chunk to their commit), then the bucket decides (FIFO); arms the
+ * timer for the rest.
+ */
 static void pace_run(edge_upload_t *up)
 {
     if (up->state == EDGE_UPLOAD_CLOSING)
         return;
     sched_eval(up);
     bucket_refill(up);
+    while (up->slot_head && !up->sched_now.open)
+        job_finish(slot_pop(up), JOB_OUT_RELEASE, NULL, "upload window closed");
+    while (up->slot_head && up->nsending < (int)up->conf->parallel) {
+        edge_job_t *job = slot_pop(up);
+        slot_take(job);
+        pace_append(up, job);
+    }
     while (up->pace_head) {
         edge_job_t *job = up->pace_head;
         if (!up->sched_now.open) {
@@ -880,17 +968,23 @@ static void pace_run(edge_upload_t *up)
     }
 }
 
+/* PACING: a job with its chunk read waits for a sending slot (if it has
+ * none yet), then for bandwidth tokens. */
 static void pace_enqueue(edge_job_t *job)
 {
     edge_upload_t *up = job->up;
 
-    job->pace_next = NULL;
-    if (up->pace_tail)
-        up->pace_tail->pace_next = job;
-    else
-        up->pace_head = job;
-    up->pace_tail = job;
-    up->npacing++;
+    if (!job->has_slot && (up->slot_head || up->nsending >= (int)up->conf->parallel)) {
+        job->pace_next = NULL;
+        if (up->slot_tail)
+            up->slot_tail->pace_next = job;
+        else
+            up->slot_head = job;
+        up->slot_tail = job;
+        return;
+    }
+    slot_take(job);
+    pace_append(up, job);
     if (up->pace_head == job)
         pace_run(up);
 }
@@ -914,6 +1008,8 @@ static void job_free(edge_job_t *job)
 static void job_unlink(edge_job_t *job)
 {
     edge_upload_t *up = job->up;
+    if (job->sent_all)
+        up->ncommitting--;
     for (edge_job_t **pp = &up->jobs; *pp; pp = &(*pp)->next) {
         if (*pp == job) {
             *pp = job->next;
@@ -923,16 +1019,17 @@ static void job_unlink(edge_job_t *job)
     }
 }
 
+static int hash_into(const char *path, edge_sha256_t *outer, char hex[PROTO_HEX256 + 1],
+                     uint64_t *size);
+
 static int check_file(const char *path, const char *sha, uint64_t want_size)
 {
-    uint8_t d[CMN_SHA256_LEN];
     char hex[PROTO_HEX256 + 1];
     uint64_t size = 0;
-    int rc = cmn_sha256_file(path, d, &size);
+    int rc = hash_into(path, NULL, hex, &size);
 
     if (rc < 0)
         return rc;
-    cmn_hex(d, sizeof(d), hex);
     if (size != want_size || strcmp(hex, sha) != 0)
         return CMN_EHASH;
     return 0;
@@ -954,12 +1051,17 @@ static void hash_work_one(edge_job_t *job)
         job->work_rc = JOB_E_REPREPARE;
 }
 
-/* Hashes path into hex (and into outer, when not NULL). 0 or -errno. */
-static int hash_into(const char *path, cmn_sha256_ctx_t *outer, char hex[PROTO_HEX256 + 1],
+/*
+ * Hashes path into hex (and into outer, when not NULL). 0 or -errno.
+ * Every byte uploaded (and every original behind it) goes through here, so
+ * it uses edge_sha256 (SHA-NI where the CPU has it: ~10x mbedTLS, whose
+ * hashing was the edge's largest CPU cost during an upload).
+ */
+static int hash_into(const char *path, edge_sha256_t *outer, char hex[PROTO_HEX256 + 1],
                      uint64_t *size)
 {
-    uint8_t d[CMN_SHA256_LEN], *buf;
-    cmn_sha256_ctx_t c;
+    uint8_t *buf;
+    edge_sha256_t c;
     int fd, rc = 0;
     ssize_t n;
 
@@ -968,7 +1070,7 @@ static int hash_into(const char *path, cmn_sha256_ctx_t *outer, char hex[PROTO_H
     if (fd < 0)
         return -errno;
     buf = cmn_xmalloc(1 << 16);
-    cmn_sha256_init(&c);
+    edge_sha256_init(&c);
     while ((n = read(fd, buf, 1 << 16)) != 0) {
         if (n < 0) {
             if (errno == EINTR)
@@ -976,15 +1078,14 @@ static int hash_into(const char *path, cmn_sha256_ctx_t *outer, char hex[PROTO_H
             rc = -errno;
             break;
         }
-        cmn_sha256_update(&c, buf, (size_t)n);
+        edge_sha256_update(&c, buf, (size_t)n);
         if (outer)
-            cmn_sha256_update(outer, buf, (size_t)n);
+            edge_sha256_update(outer, buf, (size_t)n);
         *size += (uint64_t)n;
     }
     free(buf);
     close(fd);
-    cmn_sha256_final(&c, d);
-    cmn_hex(d, sizeof(d), hex);
+    edge_sha256_final_hex(&c, hex);
     return rc;
 }
 
@@ -996,9 +1097,8 @@ static int hash_into(const char *path, cmn_sha256_ctx_t *outer, char hex[PROTO_H
  */
 static void hash_work_bundle(edge_job_t *job)
 {
-    cmn_sha256_ctx_t bctx;
-    uint8_t d[CMN_SHA256_LEN];
-    char hex[PROTO_HEX256 + 1];
+    edge_sha256_t bctx;
+    char hex[PROTO_HEX256 + 1], bhex[PROTO_HEX256 + 1];
     bool bad = false;
     uint64_t size;
 
@@ -1023,8 +1123,8 @@ static void hash_work_bundle(edge_job_t *job)
         job->work_rc = CMN_EPARSE;   /* a row with a bad UID: retried, logged */
         return;
     }
-    cmn_sha256_init(&bctx);
-    cmn_sha256_update(&bctx, job->bhdr, job->blayout.header_len);
+    edge_sha256_init(&bctx);
+    edge_sha256_update(&bctx, job->bhdr, job->blayout.header_len);
     for (int i = 0; i < job->nmembers; i++) {
         const edge_spool_item_t *it = &job->members[i];
         bool same = strcmp(it->up_path, it->path) == 0;
@@ -1041,12 +1141,12 @@ static void hash_work_bundle(edge_job_t *job)
             bad = true;
         }
     }
-    cmn_sha256_final(&bctx, d);
+    edge_sha256_final_hex(&bctx, bhex);
     if (bad) {
         job->work_rc = JOB_E_SPLIT;
         return;
     }
-    cmn_hex(d, sizeof(d), job->obj_sha);
+    snprintf(job->obj_sha, sizeof(job->obj_sha), "%s", bhex);
     job->obj_size = job->blayout.size;
     job->work_rc = 0;
 }
@@ -1119,15 +1219,21 @@ static void read_work(uv_work_t *w)
 {
     edge_job_t *job = container_of(w, edge_job_t, work);
     uint64_t off = (uint64_t)job->next_chunk * job->chunk_size;
-    uint8_t d[CMN_SHA256_LEN];
+    edge_sha256_t c;
 
     if (job->bundle)
         job->work_rc = read_bundle_range(job, off, job->chunk, job->chunk_len);
     else
         job->work_rc = read_at(job->item.up_path, off, job->chunk, job->chunk_len);
-    if (job->work_rc == 0) {
-        cmn_sha256(job->chunk, job->chunk_len, d);
-        cmn_hex(d, sizeof(d), job->chunk_sha);
+    if (job->work_rc == 0 && job->nchunks == 1) {
+        /* The chunk is the whole object, hashed in HASHING: not again. Had
+         * the file changed since, the cloud refuses the chunk (bad_chunk)
+         * and the retry's HASHING finds out. */
+        snprintf(job->chunk_sha, sizeof(job->chunk_sha), "%s", job->obj_sha);
+    } else if (job->work_rc == 0) {
+        edge_sha256_init(&c);
+        edge_sha256_update(&c, job->chunk, job->chunk_len);
+        edge_sha256_final_hex(&c, job->chunk_sha);
     }
 }
 
@@ -1254,6 +1360,10 @@ static void after_work(uv_work_t *w, int status)
     job->busy = false;
     if (status == UV_ECANCELED)
         job->work_rc = -ECANCELED;
+    if (job->state == EDGE_JOB_HASHING && !job->manifest) {
+        job->up->nhashing--;
+        hash_run(job->up);
+    }
     if (job->state == EDGE_JOB_RECORDING) {
         if (job->work_rc < 0)
             CMN_LOG_E("upload", "cannot record outcome id=%lld sop=%s: %s", (long long)job->item.id,
@@ -1325,6 +1435,39 @@ static void queue(edge_job_t *job, uv_work_cb fn)
         abort();
     }
     job->busy = true;
+}
+
+/*
+ * HASHING reads every byte of an object and of its originals, CPU-bound:
+ * at most hash_max jobs hash at once, in claim order, so that the first
+ * objects are declared and on the wire while the others wait, instead of
+ * all of them finishing together late on a busy CPU (at start, and after
+ * a burst of commits).
+ */
+static void hash_run(edge_upload_t *up)
+{
+    while (up->hash_head && up->nhashing < up->hash_max && up->state != EDGE_UPLOAD_CLOSING) {
+        edge_job_t *job = up->hash_head;
+        up->hash_head = job->hash_next;
+        if (!up->hash_head)
+            up->hash_tail = NULL;
+        job->hash_next = NULL;
+        up->nhashing++;
+        queue(job, hash_work);
+    }
+}
+
+static void hash_enqueue(edge_job_t *job)
+{
+    edge_upload_t *up = job->up;
+
+    job->hash_next = NULL;
+    if (up->hash_tail)
+        up->hash_tail->hash_next = job;
+    else
+        up->hash_head = job;
+    up->hash_tail = job;
+    hash_run(up);
 }
 
 static void on_declared(edge_job_t *job, const cmn_http_result_t *res)
@@ -1514,7 +1657,10 @@ static void job_step(edge_job_t *job)
 
     switch (job->state) {
     case EDGE_JOB_HASHING:
-        queue(job, job->manifest ? manifest_list_work : hash_work);
+        if (job->manifest)
+            queue(job, manifest_list_work);
+        else
+            hash_enqueue(job);
         return;
 
     case EDGE_JOB_DECLARING: {
@@ -1593,6 +1739,8 @@ static void job_step(edge_job_t *job)
         if (job->bundle)
             job->next_timeout_ms = (long)up->conf->timeout_ms + 30000 + 200L * job->nmembers;
         rc = send_json(job, "POST", rel, NULL, on_committed);
+        if (rc == 0)
+            pump(up);   /* its sending slot is free: the next object starts now */
         break;
 
     case EDGE_JOB_RECORDING:
@@ -1682,7 +1830,6 @@ static void job_finish(edge_job_t *job, job_outcome_t out, const char *kind, con
 static int adopt_jpegls(prep_t *p, const char *tmp, char *final, size_t flen, char *sha,
                         uint64_t *size)
 {
-    uint8_t d[CMN_SHA256_LEN];
     char dir[4200];
     int fd, rc = 0;
 
@@ -1694,9 +1841,8 @@ static int adopt_jpegls(prep_t *p, const char *tmp, char *final, size_t flen, ch
     close(fd);
     if (rc < 0)
         return rc;
-    if ((rc = cmn_sha256_file(tmp, d, size)) < 0)
+    if ((rc = hash_into(tmp, NULL, sha, size)) < 0)
         return rc;
-    cmn_hex(d, sizeof(d), sha);
     /* Next to the original: same directory, original's hash + ".jls.dcm". */
     snprintf(dir, sizeof(dir), "%s", p->item.path);
     char *slash = strrchr(dir, '/');
@@ -1844,6 +1990,49 @@ static void prep_pump(edge_upload_t *up)
 
 /* ------------------------------------------------------------ worker */
 
+/*
+ * Objects the worker may claim now. upload.parallel of them send at once
+ * (sending slots, pace_run) and UPLOAD_AHEAD more are hashed, declared and
+ * have their first chunk read, so that a freed slot is used at once. One
+ * whose last chunk is sent only waits for the cloud's commit (parsing and
+ * archiving every member): it gives its slot to the next object, so the
+ * link stays busy through commits; up to upload.parallel such jobs (each
+ * holds an HTTP connection).
+ */
+static int free_slots(const edge_upload_t *up)
+{
+    int par = (int)up->conf->parallel;
+    int want = par + UPLOAD_AHEAD - (up->njobs - up->ncommitting);
+    int room = 2 * par + UPLOAD_AHEAD - up->njobs;
+
+    return want < room ? want : room;
+}
+
+static void on_token_prefetched(int status, const char *why, void *ud)
+{
+    edge_upload_t *up = ud;
+
+    up->token_prefetch = false;
+    if (status < 0 && status != -ECANCELED)
+        CMN_LOG_D("upload", "token prefetch: %s", why ? why : cmn_strerror(status));
+}
+
+/* Jobs were claimed: get a token now (and so a connection to the cloud),
+ * while they hash, rather than when the first of them declares. */
+static void token_prefetch(edge_upload_t *up)
+{
+    proto_token_t tok;
+
+    if (up->token_prefetch || !up->token)
+        return;
+    if (edge_token_current(up->token, &tok) == 0) {
+        wipe(&tok, sizeof(tok));
+        return;
+    }
+    if (edge_token_wait(up->token, on_token_prefetched, up) == 0)
+        up->token_prefetch = true;
+}
+
 /* Claims up to claim_max upload groups (a bundle, or one instance). */
 static void claim_work(uv_work_t *w)
 {
@@ -1977,9 +2166,11 @@ static void claim_done(uv_work_t *w, int status)
                   job->item.priority);
         job_step(job);
     }
+    if (up->claim_n > 0)
+        token_prefetch(up);
     live_update(up);
-    int free_slots = (int)up->conf->parallel - up->njobs;
-    if (up->pump_again && free_slots > 0) {
+    int nfree = free_slots(up);
+    if (up->pump_again && nfree > 0) {
         up->pump_again = false;
         pump(up);
         return;
@@ -1987,7 +2178,7 @@ static void claim_done(uv_work_t *w, int status)
     up->pump_again = false;
     if (status < 0 || up->claim_rc < 0) {
         uv_timer_start(&up->timer, on_timer, 1000, 0);
-    } else if (up->claim_next_due >= 0 && free_slots > 0) {
+    } else if (up->claim_next_due >= 0 && nfree > 0) {
         int64_t d = up->claim_next_due - edge__wall_ms();
         if (edge__clock_is_fake() && d > 50)
             d = 50;   /* the fake clock moves without us: poll it */
@@ -2008,19 +2199,19 @@ static void pump(edge_upload_t *up)
     }
     sched_eval(up);
     if (!up->sched_now.open) {
-        /* Jobs waiting for tokens go back to the spool too. */
-        if (up->pace_head)
+        /* Jobs waiting for tokens or a slot go back to the spool too. */
+        if (up->pace_head || up->slot_head)
             pace_run(up);
         arm_schedule_timer(up);
         return;
     }
-    if (up->pace_head)
+    if (up->pace_head || up->slot_head)
         pace_run(up);
-    int free_slots = (int)up->conf->parallel - up->njobs;
-    if (free_slots <= 0)
+    int nfree = free_slots(up);
+    if (nfree <= 0)
         return;
     up->state = EDGE_UPLOAD_CLAIMING;
-    up->claim_max = free_slots;
+    up->claim_max = nfree;
     up->claim_n = 0;
     up->claiming = true;
     if (uv_queue_work(up->loop, &up->claim_work, claim_work, claim_done) < 0) {
@@ -2093,9 +2284,15 @@ int edge_upload_create(uv_loop_t *loop, const edge_conf_upload_t *conf, edge_spo
         snprintf(err, errlen, "upload.cloud_url: too long");
         goto out_free;
     }
-    up->claimed = cmn_xcalloc((size_t)conf->parallel, sizeof(*up->claimed));
-    up->claimed_n = cmn_xcalloc((size_t)conf->parallel, sizeof(*up->claimed_n));
-    rc = cmn_http_client_create(loop, (int)conf->parallel, &up->http);
+    up->claimed = cmn_xcalloc((size_t)conf->parallel + UPLOAD_AHEAD, sizeof(*up->claimed));
+    up->claimed_n = cmn_xcalloc((size_t)conf->parallel + UPLOAD_AHEAD, sizeof(*up->claimed_n));
+    up->hash_max = (int)uv_available_parallelism();
+    if (up->hash_max > (int)conf->parallel)
+        up->hash_max = (int)conf->parallel;
+    if (up->hash_max < 1)
+        up->hash_max = 1;
+    /* requests at once: declares ahead, sends, commits (free_slots), the token */
+    rc = cmn_http_client_create(loop, 2 * (int)conf->parallel + UPLOAD_AHEAD + 1, &up->http);
     if (rc < 0) {
         snprintf(err, errlen, "HTTP client: %s", cmn_strerror(rc));
         goto out_free_claimed;
@@ -2196,6 +2393,20 @@ void edge_upload_close(edge_upload_t *up, void (*done)(void *ud), void *ud)
     while (up->pace_head) {
         edge_job_t *job = up->pace_head;
         pace_pop(up, job);
+        job_set_state(job, EDGE_JOB_FINISHED);
+        job_step(job);
+    }
+    while (up->slot_head) {
+        edge_job_t *job = slot_pop(up);
+        job_set_state(job, EDGE_JOB_FINISHED);
+        job_step(job);
+    }
+    /* So have jobs waiting to hash. */
+    while (up->hash_head) {
+        edge_job_t *job = up->hash_head;
+        up->hash_head = job->hash_next;
+        if (!up->hash_head)
+            up->hash_tail = NULL;
         job_set_state(job, EDGE_JOB_FINISHED);
         job_step(job);
     }
