@@ -116,7 +116,7 @@ const cmn_conf_opt_t edge__upload_opts[] = {
                      "client certificate (PEM) for mutual TLS; its CN must be edge_id"),
     CMN_CONF_OPT_STR(edge_conf_upload_t, client_key_file, "",
                      "private key of client_cert_file (PEM); empty = inside client_cert_file"),
-    CMN_CONF_OPT_INT(edge_conf_upload_t, parallel, 8, 1, 64,
+    CMN_CONF_OPT_INT(edge_conf_upload_t, parallel, 4, 1, 64,
                      "objects sent at once (one waiting for the cloud's commit does not hold a slot)"),
     CMN_CONF_OPT_INT(edge_conf_upload_t, chunk_size, 2 << 20, PROTO_MIN_CHUNK, PROTO_MAX_CHUNK,
                      "bytes per chunk PUT (proposed; the cloud may choose another)"),

@@ -13,7 +13,7 @@
 # RTT shown is the shortest of three TCP handshakes to the cloud. Anchor: curl PUTs the very bytes the edge uploaded (its
 # JPEG-LS files) to an HTTPS sink in the cloud namespace, 1 stream and 4
 # streams, with -H 'Expect:'. The edge runs with upload.parallel =
-# YY_BENCH_PARALLEL (default 8, the edge's default).
+# YY_BENCH_PARALLEL (default 4, the edge's default).
 # Then a cut: the link drops for 3 s in the middle of a second upload; the
 # bytes sent beyond the object sizes are the re-sent bytes.
 #
@@ -202,7 +202,7 @@ edge_conf() {   # SCHEDULE_JSON SPOOL PORT
  "scp":{"ae_title":"YUNYING","bind":"0.0.0.0","port":$3},
  "spool":{"dir":"$2","min_free_mb":0},
  "upload":{"cloud_url":"https://$CIP:$port","edge_id":"bench-edge","secret_file":"$w/edge.secret",
-           "ca_file":"$w/ca/ca.pem","parallel":${YY_BENCH_PARALLEL:-8},"compress":true,"retry_min_ms":200,"retry_max_ms":2000,
+           "ca_file":"$w/ca/ca.pem","parallel":${YY_BENCH_PARALLEL:-4},"compress":true,"retry_min_ms":200,"retry_max_ms":2000,
            "chunk_size":${YY_BENCH_CHUNK:-2097152},"bundle_max_bytes":${YY_BENCH_BUNDLE:-2097152}},
  "schedule":$1}
 J
@@ -255,7 +255,7 @@ upload_run() {  # NAME SPOOL -> prints seconds; leaves sums in $w/NAME.*
 }
 
 echo
-echo "== upload (edge, JPEG-LS on, parallel ${YY_BENCH_PARALLEL:-8}, TLS, bundles up to ${YY_BENCH_BUNDLE:-2097152} bytes, chunks ${YY_BENCH_CHUNK:-2097152})"
+echo "== upload (edge, JPEG-LS on, parallel ${YY_BENCH_PARALLEL:-4}, TLS, bundles up to ${YY_BENCH_BUNDLE:-2097152} bytes, chunks ${YY_BENCH_CHUNK:-2097152})"
 ob0=$(obj_bytes)
 s0=$(emu_snap)
 upload_run a "$w/spool-a"
@@ -323,7 +323,7 @@ up_bytes=$(sqlite3 "$w/spool-b/spool.db" "SELECT SUM(up_size) FROM instances")
 sent=$(sqlite3 "$w/spool-b/spool.db" "SELECT value FROM counters WHERE name='bytes_sent'")
 errs=$(sqlite3 "$w/spool-b/spool.db" "SELECT group_concat(substr(name,5) || '=' || value, ' ') FROM counters WHERE name LIKE 'err.%'")
 awk -v s="$secs" -v b="$((ob2 - ob1))" -v sent="$sent" -v e="$errs" -v c="${YY_BENCH_CHUNK:-2097152}" \
-    -v par="${YY_BENCH_PARALLEL:-8}" 'BEGIN {
+    -v par="${YY_BENCH_PARALLEL:-4}" 'BEGIN {
     printf "edge:   %.2f s; objects %d bytes, sent %d: re-sent %d bytes = %.2f chunks of %d (up to %d objects in flight; limit 1 per object); errors: %s\n",
            s, b, sent, sent - b, (sent - b) / c, c, par, e }'
 emu_report "edge with the cut" "$s5" "$s6"
