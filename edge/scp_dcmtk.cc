@@ -56,12 +56,12 @@
 #include "dcmtk/dcmdata/dcostrmf.h"
 #include "dcmtk/oflog/oflog.h"
 
+#include "cmn/crypto.h"   /* has its own extern "C" */
 extern "C" {
 #include "cmn/log.h"
 }
 #include "proto/proto.h"
 #include "scp_dcmtk.h"
-#include "sha256.h"
 
 /* ------------------------------------------------------------ SOP classes */
 
@@ -179,7 +179,7 @@ static std::string trim(const OFString &s)
 class HashFileConsumer : public DcmConsumer
 {
 public:
-    HashFileConsumer(int fd, edge_sha256_t *sha, int err, void *stream)
+    HashFileConsumer(int fd, cmn_sha256_ctx_t *sha, int err, void *stream)
         : m_fd(fd), m_sha(sha), m_err(err), m_stream(stream) {}
     virtual OFBool good() const { return OFTrue; }
     virtual OFCondition status() const { return EC_Normal; }
@@ -191,7 +191,7 @@ public:
         if (m_err == 0 && len > 0) {
             const char *p = (const char *)buf;
             size_t left = (size_t)len;
-            edge_sha256_update(m_sha, p, left);
+            cmn_sha256_update(m_sha, p, left);
             while (left > 0) {
                 ssize_t n = ::write(m_fd, p, left);
                 if (n < 0 && errno == EINTR)
@@ -212,7 +212,7 @@ public:
 
 private:
     int m_fd;
-    edge_sha256_t *m_sha;
+    cmn_sha256_ctx_t *m_sha;
     int m_err;                   /* first write errno, 0 = none */
     void *m_stream;              /* opts.stream_data's handle, or NULL */
 };
@@ -389,7 +389,7 @@ private:
     {
         DcmOutputFileStream *meta = NULL;
         T_ASC_PresentationContextID ds_pres = 0;
-        edge_sha256_t sha;
+        cmn_sha256_ctx_t sha;
         OFCondition cond;
         char buf[4096];
 
@@ -405,7 +405,7 @@ private:
                 cond = DIMSE_OUTOFRESOURCES;
             return cond;
         }
-        edge_sha256_init(&sha);
+        cmn_sha256_init(&sha);
         uint64_t total = 0;
         for (;;) {              /* the meta header just written, from the page cache */
             ssize_t n = pread(fd, buf, sizeof(buf), (off_t)total);
@@ -417,7 +417,7 @@ private:
             }
             if (n == 0)
                 break;
-            edge_sha256_update(&sha, buf, (size_t)n);
+            cmn_sha256_update(&sha, buf, (size_t)n);
             if (m_stream)
                 g_scp->opts.stream_data(m_stream, buf, (size_t)n);
             total += (uint64_t)n;
@@ -433,7 +433,7 @@ private:
             *write_err = cons.error();
         if (close(fd) < 0 && *write_err == 0)
             *write_err = errno;
-        edge_sha256_final_hex(&sha, sha_hex);
+        cmn_sha256_final_hex(&sha, sha_hex);
         *file_bytes = total + (uint64_t)out.tell();
         return cond;
     }

@@ -50,7 +50,6 @@
 
 #include "internal.h"
 #include "journal.h"
-#include "sha256.h"
 #include "spool.h"
 
 /* Ring size of the ingest journal. YY_SPOOL_JOURNAL_MB overrides it (0 =
@@ -574,12 +573,12 @@ static int add_direct(edge_spool_t *sp, const char *tmp_path, int fd,
 /* Hashes the file from its start. */
 static int hash_file(int fd, char sha_hex[PROTO_HEX256 + 1], uint64_t *size)
 {
-    edge_sha256_t ctx;
+    cmn_sha256_ctx_t ctx;
     uint8_t *buf = cmn_xmalloc(1 << 16);
     uint64_t total = 0;
     int rc = 0;
 
-    edge_sha256_init(&ctx);
+    cmn_sha256_init(&ctx);
     for (;;) {
         ssize_t n = pread(fd, buf, 1 << 16, (off_t)total);
         if (n < 0 && errno == EINTR)
@@ -590,11 +589,11 @@ static int hash_file(int fd, char sha_hex[PROTO_HEX256 + 1], uint64_t *size)
         }
         if (n == 0)
             break;
-        edge_sha256_update(&ctx, buf, (size_t)n);
+        cmn_sha256_update(&ctx, buf, (size_t)n);
         total += (uint64_t)n;
     }
     free(buf);
-    edge_sha256_final_hex(&ctx, sha_hex);
+    cmn_sha256_final_hex(&ctx, sha_hex);
     *size = total;
     return rc;
 }
@@ -840,7 +839,7 @@ static int journal_replay_one(void *ud, uint64_t seq, const char *meta, size_t m
     }
     if (!intact) {
         /* Copy the record's data out, checking it is whole on the way. */
-        edge_sha256_t ctx;
+        cmn_sha256_ctx_t ctx;
         uint8_t *buf = cmn_xmalloc(1 << 16);
         if ((rc = edge_spool_tmp_path(sp, tmp, sizeof(tmp))) < 0) {
             free(buf);
@@ -851,7 +850,7 @@ static int journal_replay_one(void *ud, uint64_t seq, const char *meta, size_t m
             free(buf);
             return -errno;
         }
-        edge_sha256_init(&ctx);
+        cmn_sha256_init(&ctx);
         rc = 0;
         for (uint64_t done = 0; rc == 0 && done < data_len;) {
             size_t chunk = data_len - done < (1 << 16) ? (size_t)(data_len - done) : (1 << 16);
@@ -860,13 +859,13 @@ static int journal_replay_one(void *ud, uint64_t seq, const char *meta, size_t m
                 rc = n < 0 ? -errno : -EIO;
                 break;
             }
-            edge_sha256_update(&ctx, buf, (size_t)n);
+            cmn_sha256_update(&ctx, buf, (size_t)n);
             if (write(fd, buf, (size_t)n) != n)
                 rc = -EIO;
             done += (uint64_t)n;
         }
         free(buf);
-        edge_sha256_final_hex(&ctx, sha);
+        cmn_sha256_final_hex(&ctx, sha);
         if (rc == 0 && strcmp(sha, f[5]) != 0) {
             close(fd);
             unlink(tmp);

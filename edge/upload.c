@@ -95,7 +95,6 @@
 
 #include "internal.h"
 #include "schedule.h"
-#include "sha256.h"
 #include "token.h"
 #include "upload.h"
 
@@ -1019,7 +1018,7 @@ static void job_unlink(edge_job_t *job)
     }
 }
 
-static int hash_into(const char *path, edge_sha256_t *outer, char hex[PROTO_HEX256 + 1],
+static int hash_into(const char *path, cmn_sha256_ctx_t *outer, char hex[PROTO_HEX256 + 1],
                      uint64_t *size);
 
 static int check_file(const char *path, const char *sha, uint64_t want_size)
@@ -1054,14 +1053,14 @@ static void hash_work_one(edge_job_t *job)
 /*
  * Hashes path into hex (and into outer, when not NULL). 0 or -errno.
  * Every byte uploaded (and every original behind it) goes through here, so
- * it uses edge_sha256 (SHA-NI where the CPU has it: ~10x mbedTLS, whose
+ * it uses cmn_sha256, SHA-NI where the CPU has it (~10x mbedTLS, whose
  * hashing was the edge's largest CPU cost during an upload).
  */
-static int hash_into(const char *path, edge_sha256_t *outer, char hex[PROTO_HEX256 + 1],
+static int hash_into(const char *path, cmn_sha256_ctx_t *outer, char hex[PROTO_HEX256 + 1],
                      uint64_t *size)
 {
     uint8_t *buf;
-    edge_sha256_t c;
+    cmn_sha256_ctx_t c;
     int fd, rc = 0;
     ssize_t n;
 
@@ -1070,7 +1069,7 @@ static int hash_into(const char *path, edge_sha256_t *outer, char hex[PROTO_HEX2
     if (fd < 0)
         return -errno;
     buf = cmn_xmalloc(1 << 16);
-    edge_sha256_init(&c);
+    cmn_sha256_init(&c);
     while ((n = read(fd, buf, 1 << 16)) != 0) {
         if (n < 0) {
             if (errno == EINTR)
@@ -1078,14 +1077,14 @@ static int hash_into(const char *path, edge_sha256_t *outer, char hex[PROTO_HEX2
             rc = -errno;
             break;
         }
-        edge_sha256_update(&c, buf, (size_t)n);
+        cmn_sha256_update(&c, buf, (size_t)n);
         if (outer)
-            edge_sha256_update(outer, buf, (size_t)n);
+            cmn_sha256_update(outer, buf, (size_t)n);
         *size += (uint64_t)n;
     }
     free(buf);
     close(fd);
-    edge_sha256_final_hex(&c, hex);
+    cmn_sha256_final_hex(&c, hex);
     return rc;
 }
 
@@ -1097,7 +1096,7 @@ static int hash_into(const char *path, edge_sha256_t *outer, char hex[PROTO_HEX2
  */
 static void hash_work_bundle(edge_job_t *job)
 {
-    edge_sha256_t bctx;
+    cmn_sha256_ctx_t bctx;
     char hex[PROTO_HEX256 + 1], bhex[PROTO_HEX256 + 1];
     bool bad = false;
     uint64_t size;
@@ -1123,8 +1122,8 @@ static void hash_work_bundle(edge_job_t *job)
         job->work_rc = CMN_EPARSE;   /* a row with a bad UID: retried, logged */
         return;
     }
-    edge_sha256_init(&bctx);
-    edge_sha256_update(&bctx, job->bhdr, job->blayout.header_len);
+    cmn_sha256_init(&bctx);
+    cmn_sha256_update(&bctx, job->bhdr, job->blayout.header_len);
     for (int i = 0; i < job->nmembers; i++) {
         const edge_spool_item_t *it = &job->members[i];
         bool same = strcmp(it->up_path, it->path) == 0;
@@ -1141,7 +1140,7 @@ static void hash_work_bundle(edge_job_t *job)
             bad = true;
         }
     }
-    edge_sha256_final_hex(&bctx, bhex);
+    cmn_sha256_final_hex(&bctx, bhex);
     if (bad) {
         job->work_rc = JOB_E_SPLIT;
         return;
@@ -1219,7 +1218,7 @@ static void read_work(uv_work_t *w)
 {
     edge_job_t *job = container_of(w, edge_job_t, work);
     uint64_t off = (uint64_t)job->next_chunk * job->chunk_size;
-    edge_sha256_t c;
+    cmn_sha256_ctx_t c;
 
     if (job->bundle)
         job->work_rc = read_bundle_range(job, off, job->chunk, job->chunk_len);
@@ -1231,9 +1230,9 @@ static void read_work(uv_work_t *w)
          * and the retry's HASHING finds out. */
         snprintf(job->chunk_sha, sizeof(job->chunk_sha), "%s", job->obj_sha);
     } else if (job->work_rc == 0) {
-        edge_sha256_init(&c);
-        edge_sha256_update(&c, job->chunk, job->chunk_len);
-        edge_sha256_final_hex(&c, job->chunk_sha);
+        cmn_sha256_init(&c);
+        cmn_sha256_update(&c, job->chunk, job->chunk_len);
+        cmn_sha256_final_hex(&c, job->chunk_sha);
     }
 }
 

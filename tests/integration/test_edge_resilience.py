@@ -151,8 +151,13 @@ class Edge:
         return text
 
     def cli_status(self):
+        # The command evaluates the schedule itself: give it the daemon's clock
+        # and time zone (without them it read the real time of day, and this
+        # test failed between 22:00 and 06:00 UTC).
+        env = os.environ.copy()
+        env.update(self.env)
         r = subprocess.run([h.EDGE_BIN, "status", "--config", self.config], capture_output=True,
-                           text=True, timeout=30)
+                           text=True, timeout=30, env=env)
         h.eq(r.returncode, 0, f"yunying-edge status: {r.stderr}")
         return r.stdout
 

@@ -1,9 +1,11 @@
 /*
- * crypto.h - hashing, MACs and randomness via mbedTLS.
+ * crypto.h - hashing (SHA-256 with SHA-NI where available), MACs and
+ * randomness via mbedTLS.
  */
 #ifndef CMN_CRYPTO_H
 #define CMN_CRYPTO_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -14,7 +16,10 @@ extern "C" {
 #define CMN_SHA256_LEN 32
 #define CMN_SHA256_HEX_LEN 64
 
-/** Incremental SHA-256. The state is opaque storage big enough for mbedTLS's context. */
+/**
+ * Incremental SHA-256: the x86 SHA extensions when the CPU has them, else
+ * mbedTLS. The state is opaque storage. Thread-safe; no allocation.
+ */
 typedef struct {
     unsigned char state[256];
 } __attribute__((aligned(8))) cmn_sha256_ctx_t;
@@ -22,6 +27,10 @@ typedef struct {
 void cmn_sha256_init(cmn_sha256_ctx_t *c);
 void cmn_sha256_update(cmn_sha256_ctx_t *c, const void *p, size_t n);
 void cmn_sha256_final(cmn_sha256_ctx_t *c, uint8_t out[CMN_SHA256_LEN]);
+/** cmn_sha256_final as lower-case hex (64 characters + NUL). */
+void cmn_sha256_final_hex(cmn_sha256_ctx_t *c, char hex[CMN_SHA256_HEX_LEN + 1]);
+/** True when the SHA-NI code is used (for logs and benchmarks). */
+bool cmn_sha256_has_ni(void);
 
 void cmn_sha256(const void *p, size_t n, uint8_t out[CMN_SHA256_LEN]);
 /** Hashes a file's whole content. 0 or -errno. Blocking: not on a loop thread. */
