@@ -362,6 +362,7 @@ int main(int argc, char **argv)
         goto out_conf;
     if (status_cmd) {
         cmn_log_set_level(CMN_LOG_ERROR);
+        (void)edge__clock_init_from_env();   /* the schedule at the daemon's test time */
         exit_code = edge_status_print(&e.conf, &e.sched, stdout) < 0 ? 1 : 0;
         goto out_conf;
     }
