@@ -7,7 +7,8 @@
  *     objects/<sha256>.jls.dcm  JPEG-LS transcode of that file, when smaller
  *     tmp/<random>.part      files being received; removed at start
  *
- *     journal                the ingest journal (journal.h): a 64 MiB preallocated ring
+ *     journal                the shared ingest journal (journal.h): a 64 MiB preallocated ring
+ *     journal.1, journal.2   streaming lanes: 32 MiB rings, one per association in progress
  *
  * Invariant: a row exists only for an instance that is durable: either its
  * file was fsync'd and renamed into objects/ with the directory fsync'd
@@ -23,8 +24,10 @@
  *
  * Per received instance (one association; see the cost table in
  * tests/bench/bench_ingest.sh): direct path = fsync file + fsync dir +
- * WAL fsync; journal = one fdatasync of allocated blocks, shared by all
- * associations waiting at that moment.
+ * WAL fsync; journal = one fdatasync of allocated blocks - of a lane the
+ * instance was streamed into while it arrived (edge_spool_stream_*), or of
+ * the shared ring it was copied into, shared by all associations waiting
+ * at that moment.
  *
  * One connection, guarded by sp->mu: SCP threads insert, the threadpool
  * claims and marks. Writes are short, so a single writer costs little.
