@@ -53,6 +53,16 @@ const size_t cloud__index_nopts = CMN_ARRAY_SIZE(cloud__index_opts);
  * identity columns, triggers are plpgsql functions). Append only: a
  * released version never changes.
  */
+/* The SQLite audit table's columns: migration 1 made it in index.db,
+ * audit_move() makes it in the audit file (index-audit.db). */
+#define SQLITE_AUDIT_COLUMNS                       \
+    "  id INTEGER PRIMARY KEY,"                    \
+    "  ts INTEGER NOT NULL,"                       \
+    "  username TEXT NOT NULL,"                    \
+    "  action TEXT NOT NULL,"                      \
+    "  study_uid TEXT NOT NULL DEFAULT '',"        \
+    "  peer TEXT NOT NULL DEFAULT '');"
+
 static const cmn_sql_migration_t migrations[] = {
     /* 1: initial schema */
     { .sqlite =
@@ -151,13 +161,7 @@ static const cmn_sql_migration_t migrations[] = {
         "  created INTEGER NOT NULL,"
         "  expires INTEGER NOT NULL);"
         "CREATE INDEX sessions_expires ON sessions(expires);"
-        "CREATE TABLE audit ("
-        "  id INTEGER PRIMARY KEY,"
-        "  ts INTEGER NOT NULL,"
-        "  username TEXT NOT NULL,"
-        "  action TEXT NOT NULL,"
-        "  study_uid TEXT NOT NULL DEFAULT '',"
-        "  peer TEXT NOT NULL DEFAULT '');"
+        "CREATE TABLE audit (" SQLITE_AUDIT_COLUMNS
         "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit"
         "  BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;"
         "CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit"
@@ -704,13 +708,7 @@ static bool lite_has_table(cmn_sql_t *db, const char *schema_table_sql)
 static int audit_move(cmn_sql_t *db)
 {
     static const char *const create =
-        "CREATE TABLE IF NOT EXISTS aud.audit ("
-        "  id INTEGER PRIMARY KEY,"
-        "  ts INTEGER NOT NULL,"
-        "  username TEXT NOT NULL,"
-        "  action TEXT NOT NULL,"
-        "  study_uid TEXT NOT NULL DEFAULT '',"
-        "  peer TEXT NOT NULL DEFAULT '');"
+        "CREATE TABLE IF NOT EXISTS aud.audit (" SQLITE_AUDIT_COLUMNS
         "CREATE TRIGGER IF NOT EXISTS aud.audit_no_update BEFORE UPDATE ON audit"
         "  BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;"
         "CREATE TRIGGER IF NOT EXISTS aud.audit_no_delete BEFORE DELETE ON audit"

@@ -479,6 +479,46 @@ static int64_t place(edge_journal_t *j, uint64_t len, uint64_t *skip)
     return -1;
 }
 
+/* Caller holds mu: place(), waiting for checkpoints while the ring is full.
+ * The offset, or a negative errno (the journal failed or is closing). */
+static int64_t place_wait(edge_journal_t *j, uint64_t len, uint64_t *skip)
+{
+    int64_t off;
+
+    while ((off = place(j, len, skip)) < 0 && !j->stopping && j->sync_err == 0) {
+        j->full_waiters = true;
+        j->stats.waits_full++;
+        pthread_cond_signal(&j->cp_cond);
+        pthread_cond_wait(&j->cond, &j->mu);
+    }
+    j->full_waiters = false;
+    if (off < 0)
+        return j->sync_err ? j->sync_err : -ECANCELED;
+    return off;
+}
+
+/* Caller holds mu: a record of total bytes at off, its header written, joins
+ * the log (skip: the ring tail its wrap left unused). Its sequence number. */
+static uint64_t add_record(edge_journal_t *j, uint64_t off, uint64_t total, uint64_t skip)
+{
+    j_rec_t *r = &j->recs[(j->first + j->count) % j->cap];
+    r->seq = j->next_seq;
+    r->off = off;
+    r->len = total + skip;
+    r->done = false;
+    j->count++;
+    j->used += total + skip;
+    j->head = off + total;
+    if (j->head >= j->size)
+        j->head = 0;
+    j->written_seq = j->next_seq;
+    j->last_append_ms = mono_ms();
+    j->stats.appends++;
+    if (j->used >= j->size / 4)
+        pthread_cond_signal(&j->cp_cond);
+    return j->next_seq++;
+}
+
 int edge_journal_append(edge_journal_t *j, const void *meta, size_t meta_len, int src_fd,
                         uint64_t len, uint64_t *seq)
 {
@@ -490,15 +530,8 @@ int edge_journal_append(edge_journal_t *j, const void *meta, size_t meta_len, in
     if (meta_len > J_MAX_META || len > edge_journal_max_data(j))
         return -EFBIG;
     pthread_mutex_lock(&j->mu);
-    while ((off = place(j, total, &skip)) < 0 && !j->stopping && j->sync_err == 0) {
-        j->full_waiters = true;
-        j->stats.waits_full++;
-        pthread_cond_signal(&j->cp_cond);
-        pthread_cond_wait(&j->cond, &j->mu);
-    }
-    j->full_waiters = false;
-    if (off < 0) {
-        rc = j->sync_err ? j->sync_err : -ECANCELED;
+    if ((off = place_wait(j, total, &skip)) < 0) {
+        rc = (int)off;
         goto out_unlock;
     }
     j_hdr_t h = {.magic = J_MAGIC, .version = J_VERSION, .seq = j->next_seq,
@@ -513,22 +546,7 @@ int edge_journal_append(edge_journal_t *j, const void *meta, size_t meta_len, in
         rc = pwrite_all(j->fd, hbuf, J_HDR + align_up(meta_len, 8), (uint64_t)off);
     if (rc < 0)
         goto out_unlock;   /* nothing claimed: the next append overwrites it */
-    j_rec_t *r = &j->recs[(j->first + j->count) % j->cap];
-    r->seq = j->next_seq;
-    r->off = (uint64_t)off;
-    r->len = total + skip;
-    r->done = false;
-    j->count++;
-    j->used += total + skip;
-    j->head = (uint64_t)off + total;
-    if (j->head >= j->size)
-        j->head = 0;
-    *seq = j->next_seq++;
-    j->written_seq = *seq;
-    j->last_append_ms = mono_ms();
-    j->stats.appends++;
-    if (j->used >= j->size / 4)
-        pthread_cond_signal(&j->cp_cond);
+    *seq = add_record(j, (uint64_t)off, total, skip);
 out_unlock:
     pthread_mutex_unlock(&j->mu);
     return rc;
@@ -570,15 +588,8 @@ static int stream_room(edge_journal_t *j, uint64_t len)
         return -EFBIG;
     if (fits_at(j, j->s_off, total))
         return 0;
-    while ((off = place(j, total, &skip)) < 0 && !j->stopping && j->sync_err == 0) {
-        j->full_waiters = true;
-        j->stats.waits_full++;
-        pthread_cond_signal(&j->cp_cond);
-        pthread_cond_wait(&j->cond, &j->mu);
-    }
-    j->full_waiters = false;
-    if (off < 0)
-        return j->sync_err ? j->sync_err : -ECANCELED;
+    if ((off = place_wait(j, total, &skip)) < 0)
+        return (int)off;
     if ((uint64_t)off != j->s_off && j->s_written > 0) {
         /* Only the wrap moves a record (from head to 0), and a record is at
          * most a quarter of the ring: the two places never overlap. */
@@ -656,23 +667,8 @@ int edge_journal_stream_commit(edge_journal_t *j, const void *meta, size_t meta_
     /* The header last, as in append: it never describes data not yet written. */
     if ((rc = pwrite_all(j->fd, hbuf, S_DATA, j->s_off)) < 0)
         goto out;
-    j_rec_t *r = &j->recs[(j->first + j->count) % j->cap];
-    r->seq = j->next_seq;
-    r->off = j->s_off;
-    r->len = total + j->s_skip;
-    r->done = false;
-    j->count++;
-    j->used += total + j->s_skip;
-    j->head = j->s_off + total;
-    if (j->head >= j->size)
-        j->head = 0;
-    *seq = j->next_seq++;
-    j->written_seq = *seq;
-    j->last_append_ms = mono_ms();
-    j->stats.appends++;
+    *seq = add_record(j, j->s_off, total, j->s_skip);
     j->stats.streamed++;
-    if (j->used >= j->size / 4)
-        pthread_cond_signal(&j->cp_cond);
 out:
     j->s_open = false;
     pthread_mutex_unlock(&j->mu);
