@@ -77,6 +77,7 @@ def run():
             failed += 1
             print(f"FAIL {fn.__name__}", flush=True)
             traceback.print_exc()
+            _print_daemon_logs()
             sys.stdout.flush()
     _cleanup_all()
     print(f"{passed} passed, {failed} failed", flush=True)
@@ -121,6 +122,20 @@ def tempdir(prefix="yy-it-"):
     d = tempfile.mkdtemp(prefix=prefix)
     _dirs.append(d)
     return d
+
+
+def _print_daemon_logs(lines=40):
+    """After a failure: the end of each running daemon's log (they are
+    removed with their directories at the end of the run)."""
+    for p in list(_procs):
+        path = getattr(p, "log_path", None)
+        if not path or not os.path.exists(path):
+            continue
+        with open(path, errors="replace") as f:
+            tail = f.read().splitlines()[-lines:]
+        print(f"---- last {len(tail)} lines of {path}")
+        for line in tail:
+            print("    " + line)
 
 
 def _cleanup_all():
