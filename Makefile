@@ -34,7 +34,7 @@ endif
 CFLAGS_ALL   = $(CSTD) $(WARN) $(OPT) $(INCS) $(DEPFLAGS) $(CFLAGS)
 CXXFLAGS_ALL = $(CXXSTD) -Wall -Wextra $(OPT) $(INCS) $(DEPFLAGS) $(CXXFLAGS)
 
-LIBS_BASE := -luv -lsqlite3 -lpq -ljansson -lcurl -lmbedtls -lmbedx509 -lmbedcrypto -lcharls -lpthread -lm
+LIBS_BASE := -luv -lsqlite3 -lpq -ljansson -lcurl -lmbedtls -lmbedx509 -lmbedcrypto -lcharls -lxxhash -lpthread -lm
 LIBS_DCM  := -ldcmjpls -ldcmnet -ldcmdata -loflog -lofstd -lz -lstdc++
 LDLIBS_ALL = $(LIBS_BASE) $(LIBS_DCM)
 

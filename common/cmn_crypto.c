@@ -213,6 +213,25 @@ void cmn_sha256_final_hex(cmn_sha256_ctx_t *c, char hex[CMN_SHA256_HEX_LEN + 1])
     cmn_hex(d, sizeof(d), hex);
 }
 
+void cmn_xxh128_init(cmn_xxh128_ctx_t *c)
+{
+    XXH3_128bits_reset(&c->st);
+}
+
+void cmn_xxh128_update(cmn_xxh128_ctx_t *c, const void *p, size_t n)
+{
+    if (n > 0)
+        XXH3_128bits_update(&c->st, p, n);
+}
+
+void cmn_xxh128_final_hex(const cmn_xxh128_ctx_t *c, char hex[CMN_XXH128_HEX_LEN + 1])
+{
+    XXH128_canonical_t d;
+
+    XXH128_canonicalFromHash(&d, XXH3_128bits_digest(&c->st));
+    cmn_hex(d.digest, sizeof(d.digest), hex);
+}
+
 void cmn_sha256(const void *p, size_t n, uint8_t out[CMN_SHA256_LEN])
 {
     cmn_sha256_ctx_t c;

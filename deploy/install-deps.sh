@@ -9,8 +9,8 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 
 PKGS="build-essential pkg-config g++ make ca-certificates openssl curl
  libuv1-dev libmbedtls-dev libsqlite3-dev sqlite3 libcurl4-openssl-dev
- libjansson-dev libcharls-dev libdcmtk-dev dcmtk node-llhttp
- libcmocka-dev python3 python3-pydicom python3-numpy
+ libjansson-dev libcharls-dev libxxhash-dev libdcmtk-dev dcmtk node-llhttp
+ libcmocka-dev python3 python3-pydicom python3-numpy python3-xxhash
  chromium iproute2
  libpq-dev postgresql python3-psycopg2
  swift swift-proxy swift-object swift-container swift-account python3-swift memcached

@@ -38,7 +38,7 @@ done
 # Runtime libraries (Debian 12 names).
 if command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        libuv1 libsqlite3-0 libjansson4 libcurl4 libmbedtls14 libcharls2 \
+        libuv1 libsqlite3-0 libjansson4 libcurl4 libmbedtls14 libcharls2 libxxhash0 \
         libdcmtk17 dcmtk >/dev/null || echo "install-edge: warning: apt-get failed" >&2
 fi
 

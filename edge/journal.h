@@ -86,11 +86,13 @@ int edge_journal_append(edge_journal_t *j, const void *meta, size_t meta_len, in
 
 /*
  * Streaming: a record written while its data arrives (an instance being
- * received), so that by the end most of it is on disk already (writeback
- * starts every 256 KiB) and no copy is left to make. One streaming writer
- * per journal at a time, and no edge_journal_append on that journal
- * meanwhile: the spool gives each association a journal of its own. The
- * record's meta is padded to J_MAX_META (4 KiB) in the ring.
+ * received), so that by the end most of it is on disk already (O_DIRECT
+ * writes through kernel AIO, several in flight; or the page cache with
+ * writeback started every 256 KiB where O_DIRECT is refused) and no copy
+ * is left to make. One streaming writer per journal at a time, and no
+ * edge_journal_append on that journal meanwhile: the spool gives each
+ * association a journal of its own. The record's meta is padded so that
+ * its data starts 4 KiB into the record.
  */
 /** Starts a record at head (an unfinished one is dropped). 0 or the journal's sticky error. */
 int edge_journal_stream_begin(edge_journal_t *j);

@@ -7,6 +7,9 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -142,12 +145,48 @@ void edge__stream_close(void *h)
 /* Part 10: 128-byte preamble + "DICM" precede the meta header. */
 #define PART10_PREFIX 132
 
+/*
+ * What the received file is: the structural walk over the file mapped from
+ * the page cache (cmn_dicom_scan, a few microseconds), and DCMTK's parse
+ * only when the walk has no verdict (deflated, malformed, truncated: it
+ * decides). 0 or CMN_EDICOM with err set.
+ */
+static int identify(const char *path, uint64_t size, cmn_dicom_ids_t *ids, char *err,
+                    size_t errlen)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int rc = -ENOTSUP;
+
+    if (fd >= 0 && size > 0) {
+        void *m = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (m != MAP_FAILED) {
+            rc = cmn_dicom_scan(m, (size_t)size, ids, err, errlen);
+            munmap(m, (size_t)size);
+        }
+    }
+    if (fd >= 0)
+        close(fd);
+    if (rc == 0)
+        return 0;
+    cmn_dicom_info_t *info = cmn_xmalloc(sizeof(*info));
+    rc = cmn_dicom_read_info(path, info, err, errlen);
+    if (rc == 0) {
+        memcpy(ids->sop_class_uid, info->sop_class_uid, sizeof(ids->sop_class_uid));
+        memcpy(ids->sop_uid, info->sop_uid, sizeof(ids->sop_uid));
+        memcpy(ids->study_uid, info->study_uid, sizeof(ids->study_uid));
+        memcpy(ids->series_uid, info->series_uid, sizeof(ids->series_uid));
+        memcpy(ids->transfer_syntax, info->transfer_syntax, sizeof(ids->transfer_syntax));
+    }
+    free(info);
+    return rc;
+}
+
 unsigned edge__store_end(void *ud, const edge_scp_store_t *st)
 {
     edge_store_ctx_t *ctx = ud;
-    cmn_dicom_info_t *info = NULL;
+    cmn_dicom_ids_t ids;
     char err[256];
-    char sha[PROTO_HEX256 + 1];
+    char sum[CMN_XXH128_HEX_LEN + 1];
     struct stat sb;
     int64_t id = 0;
     unsigned status;
@@ -167,7 +206,7 @@ unsigned edge__store_end(void *ud, const edge_scp_store_t *st)
 
     /* A file shorter than what arrived means a write was lost (buffered
      * data dropped at close on a full disk). */
-    if (st->sha256) {
+    if (st->xxh128) {
         sb.st_size = (off_t)st->file_bytes;
     } else if (stat(st->tmp_path, &sb) < 0) {
         sb.st_size = 0;
@@ -178,57 +217,53 @@ unsigned edge__store_end(void *ud, const edge_scp_store_t *st)
         goto out_unlink;
     }
 
-    info = cmn_xmalloc(sizeof(*info));
-    rc = cmn_dicom_read_info(st->tmp_path, info, err, sizeof(err));
+    rc = identify(st->tmp_path, (uint64_t)sb.st_size, &ids, err, sizeof(err));
     if (rc < 0) {
         CMN_LOG_W("scp", "invalid instance sop=%s calling_ae=%s: %s: C000", req_sop,
                   st->calling_ae, err);
         status = EDGE_STATUS_CANNOT_UNDERSTAND;
         goto out_unlink;
     }
-    if (!proto_uid_valid(info->sop_uid) || !proto_uid_valid(info->study_uid) ||
-        !proto_uid_valid(info->series_uid)) {
+    if (!proto_uid_valid(ids.sop_uid) || !proto_uid_valid(ids.study_uid) ||
+        !proto_uid_valid(ids.series_uid)) {
         CMN_LOG_W("scp", "invalid UID in instance sop=%s: C000", req_sop);
         status = EDGE_STATUS_CANNOT_UNDERSTAND;
         goto out_unlink;
     }
-    if (strcmp(info->sop_uid, req_sop) != 0 ||
-        (st->sop_class_uid && info->sop_class_uid[0] &&
-         strcmp(info->sop_class_uid, st->sop_class_uid) != 0)) {
+    if (strcmp(ids.sop_uid, req_sop) != 0 ||
+        (st->sop_class_uid && ids.sop_class_uid[0] &&
+         strcmp(ids.sop_class_uid, st->sop_class_uid) != 0)) {
         CMN_LOG_W("scp", "data set does not match request sop=%s dataset_sop=%s: A900", req_sop,
-                  info->sop_uid);
+                  ids.sop_uid);
         status = EDGE_STATUS_DATASET_MISMATCH;
         goto out_unlink;
     }
 
     edge_spool_uids_t uids = {
-        .sop_uid = info->sop_uid,
-        .study_uid = info->study_uid,
-        .series_uid = info->series_uid,
+        .sop_uid = ids.sop_uid,
+        .study_uid = ids.study_uid,
+        .series_uid = ids.series_uid,
         .calling_ae = st->calling_ae,
     };
-    if (st->sha256) {
-        snprintf(sha, sizeof(sha), "%s", st->sha256);
-        rc = edge_spool_add_received(ctx->spool, st->tmp_path, &uids, sha, st->file_bytes,
+    if (st->xxh128) {
+        snprintf(sum, sizeof(sum), "%s", st->xxh128);
+        rc = edge_spool_add_received(ctx->spool, st->tmp_path, &uids, sum, st->file_bytes,
                                      st->stream, &id);
     } else {
-        rc = edge_spool_add(ctx->spool, st->tmp_path, &uids, &id, sha);
+        rc = edge_spool_add(ctx->spool, st->tmp_path, &uids, &id, sum);
     }
     if (rc < 0) {
         CMN_LOG_W("scp", "spooling failed sop=%s: %s: A700", req_sop, cmn_strerror(rc));
-        free(info);
         return EDGE_STATUS_OUT_OF_RESOURCES;   /* edge_spool_add removed the temp file */
     }
-    CMN_LOG_I("scp", "stored sop=%s series=%s sha256=%s size=%lld calling_ae=%s id=%lld",
-              info->sop_uid, info->series_uid, sha, (long long)sb.st_size, st->calling_ae,
+    CMN_LOG_I("scp", "stored sop=%s series=%s xxh128=%s size=%lld calling_ae=%s id=%lld",
+              ids.sop_uid, ids.series_uid, sum, (long long)sb.st_size, st->calling_ae,
               (long long)id);
     if (ctx->stored)
         ctx->stored(ctx->stored_ud);
-    free(info);
     return EDGE_STATUS_SUCCESS;
 
 out_unlink:
     unlink(st->tmp_path);
-    free(info);
     return status;
 }

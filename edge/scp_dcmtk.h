@@ -39,8 +39,8 @@ typedef struct {
     const char *sop_instance_uid;/* Affected SOP Instance UID from the request */
     const char *calling_ae;      /* the peer's AE title */
     const char *peer_ip;
-    /* Set when receiving succeeded: the file was hashed while it was written. */
-    const char *sha256;          /* hex SHA-256 of the whole file, or NULL */
+    /* Set when receiving succeeded: the file was checksummed while it was written. */
+    const char *xxh128;          /* hex XXH3-128 of the whole file (cmn/crypto.h), or NULL */
     uint64_t file_bytes;         /* size of the file */
     void *stream;                /* the association's stream handle (opts.stream_open), or NULL */
 } edge_scp_store_t;

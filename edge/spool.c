@@ -3,8 +3,10 @@
  *
  * Layout under spool.dir:
  *     spool.db          SQLite (WAL, synchronous=FULL), table instances
- *     objects/<sha256>.dcm   received files, exactly as received (content-addressed)
- *     objects/<sha256>.jls.dcm  JPEG-LS transcode of that file, when smaller
+ *     objects/<name>.dcm     received files, exactly as received; <name> is the
+ *                            random name of their temporary file (rows from
+ *                            before 2026-11 are named by their SHA-256)
+ *     objects/<name>.jls.dcm JPEG-LS transcode of that file, when smaller
  *     tmp/<random>.part      files being received; removed at start
  *
  *     journal                the shared ingest journal (journal.h): a 64 MiB preallocated ring
@@ -28,6 +30,12 @@
  * instance was streamed into while it arrived (edge_spool_stream_*), or of
  * the shared ring it was copied into, shared by all associations waiting
  * at that moment.
+ *
+ * Checksums: a received file is checksummed with XXH3-128 while it arrives
+ * (column xxh128, and the journal record), which is what the upload checks
+ * the file against. Its SHA-256 is computed only when the upload needs the
+ * original's (prepare, kind "original"). Older rows carry sha256 instead of
+ * xxh128; both are honoured.
  *
  * One connection, guarded by sp->mu: SCP threads insert, the threadpool
  * claims and marks. Writes are short, so a single writer costs little.
@@ -177,6 +185,9 @@ static const char *const migrations[] = {
     /* 3: the journal record a row came from (replay looks rows up by it). */
     "ALTER TABLE instances ADD COLUMN jseq INTEGER;"
     "CREATE INDEX instances_jseq ON instances(jseq) WHERE jseq IS NOT NULL;",
+
+    /* 4: the XXH3-128 checksum taken at receipt; sha256 is '' on such rows. */
+    "ALTER TABLE instances ADD COLUMN xxh128 TEXT;",
 };
 
 const char *edge_spool_state_name(edge_spool_state_t s)
@@ -493,7 +504,7 @@ static int exec_cached(edge_spool_t *sp, sqlite3_stmt **slot, const char *sql)
 }
 
 /* Inserts the PENDING row; caller holds mu. jseq 0 = not journaled. */
-static int insert_row(edge_spool_t *sp, const edge_spool_uids_t *uids, const char *sha,
+static int insert_row(edge_spool_t *sp, const edge_spool_uids_t *uids, const char *sum,
                       uint64_t size, const char *path, int64_t created, uint64_t jseq,
                       int64_t *id_out)
 {
@@ -501,15 +512,21 @@ static int insert_row(edge_spool_t *sp, const edge_spool_uids_t *uids, const cha
     sqlite3_stmt *st = cached(sp, &sp->st_insert,
                               "INSERT INTO instances (sop_uid, study_uid, series_uid, sha256, size,"
                               " path, state, attempts, next_attempt_at, created_at, updated_at,"
-                              " priority, calling_ae, jseq)"
+                              " priority, calling_ae, jseq, xxh128)"
                               " VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'PENDING', 0, 0, ?7, ?7, ?8, ?9,"
-                              " ?10)");
+                              " ?10, ?11)");
     if (!st)
         return CMN_EDB;
     sqlite3_bind_text(st, 1, uids->sop_uid, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, uids->study_uid, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 3, uids->series_uid, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 4, sha, -1, SQLITE_STATIC);
+    /* sum: an XXH3-128 (32 hex digits) or, replayed from an old journal, a SHA-256. */
+    bool xxh = strlen(sum) == CMN_XXH128_HEX_LEN;
+    sqlite3_bind_text(st, 4, xxh ? "" : sum, -1, SQLITE_STATIC);
+    if (xxh)
+        sqlite3_bind_text(st, 11, sum, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 11);
     sqlite3_bind_int64(st, 5, (sqlite3_int64)size);
     sqlite3_bind_text(st, 6, path, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 7, created);
@@ -532,11 +549,23 @@ static int insert_row(edge_spool_t *sp, const edge_spool_uids_t *uids, const cha
     return rc;
 }
 
-/* The direct path: fsync the file, rename it to objects/<sha>.dcm, fsync
+/* objects/<name>.dcm for tmp/<name>.part. */
+static int object_path(edge_spool_t *sp, const char *tmp_path, char *final, size_t len)
+{
+    const char *base = strrchr(tmp_path, '/');
+    base = base ? base + 1 : tmp_path;
+    size_t n = strcspn(base, ".");
+
+    if (n == 0 || (size_t)snprintf(final, len, "%s/objects/%.*s.dcm", sp->dir, (int)n, base) >= len)
+        return -ENAMETOOLONG;
+    return 0;
+}
+
+/* The direct path: fsync the file, rename it to objects/<name>.dcm, fsync
  * the directory, insert with synchronous=FULL. fd is open on tmp_path
  * (closed by the caller). The temporary file is gone on success. */
 static int add_direct(edge_spool_t *sp, const char *tmp_path, int fd,
-                      const edge_spool_uids_t *uids, const char *sha, uint64_t size,
+                      const edge_spool_uids_t *uids, const char *sum, uint64_t size,
                       int64_t *id_out)
 {
     char final[PATH_MAX + 128];
@@ -548,9 +577,8 @@ static int add_direct(edge_spool_t *sp, const char *tmp_path, int fd,
         unlink(tmp_path);
         return rc;
     }
-    snprintf(final, sizeof(final), "%s/objects/%s.dcm", sp->dir, sha);
-    if (rename(tmp_path, final) < 0) {
-        rc = -errno;
+    if ((rc = object_path(sp, tmp_path, final, sizeof(final))) < 0 ||
+        (rename(tmp_path, final) < 0 && (rc = -errno))) {
         CMN_LOG_E("spool", "rename failed sop=%s: %s", uids->sop_uid, cmn_strerror(rc));
         unlink(tmp_path);
         return rc;
@@ -564,24 +592,27 @@ static int add_direct(edge_spool_t *sp, const char *tmp_path, int fd,
     pthread_mutex_lock(&sp->mu);
     if (sp->unsafe_nosync)
         cmn_db_exec(sp->db, "PRAGMA synchronous=OFF");
-    rc = insert_row(sp, uids, sha, size, final, now_wall_ms(), 0, id_out);
+    rc = insert_row(sp, uids, sum, size, final, now_wall_ms(), 0, id_out);
     if (sp->unsafe_nosync)
         cmn_db_exec(sp->db, "PRAGMA synchronous=FULL");
     pthread_mutex_unlock(&sp->mu);
-    /* On a failed insert the object file stays: another row may share it
-     * (identical bytes), and an orphan only costs space. */
+    /* On a failed insert the object file stays: an orphan only costs space. */
     return rc;
 }
 
-/* Hashes the file from its start. */
-static int hash_file(int fd, char sha_hex[PROTO_HEX256 + 1], uint64_t *size)
+/* Checksums the file from its start: XXH3-128, or SHA-256 when sha. */
+static int sum_file(int fd, bool sha, char hex[PROTO_HEX256 + 1], uint64_t *size)
 {
     cmn_sha256_ctx_t ctx;
+    cmn_xxh128_ctx_t xctx;
     uint8_t *buf = cmn_xmalloc(1 << 16);
     uint64_t total = 0;
     int rc = 0;
 
-    cmn_sha256_init(&ctx);
+    if (sha)
+        cmn_sha256_init(&ctx);
+    else
+        cmn_xxh128_init(&xctx);
     for (;;) {
         ssize_t n = pread(fd, buf, 1 << 16, (off_t)total);
         if (n < 0 && errno == EINTR)
@@ -592,19 +623,25 @@ static int hash_file(int fd, char sha_hex[PROTO_HEX256 + 1], uint64_t *size)
         }
         if (n == 0)
             break;
-        cmn_sha256_update(&ctx, buf, (size_t)n);
+        if (sha)
+            cmn_sha256_update(&ctx, buf, (size_t)n);
+        else
+            cmn_xxh128_update(&xctx, buf, (size_t)n);
         total += (uint64_t)n;
     }
     free(buf);
-    cmn_sha256_final_hex(&ctx, sha_hex);
+    if (sha)
+        cmn_sha256_final_hex(&ctx, hex);
+    else
+        cmn_xxh128_final_hex(&xctx, hex);
     *size = total;
     return rc;
 }
 
 int edge_spool_add(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids_t *uids,
-                   int64_t *id_out, char sha_out[PROTO_HEX256 + 1])
+                   int64_t *id_out, char sum_out[CMN_XXH128_HEX_LEN + 1])
 {
-    char sha[PROTO_HEX256 + 1];
+    char sum[PROTO_HEX256 + 1];
     uint64_t size = 0;
     int rc, fd;
 
@@ -614,7 +651,7 @@ int edge_spool_add(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids
         unlink(tmp_path);
         return rc;
     }
-    rc = hash_file(fd, sha, &size);
+    rc = sum_file(fd, false, sum, &size);
     if (rc < 0) {
         CMN_LOG_E("spool", "reading received file failed sop=%s: %s", uids->sop_uid,
                   cmn_strerror(rc));
@@ -622,26 +659,35 @@ int edge_spool_add(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids
         unlink(tmp_path);
         return rc;
     }
-    rc = add_direct(sp, tmp_path, fd, uids, sha, size, id_out);
+    rc = add_direct(sp, tmp_path, fd, uids, sum, size, id_out);
     close(fd);
-    if (rc == 0 && sha_out)
-        memcpy(sha_out, sha, sizeof(sha));
+    if (rc == 0 && sum_out)
+        memcpy(sum_out, sum, CMN_XXH128_HEX_LEN + 1);
     return rc;
 }
 
 /* ------------------------------------------------------------ journal */
 
-/* A record's meta: "1" NUL sop NUL study NUL series NUL calling_ae NUL sha NUL created_ms NUL */
-#define META_FIELDS 7
+/*
+ * A record's meta, NUL-terminated fields:
+ *   "2" sop study series calling_ae xxh128 created_ms name   (objects/<name>.dcm)
+ *   "1" sop study series calling_ae sha256 created_ms        (before 2026-11:
+ *                                                             objects/<sha256>.dcm)
+ */
+#define META_FIELDS 8
 
-static int meta_encode(char *buf, size_t len, const edge_spool_uids_t *u, const char *sha,
-                       int64_t created)
+static int meta_encode(char *buf, size_t len, const edge_spool_uids_t *u, const char *sum,
+                       int64_t created, const char *final)
 {
     char ms[24];
-    const char *f[META_FIELDS] = {"1", u->sop_uid, u->study_uid, u->series_uid,
-                                  u->calling_ae ? u->calling_ae : "", sha, ms};
+    const char *base = strrchr(final, '/');
+    char name[128];
+    const char *f[META_FIELDS] = {"2", u->sop_uid, u->study_uid, u->series_uid,
+                                  u->calling_ae ? u->calling_ae : "", sum, ms, name};
     size_t n = 0;
 
+    base = base ? base + 1 : final;
+    snprintf(name, sizeof(name), "%.*s", (int)strcspn(base, "."), base);
     snprintf(ms, sizeof(ms), "%lld", (long long)created);
     for (int i = 0; i < META_FIELDS; i++) {
         size_t l = strlen(f[i]) + 1;
@@ -653,17 +699,28 @@ static int meta_encode(char *buf, size_t len, const edge_spool_uids_t *u, const 
     return (int)n;
 }
 
+/* Version 1 gets f[7] = its SHA-256 (the file's name then). */
 static int meta_decode(const char *meta, size_t len, const char *f[META_FIELDS])
 {
     size_t n = 0;
-    for (int i = 0; i < META_FIELDS; i++) {
+    int nf = len > 0 && meta[0] == '1' ? META_FIELDS - 1 : META_FIELDS;
+
+    for (int i = 0; i < nf; i++) {
         const char *z = n < len ? memchr(meta + n, '\0', len - n) : NULL;
         if (!z)
             return -EINVAL;
         f[i] = meta + n;
         n = (size_t)(z - meta) + 1;
     }
-    return strcmp(f[0], "1") == 0 && strlen(f[5]) == PROTO_HEX256 ? 0 : -EINVAL;
+    if (strcmp(f[0], "1") == 0) {
+        f[7] = f[5];
+        return strlen(f[5]) == PROTO_HEX256 ? 0 : -EINVAL;
+    }
+    size_t nl = strlen(f[7]);
+    if (strcmp(f[0], "2") != 0 || strlen(f[5]) != CMN_XXH128_HEX_LEN || nl == 0 || nl > 64 ||
+        strspn(f[7], "0123456789abcdef") != nl)
+        return -EINVAL;
+    return 0;
 }
 
 /* ------------------------------------------------------------ streaming */
@@ -714,7 +771,7 @@ void edge_spool_stream_write(edge_spool_stream_t *l, const void *buf, size_t len
 }
 
 int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids_t *uids,
-                            const char *sha, uint64_t size, edge_spool_stream_t *stream,
+                            const char *sum, uint64_t size, edge_spool_stream_t *stream,
                             int64_t *id_out)
 {
     char final[PATH_MAX + 128];
@@ -729,7 +786,15 @@ int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_s
         edge_journal_stream_abort(stream->jr);   /* not the whole file: not used */
         stream->streaming = false;
     }
-    mlen = meta_encode(meta, sizeof(meta), uids, sha, created);
+    if ((rc = object_path(sp, tmp_path, final, sizeof(final))) < 0) {
+        if (streamed)
+            edge_journal_stream_abort(stream->jr);
+        if (stream)
+            stream->streaming = false;
+        unlink(tmp_path);
+        return rc;
+    }
+    mlen = meta_encode(meta, sizeof(meta), uids, sum, created, final);
     if (!streamed) {
         fd = open(tmp_path, O_RDONLY | O_CLOEXEC);
         if (fd < 0) {
@@ -738,7 +803,7 @@ int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_s
             return rc;
         }
         if (!l->jr || sp->unsafe_nosync || mlen < 0 || size > edge_journal_max_data(l->jr)) {
-            rc = add_direct(sp, tmp_path, fd, uids, sha, size, id_out);
+            rc = add_direct(sp, tmp_path, fd, uids, sum, size, id_out);
             close(fd);
             return rc;
         }
@@ -746,7 +811,6 @@ int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_s
         l = stream;
     }
     /* Not durable by itself: the journal record is what makes it so. */
-    snprintf(final, sizeof(final), "%s/objects/%s.dcm", sp->dir, sha);
     if (rename(tmp_path, final) < 0) {
         rc = -errno;
         CMN_LOG_E("spool", "rename failed sop=%s: %s", uids->sop_uid, cmn_strerror(rc));
@@ -775,7 +839,7 @@ int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_s
     }
     pthread_mutex_lock(&sp->mu);
     exec_cached(sp, &sp->st_sync_normal, "PRAGMA synchronous=NORMAL");
-    rc = insert_row(sp, uids, sha, size, final, created, jseq_of(l, seq), id_out);
+    rc = insert_row(sp, uids, sum, size, final, created, jseq_of(l, seq), id_out);
     exec_cached(sp, &sp->st_sync_full, "PRAGMA synchronous=FULL");
     pthread_mutex_unlock(&sp->mu);
     edge_journal_done(l->jr, seq);
@@ -827,22 +891,24 @@ static int journal_replay_one(void *ud, uint64_t seq, const char *meta, size_t m
     edge_spool_stream_t *l = ud;
     edge_spool_t *sp = l->sp;
     const char *f[META_FIELDS];
-    char final[PATH_MAX + 128], tmp[PATH_MAX + 64], sha[PROTO_HEX256 + 1];
+    char final[PATH_MAX + 128], tmp[PATH_MAX + 64], sum[PROTO_HEX256 + 1];
     uint64_t size = 0;
     int rc, fd;
 
     if (meta_decode(meta, meta_len, f) < 0)
         return 1;
-    snprintf(final, sizeof(final), "%s/objects/%s.dcm", sp->dir, f[5]);
+    bool sha = f[0][0] == '1';     /* an old record: SHA-256 */
+    snprintf(final, sizeof(final), "%s/objects/%s.dcm", sp->dir, f[7]);
     fd = open(final, O_RDONLY | O_CLOEXEC);
     bool intact = false;
     if (fd >= 0) {
-        intact = hash_file(fd, sha, &size) == 0 && size == data_len && !strcmp(sha, f[5]);
+        intact = sum_file(fd, sha, sum, &size) == 0 && size == data_len && !strcmp(sum, f[5]);
         close(fd);
     }
     if (!intact) {
         /* Copy the record's data out, checking it is whole on the way. */
         cmn_sha256_ctx_t ctx;
+        cmn_xxh128_ctx_t xctx;
         uint8_t *buf = cmn_xmalloc(1 << 16);
         if ((rc = edge_spool_tmp_path(sp, tmp, sizeof(tmp))) < 0) {
             free(buf);
@@ -853,7 +919,10 @@ static int journal_replay_one(void *ud, uint64_t seq, const char *meta, size_t m
             free(buf);
             return -errno;
         }
-        cmn_sha256_init(&ctx);
+        if (sha)
+            cmn_sha256_init(&ctx);
+        else
+            cmn_xxh128_init(&xctx);
         rc = 0;
         for (uint64_t done = 0; rc == 0 && done < data_len;) {
             size_t chunk = data_len - done < (1 << 16) ? (size_t)(data_len - done) : (1 << 16);
@@ -862,14 +931,20 @@ static int journal_replay_one(void *ud, uint64_t seq, const char *meta, size_t m
                 rc = n < 0 ? -errno : -EIO;
                 break;
             }
-            cmn_sha256_update(&ctx, buf, (size_t)n);
+            if (sha)
+                cmn_sha256_update(&ctx, buf, (size_t)n);
+            else
+                cmn_xxh128_update(&xctx, buf, (size_t)n);
             if (write(fd, buf, (size_t)n) != n)
                 rc = -EIO;
             done += (uint64_t)n;
         }
         free(buf);
-        cmn_sha256_final_hex(&ctx, sha);
-        if (rc == 0 && strcmp(sha, f[5]) != 0) {
+        if (sha)
+            cmn_sha256_final_hex(&ctx, sum);
+        else
+            cmn_xxh128_final_hex(&xctx, sum);
+        if (rc == 0 && strcmp(sum, f[5]) != 0) {
             close(fd);
             unlink(tmp);
             CMN_LOG_W("spool", "journal record seq=%llu torn: the journal ends there",
@@ -885,7 +960,7 @@ static int journal_replay_one(void *ud, uint64_t seq, const char *meta, size_t m
             unlink(tmp);
             return rc;
         }
-        CMN_LOG_W("spool", "journal restored object file sha256=%s seq=%llu", f[5],
+        CMN_LOG_W("spool", "journal restored object file %s.dcm seq=%llu", f[7],
                   (unsigned long long)seq);
     }
     /* The row. */
@@ -1045,7 +1120,7 @@ static void copy_col(char *dst, size_t len, sqlite3_stmt *st, int col)
 
 #define ITEM_COLS                                                                               \
     "id, sop_uid, study_uid, series_uid, sha256, size, path, attempts, priority, up_path,"     \
-    " up_sha256, up_size, up_kind"
+    " up_sha256, up_size, up_kind, xxh128"
 
 static void read_item(sqlite3_stmt *sel, edge_spool_item_t *it)
 {
@@ -1063,6 +1138,7 @@ static void read_item(sqlite3_stmt *sel, edge_spool_item_t *it)
     copy_col(it->up_sha256, sizeof(it->up_sha256), sel, 10);
     it->up_size = (uint64_t)sqlite3_column_int64(sel, 11);
     copy_col(it->up_kind, sizeof(it->up_kind), sel, 12);
+    copy_col(it->xxh128, sizeof(it->xxh128), sel, 13);
 }
 
 int edge_spool_claim(edge_spool_t *sp, int64_t now_ms, edge_spool_item_t *items, int max, int *n,

@@ -37,6 +37,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cmn/crypto.h"
 #include "proto/proto.h"
 
 typedef enum {
@@ -54,7 +55,8 @@ typedef struct {
     char sop_uid[PROTO_UID_MAX + 1];
     char study_uid[PROTO_UID_MAX + 1];
     char series_uid[PROTO_UID_MAX + 1];
-    char sha256[PROTO_HEX256 + 1];
+    char sha256[PROTO_HEX256 + 1];   /* "" on rows that have xxh128 */
+    char xxh128[CMN_XXH128_HEX_LEN + 1]; /* checksum taken at receipt ("" on old rows) */
     uint64_t size;                   /* bytes of the original */
     char path[4096];                 /* the original; absolute or relative to the cwd at start */
     int attempts;                    /* failed attempts so far */
@@ -114,14 +116,15 @@ typedef struct {
 
 /**
  * Makes a received temporary file durable and records it: fsyncs the file,
- * hashes it, renames it to dir/objects/<sha256>.dcm, fsyncs the directory and
+ * checksums it (XXH3-128, into sum_out when not NULL), renames
+ * dir/tmp/<name>.part to dir/objects/<name>.dcm, fsyncs the directory and
  * inserts a PENDING row (committed with synchronous=FULL). On success the
  * temporary file no longer exists and *id_out (may be NULL) is the row id.
  * On failure the temporary file is removed: 0, -ENOSPC / -EIO / other -errno,
  * or CMN_EDB.
  */
 int edge_spool_add(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids_t *uids,
-                   int64_t *id_out, char sha_out[PROTO_HEX256 + 1]);
+                   int64_t *id_out, char sum_out[CMN_XXH128_HEX_LEN + 1]);
 
 /**
  * A streaming lane of the ingest journal, for one association at a time:
@@ -139,17 +142,17 @@ void edge_spool_stream_begin(edge_spool_stream_t *stream);
 void edge_spool_stream_write(edge_spool_stream_t *stream, const void *buf, size_t len);
 
 /**
- * Records a received file that was hashed while it was written (sha256,
- * size): through the ingest journal - the lane it was streamed into
- * (stream, when it holds all size bytes), else copied into the shared
- * journal (one group-committed fdatasync) - the file renamed to
- * dir/objects/<sha256>.dcm, the row inserted; or, for instances too big
+ * Records a received file that was checksummed while it was written
+ * (xxh128, cmn/crypto.h; size): through the ingest journal - the lane it was
+ * streamed into (stream, when it holds all size bytes), else copied into the
+ * shared journal (one group-committed fdatasync) - the file renamed to
+ * dir/objects/<name>.dcm, the row inserted; or, for instances too big
  * for the journal, like edge_spool_add. Returns once the instance and its
  * row are durable (the caller may acknowledge it). The temporary file no
  * longer exists afterwards. stream may be NULL. 0 or as edge_spool_add.
  */
 int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids_t *uids,
-                            const char *sha256, uint64_t size, edge_spool_stream_t *stream,
+                            const char *xxh128, uint64_t size, edge_spool_stream_t *stream,
                             int64_t *id_out);
 
 /**

@@ -1034,6 +1034,42 @@ static int check_file(const char *path, const char *sha, uint64_t want_size)
     return 0;
 }
 
+/* The spooled original against the checksum taken at receipt (XXH3-128,
+ * ~12x faster than SHA-256), or its SHA-256 on rows from before it. */
+static int check_original(const edge_spool_item_t *it)
+{
+    char hex[CMN_XXH128_HEX_LEN + 1];
+    cmn_xxh128_ctx_t c;
+    uint8_t *buf;
+    uint64_t size = 0;
+    int fd, rc = 0;
+    ssize_t n;
+
+    if (!it->xxh128[0])
+        return check_file(it->path, it->sha256, it->size);
+    fd = open(it->path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    buf = cmn_xmalloc(1 << 16);
+    cmn_xxh128_init(&c);
+    while ((n = read(fd, buf, 1 << 16)) != 0) {
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = -errno;
+            break;
+        }
+        cmn_xxh128_update(&c, buf, (size_t)n);
+        size += (uint64_t)n;
+    }
+    free(buf);
+    close(fd);
+    if (rc < 0)
+        return rc;
+    cmn_xxh128_final_hex(&c, hex);
+    return size == it->size && strcmp(hex, it->xxh128) == 0 ? 0 : CMN_EHASH;
+}
+
 /* HASHING: the spooled original must still be what was received, and the
  * prepared file what was recorded (else it is prepared again). */
 static void hash_work_one(edge_job_t *job)
@@ -1042,9 +1078,13 @@ static void hash_work_one(edge_job_t *job)
 
     snprintf(job->obj_sha, sizeof(job->obj_sha), "%s", it->up_sha256);
     job->obj_size = it->up_size;
-    job->work_rc = check_file(it->path, it->sha256, it->size);
+    job->work_rc = check_original(it);
     if (job->work_rc < 0)
         return;
+    if (!it->up_sha256[0]) {
+        job->work_rc = JOB_E_REPREPARE;   /* prepare could not read the original then */
+        return;
+    }
     if (strcmp(it->up_path, it->path) != 0 &&
         check_file(it->up_path, it->up_sha256, it->up_size) < 0)
         job->work_rc = JOB_E_REPREPARE;
@@ -1129,8 +1169,13 @@ static void hash_work_bundle(edge_job_t *job)
         bool same = strcmp(it->up_path, it->path) == 0;
         int rc;
 
-        if (!same && (rc = check_file(it->path, it->sha256, it->size)) < 0) {
+        if ((!same || !it->up_sha256[0]) && (rc = check_original(it)) < 0) {
             job->mstat[i] = rc;
+            bad = true;
+            continue;
+        }
+        if (!it->up_sha256[0]) {
+            job->mstat[i] = JOB_E_REPREPARE;   /* as in hash_work_one */
             bad = true;
             continue;
         }
@@ -1825,7 +1870,7 @@ static void job_finish(edge_job_t *job, job_outcome_t out, const char *kind, con
 
 /* ------------------------------------------------------------ prepare */
 
-/* Makes a transcoded temporary file durable as objects/<orig sha>.jls.dcm. */
+/* Makes a transcoded temporary file durable as <original's name>.jls.dcm. */
 static int adopt_jpegls(prep_t *p, const char *tmp, char *final, size_t flen, char *sha,
                         uint64_t *size)
 {
@@ -1842,13 +1887,15 @@ static int adopt_jpegls(prep_t *p, const char *tmp, char *final, size_t flen, ch
         return rc;
     if ((rc = hash_into(tmp, NULL, sha, size)) < 0)
         return rc;
-    /* Next to the original: same directory, original's hash + ".jls.dcm". */
+    /* Next to the original: objects/<name>.dcm -> objects/<name>.jls.dcm. */
     snprintf(dir, sizeof(dir), "%s", p->item.path);
     char *slash = strrchr(dir, '/');
     if (!slash)
         return CMN_EINTERNAL;
     *slash = '\0';
-    if ((size_t)snprintf(final, flen, "%s/%s.jls.dcm", dir, p->item.sha256) >= flen)
+    const char *base = slash + 1;
+    if ((size_t)snprintf(final, flen, "%s/%.*s.jls.dcm", dir, (int)strcspn(base, "."), base) >=
+        flen)
         return -ENAMETOOLONG;
     if (rename(tmp, final) < 0)
         return -errno;
@@ -1889,8 +1936,14 @@ static void prep_work(uv_work_t *w)
         }
         /* Skipped or failed: the original goes up as received. */
     }
-    p->rc = edge_spool_set_upload_file(sp, p->item.id, p->item.path, p->item.sha256,
-                                       p->item.size, "original");
+    /* Its SHA-256 (the object's name in the protocol) is computed now: at
+     * receipt only the cheap checksum is taken. The upload checks the
+     * file against that checksum before sending. */
+    snprintf(sha, sizeof(sha), "%s", p->item.sha256);
+    if (!sha[0] && hash_into(p->item.path, NULL, sha, &size) < 0)
+        sha[0] = '\0';   /* unreadable: recorded anyway, so the upload's check settles it */
+    p->rc = edge_spool_set_upload_file(sp, p->item.id, p->item.path, sha, p->item.size,
+                                       "original");
 }
 
 static void prep_done(uv_work_t *w, int status)

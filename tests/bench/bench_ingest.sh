@@ -17,9 +17,12 @@
 # The cost table runs the same edge binary with benchmark-only environment
 # switches read by edge/spool.c:
 #   journal (default)      each association streams its images into a journal
-#                          lane of its own while they arrive (writeback starts
-#                          every 256 KiB), one fdatasync per image at the end;
-#                          checkpoint = syncfs + FULL commit
+#                          lane of its own while they arrive (O_DIRECT, kernel
+#                          AIO, 4 x 128 KiB in flight), one fdatasync (a cache
+#                          flush) per image at the end; checkpoint = syncfs +
+#                          FULL commit
+#   YY_SPOOL_LANE_BUFFERED=1  (edge-lanebuf) lanes through the page cache,
+#                          writeback started every 256 KiB (before 2026-11-29)
 #   YY_SPOOL_LANES=0       (edge-nolanes) the shared journal only: each image
 #                          copied into it after receipt, group-committed
 #                          fdatasync (the default before lanes)
@@ -151,6 +154,7 @@ while [ $r -lt "$ROUNDS" ]; do
         storescp_run storescp-pdu128k "$mode" -pdu 131072
         if [ $have_orthanc = 1 ]; then orthanc_run "$mode"; fi
         if [ "${COSTS:-0}" = 1 ]; then
+            edge_run edge-lanebuf "$mode" "$EDGE" YY_SPOOL_LANE_BUFFERED=1
             edge_run edge-nolanes "$mode" "$EDGE" YY_SPOOL_LANES=0
             edge_run edge-direct "$mode" "$EDGE" YY_SPOOL_JOURNAL_MB=0
             edge_run edge-ring512 "$mode" "$EDGE" YY_SPOOL_JOURNAL_MB=512 YY_SPOOL_LANE_MB=512
@@ -164,7 +168,7 @@ done
 median() { sort -n | awk '{a[NR]=$1} END {if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 for mode in 1 P; do
     [ "$mode" = 1 ] && echo "== one association" || echo "== $PAR associations in parallel"
-    for name in edge edge-nolanes edge-direct edge-ring512 edge-nosync edge-before storescp storescp-pdu128k orthanc; do
+    for name in edge edge-lanebuf edge-nolanes edge-direct edge-ring512 edge-nosync edge-before storescp storescp-pdu128k orthanc; do
         grep -q "^$name $mode " "$w/results" || continue
         m=$(grep "^$name $mode " "$w/results" | awk '{print $3}' | median)
         all=$(grep "^$name $mode " "$w/results" | awk -v n="$nfiles" '{printf "%.0f ", n / $3}')

@@ -60,7 +60,7 @@ def rows(edge):
     db = os.path.join(edge.dir, "spool", "spool.db")
     con = sqlite3.connect(db, timeout=10)
     try:
-        return con.execute("SELECT id, sop_uid, study_uid, series_uid, sha256, size, path, state,"
+        return con.execute("SELECT id, sop_uid, study_uid, series_uid, xxh128, size, path, state,"
                            " attempts, last_error FROM instances ORDER BY id").fetchall()
     finally:
         con.close()
@@ -259,13 +259,13 @@ def store_ct_is_spooled_durably():
     h.eq(len(got), len(d["ct"]), "rows")
     want = {sop_uid_of(p) for p in d["ct"]}
     h.eq({row[1] for row in got}, want, "SOP UIDs")
-    import hashlib
     import pydicom
-    for (_id, sop, study, series, sha, size, path, state, _a, _e) in got:
+    import xxhash
+    for (_id, sop, study, series, xxh, size, path, state, _a, _e) in got:
         h.check(state in ("PENDING", "UPLOADING"), state)
         with open(path, "rb") as f:
             blob = f.read()
-        h.eq(hashlib.sha256(blob).hexdigest(), sha, "file hash")
+        h.eq(xxhash.xxh3_128_hexdigest(blob), xxh, "file checksum (XXH3-128, taken while received)")
         h.eq(len(blob), size, "file size")
         ds = pydicom.dcmread(path)
         h.eq(ds.SOPInstanceUID, sop, "stored SOP UID")
@@ -472,7 +472,7 @@ def journal_replay_restores_what_a_power_failure_loses():
     associations are open at once, so the two streaming lanes (written while
     the instance arrives) and the shared journal (copied after) all hold
     records."""
-    import hashlib
+    import xxhash
     d = data()
     os.environ["YY_SPOOL_CHECKPOINT_IDLE_MS"] = "3600000"   # no checkpoint before the kill
     try:
@@ -487,7 +487,7 @@ def journal_replay_restores_what_a_power_failure_loses():
         s.s.close()
     spool = os.path.join(e.dir, "spool")
     con = sqlite3.connect(os.path.join(spool, "spool.db"), timeout=10)
-    before = con.execute("SELECT sop_uid, sha256, size, path, jseq FROM instances"
+    before = con.execute("SELECT sop_uid, xxh128, size, path, jseq FROM instances"
                          " ORDER BY sop_uid").fetchall()
     tails = dict(con.execute("SELECT name, value FROM counters WHERE name LIKE 'journal%seq'"))
     h.eq(len(before), len(d["ct"]), "rows acknowledged")
@@ -514,14 +514,14 @@ def journal_replay_restores_what_a_power_failure_loses():
     e.start()
     con = sqlite3.connect(os.path.join(spool, "spool.db"), timeout=10)
     try:
-        after = con.execute("SELECT sop_uid, sha256, size, path, jseq FROM instances"
+        after = con.execute("SELECT sop_uid, xxh128, size, path, jseq FROM instances"
                             " ORDER BY sop_uid").fetchall()
     finally:
         con.close()
     h.eq(after, before, "every row restored once, as it was")
-    for _, sha, size, path, _ in after:
+    for _, xxh, size, path, _ in after:
         with open(path, "rb") as f:
-            h.eq(hashlib.sha256(f.read()).hexdigest(), sha, f"object file {path} restored")
+            h.eq(xxhash.xxh3_128_hexdigest(f.read()), xxh, f"object file {path} restored")
     with open(e.daemon.log_path, errors="replace") as f:
         log = f.read()
     h.eq(log.count("journal restored row"), len(gone), "rows restored by the replay")

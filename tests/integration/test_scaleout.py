@@ -274,7 +274,7 @@ class SpoolEdge(h.Edge):
     def rows(self, study_uid=None):
         con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
         try:
-            return con.execute("SELECT sop_uid, state, sha256, path, up_sha256, up_path, up_kind"
+            return con.execute("SELECT sop_uid, state, xxh128, path, up_sha256, up_path, up_kind"
                                " FROM instances ORDER BY id").fetchall()
         finally:
             con.close()

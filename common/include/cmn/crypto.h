@@ -1,6 +1,6 @@
 /*
  * crypto.h - hashing (SHA-256 with SHA-NI where available), MACs and
- * randomness via mbedTLS.
+ * randomness via mbedTLS; the XXH3-128 checksum (libxxhash).
  */
 #ifndef CMN_CRYPTO_H
 #define CMN_CRYPTO_H
@@ -8,6 +8,9 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#define XXH_STATIC_LINKING_ONLY   /* XXH3_state_t on the stack */
+#include <xxhash.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -35,6 +38,22 @@ bool cmn_sha256_has_ni(void);
 void cmn_sha256(const void *p, size_t n, uint8_t out[CMN_SHA256_LEN]);
 /** Hashes a file's whole content. 0 or -errno. Blocking: not on a loop thread. */
 int cmn_sha256_file(const char *path, uint8_t out[CMN_SHA256_LEN], uint64_t *size);
+
+/**
+ * XXH3-128 (libxxhash), about 15 GB/s against SHA-256's 1.3 GB/s with
+ * SHA-NI: a checksum that detects corruption of bytes at rest. Not
+ * collision resistant, so it never names, deduplicates or authenticates
+ * anything an outsider supplies. Hex is the canonical (big-endian) form
+ * that xxhsum -H2 and python's xxhash print.
+ */
+#define CMN_XXH128_HEX_LEN 32
+typedef struct {
+    XXH3_state_t st;
+} cmn_xxh128_ctx_t;
+
+void cmn_xxh128_init(cmn_xxh128_ctx_t *c);
+void cmn_xxh128_update(cmn_xxh128_ctx_t *c, const void *p, size_t n);
+void cmn_xxh128_final_hex(const cmn_xxh128_ctx_t *c, char hex[CMN_XXH128_HEX_LEN + 1]);
 
 void cmn_hmac_sha256(const void *key, size_t keylen, const void *msg, size_t msglen,
                      uint8_t out[CMN_SHA256_LEN]);

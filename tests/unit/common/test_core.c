@@ -182,6 +182,35 @@ static void test_sha256_hmac(void **state)
     assert_string_equal(hex, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
 }
 
+/* XXH3-128 in canonical hex, against python's xxhash: the empty input,
+ * "abc", and 100000 patterned bytes fed in three uneven pieces. */
+static void test_xxh128(void **state)
+{
+    enum { N = 100000 };
+    uint8_t *data = malloc(N);
+    char hex[CMN_XXH128_HEX_LEN + 1];
+    cmn_xxh128_ctx_t c;
+    (void)state;
+
+    assert_non_null(data);
+    for (size_t i = 0; i < N; i++)
+        data[i] = (uint8_t)((i * 7 + 3) & 255);
+    cmn_xxh128_init(&c);
+    cmn_xxh128_final_hex(&c, hex);
+    assert_string_equal(hex, "99aa06d3014798d86001c324468d497f");
+    cmn_xxh128_init(&c);
+    cmn_xxh128_update(&c, "abc", 3);
+    cmn_xxh128_final_hex(&c, hex);
+    assert_string_equal(hex, "06b05ab6733a618578af5f94892f3950");
+    cmn_xxh128_init(&c);
+    cmn_xxh128_update(&c, data, 1);
+    cmn_xxh128_update(&c, data + 1, 776);
+    cmn_xxh128_update(&c, data + 777, N - 777);
+    cmn_xxh128_final_hex(&c, hex);
+    assert_string_equal(hex, "d9e155dd16e141d00c056f6fcc340974");
+    free(data);
+}
+
 /* The SHA-NI code against mbedTLS's on every length up to a few blocks,
  * fed in uneven pieces, and on 1 MiB; and the hex form. */
 static void test_sha256_ni_matches_mbedtls(void **state)
@@ -299,7 +328,7 @@ int main(void)
         cmocka_unit_test(test_errors),      cmocka_unit_test(test_buf),
         cmocka_unit_test(test_conf),        cmocka_unit_test(test_conf_file),
         cmocka_unit_test(test_sha256_hmac), cmocka_unit_test(test_random_hex),
-        cmocka_unit_test(test_sha256_ni_matches_mbedtls),
+        cmocka_unit_test(test_sha256_ni_matches_mbedtls), cmocka_unit_test(test_xxh128),
         cmocka_unit_test(test_sha256_file), cmocka_unit_test(test_db),
     };
     cmn_log_set_level(CMN_LOG_ERROR + 0);

@@ -36,8 +36,13 @@ static void prepare(edge_spool_t *sp, int64_t id)
     for (int i = 0; i < n; i++) {
         if (items[i].id != id)
             continue;
-        assert_int_equal(edge_spool_set_upload_file(sp, id, items[i].path, items[i].sha256,
-                                                    items[i].size, "original"), 0);
+        uint8_t d[CMN_SHA256_LEN];
+        char sha[PROTO_HEX256 + 1];
+        uint64_t size;
+        assert_int_equal(cmn_sha256_file(items[i].path, d, &size), 0);
+        cmn_hex(d, sizeof(d), sha);
+        assert_int_equal(edge_spool_set_upload_file(sp, id, items[i].path, sha, items[i].size,
+                                                    "original"), 0);
         return;
     }
     fail_msg("row %lld is not waiting to be prepared", (long long)id);
@@ -80,7 +85,7 @@ static void write_tmp(edge_spool_t *sp, const char *content, char *path, size_t 
 static void test_add_claim_done(void **state)
 {
     edge_spool_t *sp;
-    char tmp[4096], sha[PROTO_HEX256 + 1];
+    char tmp[4096], sum[CMN_XXH128_HEX_LEN + 1];
     edge_spool_item_t items[4];
     int64_t id, next;
     int n;
@@ -90,9 +95,9 @@ static void test_add_claim_done(void **state)
     assert_true(edge_spool_has_space(sp));
     write_tmp(sp, "hello", tmp, sizeof(tmp));
     edge_spool_uids_t u = {"1.2.3.1", "1.2.3", "1.2.3.9", NULL};
-    assert_int_equal(edge_spool_add(sp, tmp, &u, &id, sha), 0);
+    assert_int_equal(edge_spool_add(sp, tmp, &u, &id, sum), 0);
     assert_int_equal(access(tmp, F_OK), -1);               /* temp file renamed */
-    assert_string_equal(sha, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
+    assert_string_equal(sum, "b5e9c1ad071b3e7fc779cfaa5e523818");   /* XXH3-128("hello") */
 
     /* Not prepared yet: not claimable. */
     assert_int_equal(edge_spool_claim(sp, edge__wall_ms(), items, 4, &n, &next), 0);
@@ -106,8 +111,11 @@ static void test_add_claim_done(void **state)
     assert_string_equal(items[0].study_uid, "1.2.3");
     assert_string_equal(items[0].series_uid, "1.2.3.9");
     assert_int_equal(items[0].size, 5);
-    assert_string_equal(items[0].sha256, sha);
-    assert_non_null(strstr(items[0].path, sha));
+    assert_string_equal(items[0].xxh128, sum);
+    assert_string_equal(items[0].sha256, "");   /* computed when prepared, not at receipt */
+    const char *base = strrchr(tmp, '/') + 1;   /* tmp/<name>.part -> objects/<name>.dcm */
+    assert_non_null(strstr(items[0].path, "/objects/"));
+    assert_int_equal(strncmp(strrchr(items[0].path, '/') + 1, base, strcspn(base, ".")), 0);
     assert_int_equal(access(items[0].path, R_OK), 0);
 
     /* Claimed rows are not handed out twice. */
@@ -134,6 +142,72 @@ static void test_add_claim_done(void **state)
     assert_int_equal(edge_spool_mark_done(sp, id, 0), 0);
     assert_int_equal(edge_spool_stats(sp, edge__wall_ms(), &st), 0);
     assert_int_equal(st.uploaded_instances, 1);
+    edge_spool_close(sp);
+}
+
+static void put_file(const char *path, const char *content)
+{
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    fputs(content, f);
+    fclose(f);
+}
+
+/* The upload checks an original against the checksum taken at receipt
+ * (XXH3-128), or against its SHA-256 on a row from before that column;
+ * journal metadata of both versions decodes, and a record naming a file
+ * outside objects/ does not. */
+static void test_checksums(void **state)
+{
+    edge_spool_t *sp;
+    edge_spool_item_t items[2];
+    char tmp[4096], sum[CMN_XXH128_HEX_LEN + 1], meta[1024];
+    const char *f[META_FIELDS];
+    int64_t id;
+    int n;
+    (void)state;
+
+    assert_int_equal(edge_spool_open(g_dir, 0, &sp), 0);
+    write_tmp(sp, "hello", tmp, sizeof(tmp));
+    edge_spool_uids_t u = {"1.2.3.1", "1.2.3", "1.2.3.9", "CT1"};
+    assert_int_equal(edge_spool_add(sp, tmp, &u, &id, sum), 0);
+    assert_int_equal(edge_spool_list_unprepared(sp, items, 2, &n), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(check_original(&items[0]), 0);
+    put_file(items[0].path, "hellO");
+    assert_int_equal(check_original(&items[0]), CMN_EHASH);
+
+    /* A row of the previous layout: SHA-256, no XXH3-128. */
+    put_file(items[0].path, "hello");
+    assert_int_equal(cmn_db_exec(sp->db, "UPDATE instances SET xxh128=NULL, sha256="
+                                         "'2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e730433"
+                                         "62938b9824'"), 0);
+    assert_int_equal(edge_spool_list_unprepared(sp, items, 2, &n), 0);
+    assert_string_equal(items[0].xxh128, "");
+    assert_int_equal(check_original(&items[0]), 0);
+    put_file(items[0].path, "hellO");
+    assert_int_equal(check_original(&items[0]), CMN_EHASH);
+    unlink(items[0].path);
+    assert_int_equal(check_original(&items[0]), -ENOENT);
+
+    /* Journal metadata: this version's, and the previous one's. */
+    int len = meta_encode(meta, sizeof(meta), &u, sum, 1234, "/s/objects/0a1b2c.dcm");
+    assert_true(len > 0);
+    assert_int_equal(meta_decode(meta, (size_t)len, f), 0);
+    assert_string_equal(f[0], "2");
+    assert_string_equal(f[4], "CT1");
+    assert_string_equal(f[5], sum);
+    assert_string_equal(f[6], "1234");
+    assert_string_equal(f[7], "0a1b2c");
+    static const char v1[] = "1\0" "1.2.3.1\0" "1.2.3\0" "1.2.3.9\0" "CT1\0"
+                             "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824\0"
+                             "99\0";
+    assert_int_equal(meta_decode(v1, sizeof(v1) - 1, f), 0);
+    assert_string_equal(f[7], f[5]);   /* then named by its SHA-256 */
+    assert_string_equal(f[6], "99");
+    len = meta_encode(meta, sizeof(meta), &u, sum, 1234, "/s/objects/../x.dcm");
+    assert_int_equal(meta_decode(meta, (size_t)len, f), -EINVAL);
+    assert_int_equal(meta_decode(meta, 10, f), -EINVAL);   /* cut short */
     edge_spool_close(sp);
 }
 
@@ -459,6 +533,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_add_claim_done, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_checksums, setup, teardown),
         cmocka_unit_test_setup_teardown(test_retry_and_due, setup, teardown),
         cmocka_unit_test_setup_teardown(test_crash_recovery, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_space, setup, teardown),
