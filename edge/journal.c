@@ -61,7 +61,7 @@ _Static_assert(sizeof(j_hdr_t) == J_HDR, "journal header size");
 
 /* O_DIRECT streaming: S_NBUF aligned buffers of S_BUF bytes, each one AIO
  * write when full. */
-#define S_NBUF 4
+#define S_NBUF 8
 #define S_BUF (128u << 10)
 
 typedef struct {
@@ -865,19 +865,22 @@ int edge_journal_stream_commit(edge_journal_t *j, const void *meta, size_t meta_
     memcpy(hbuf, &h, J_HDR);
     if (direct(j)) {
         /* The data's last blocks, zero-padded (inside the record's aligned
-         * size); every data write finished; then the header block. */
+         * size), and the header block go together; then every write must
+         * have finished. The header may reach the disk before data: the
+         * record is not acknowledged before the fdatasync, and a replay
+         * checks the data's checksum (a torn record ends the log there). */
         size_t tail = (size_t)(j->s_written - j->s_flushed);
         size_t padded = (size_t)align_up(tail, J_ALIGN);
         int cur = j->s_cur, next = (cur + 1) % S_NBUF;
         memset(sbuf(j, cur) + tail, 0, padded - tail);
         rc = padded ? aio_write(j, cur, padded, j->s_off + S_DATA + j->s_flushed) : 0;
+        if (rc == 0 && (rc = aio_free(j, next)) == 0) {
+            memcpy(sbuf(j, next), hbuf, S_DATA);
+            rc = aio_write(j, next, S_DATA, j->s_off);
+        }
         int r = aio_drain(j);
         if (rc == 0)
             rc = r;
-        if (rc == 0) {
-            memcpy(sbuf(j, next), hbuf, S_DATA);
-            rc = pwrite_all(j->dfd, sbuf(j, next), S_DATA, j->s_off);
-        }
         j->s_cur = 0;
         if (rc < 0)
             goto out;

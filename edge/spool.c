@@ -10,7 +10,7 @@
  *     tmp/<random>.part      files being received; removed at start
  *
  *     journal                the shared ingest journal (journal.h): a 64 MiB preallocated ring
- *     journal.1, journal.2   streaming lanes: 32 MiB rings, one per association in progress
+ *     journal.1 .. journal.4 streaming lanes: 32 MiB rings, one per association in progress
  *
  * Invariant: a row exists only for an instance that is durable: either its
  * file was fsync'd and renamed into objects/ with the directory fsync'd
@@ -72,7 +72,7 @@
  * one per association in progress; further associations share lane 0.
  * YY_SPOOL_LANES (0..LANES) and YY_SPOOL_LANE_MB override count and size of
  * new lanes (the benchmark's cost table, not configuration knobs). */
-#define LANES 2
+#define LANES 4
 #define LANE_MB 32
 
 /* A journal and its place: lane 0 is "journal", lane n "journal.<n>".

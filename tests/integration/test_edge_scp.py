@@ -468,20 +468,20 @@ def journal_replay_restores_what_a_power_failure_loses():
     checkpoint. A power failure loses what was not: simulated here by a
     kill -9 followed by removing every row and object file the checkpoints
     had not covered (one file is torn instead of removed). The replay at the
-    next start must restore each of them, byte for byte, exactly once. Three
-    associations are open at once, so the two streaming lanes (written while
-    the instance arrives) and the shared journal (copied after) all hold
-    records."""
+    next start must restore each of them, byte for byte, exactly once. Five
+    associations are open at once, so the four streaming lanes (written while
+    the instance arrives, O_DIRECT) and the shared journal (copied after) all
+    hold records."""
     import xxhash
     d = data()
     os.environ["YY_SPOOL_CHECKPOINT_IDLE_MS"] = "3600000"   # no checkpoint before the kill
     try:
-        e = offline_edge(scp={"max_associations": 4})
+        e = offline_edge(scp={"max_associations": 6})
     finally:
         del os.environ["YY_SPOOL_CHECKPOINT_IDLE_MS"]
-    scus = [RawSCU(e.port) for _ in range(3)]
+    scus = [RawSCU(e.port) for _ in range(5)]
     for i, f in enumerate(d["ct"]):
-        h.eq(scus[i % 3].store(sop_uid_of(f), dataset_bytes(f)), 0, f"C-STORE {i}")
+        h.eq(scus[i % 5].store(sop_uid_of(f), dataset_bytes(f)), 0, f"C-STORE {i}")
     e.daemon.kill9()
     for s in scus:
         s.s.close()
@@ -491,7 +491,7 @@ def journal_replay_restores_what_a_power_failure_loses():
                          " ORDER BY sop_uid").fetchall()
     tails = dict(con.execute("SELECT name, value FROM counters WHERE name LIKE 'journal%seq'"))
     h.eq(len(before), len(d["ct"]), "rows acknowledged")
-    h.eq(sorted({j >> 48 for *_, j in before}), [0, 1, 2], "lanes used (shared, 1, 2)")
+    h.eq(sorted({j >> 48 for *_, j in before}), [0, 1, 2, 3, 4], "lanes used (shared, 1-4)")
 
     def tail(lane):
         return tails.get("journal_seq" if lane == 0 else f"journal{lane}_seq", 1)
