@@ -40,7 +40,6 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
-#include <time.h>
 #include <atomic>
 #include <string>
 #include <vector>
@@ -320,20 +319,8 @@ protected:
     }
 
 private:
-    double T[6] = {0}; int TN = 0;
-    static double tnow() { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6; }
-    double tlast = 0;
     OFCondition handleStore(T_DIMSE_C_StoreRQ &req, const DcmPresentationContextInfo &presInfo)
     {
-        double t0 = tnow(); if (tlast) T[0] += t0 - tlast;
-        OFCondition r = handleStore2(req, presInfo);
-        tlast = tnow(); T[4] += tlast - t0; TN++;
-        if (TN % 100 == 0) fprintf(stderr, "TIMING n=%d between=%.3f begin=%.3f recv=%.3f end=%.3f total=%.3f\n", TN, T[0]/TN, T[1]/TN, T[2]/TN, T[3]/TN, T[4]/TN);
-        return r;
-    }
-    OFCondition handleStore2(T_DIMSE_C_StoreRQ &req, const DcmPresentationContextInfo &presInfo)
-    {
-        double a = tnow();
         edge_scp *s = g_scp;
         const T_ASC_PresentationContextID presID = presInfo.presentationContextID;
         char path[4096];
@@ -359,12 +346,10 @@ private:
         if (m_stream)
             s->opts.stream_begin(m_stream);
         m_received = 0;
-        double b = tnow(); T[1] += b - a;
         char sum[CMN_XXH128_HEX_LEN + 1];
         uint64_t file_bytes = 0;
         int write_err = 0;
         cond = receiveToFile(req, presID, path, sum, &file_bytes, &write_err);
-        double c = tnow(); T[2] += c - b;
 
         OFString calling = getPeerAETitle();
         OFString peer = getPeerIP();
@@ -390,7 +375,6 @@ private:
             st.file_bytes = file_bytes;
         }
         status = s->opts.store_end(s->opts.ud, &st);
-        T[3] += tnow() - c;
         if (cond.bad() && !st.out_of_resources)
             return cond;   /* network failure: DcmSCP ends the association */
         return sendSTOREResponse(presID, req, (Uint16)status);
