@@ -47,6 +47,12 @@
 #define J_ALIGN 4096u
 #define J_HDR 48u
 #define J_MAX_META 4096u
+#define J_ZEROFILL_MAX (64ull << 20)
+
+/* A checkpoint starts when live records hold this much of the ring: with
+ * the spool's large lanes, a whole CT series streams in before one
+ * starts, so its syncfs does not compete with the acknowledgements. */
+#define CHECKPOINT_AT(j) ((j)->size / 2)
 
 typedef struct {
     uint32_t magic;
@@ -262,17 +268,31 @@ int edge_journal_open(const char *path, uint64_t size, edge_journal_t **out)
         goto out_close;
     }
     if ((uint64_t)st.st_size != size) {
-        /* Write real zeros: overwriting allocated blocks later needs no
-         * metadata commit (fallocate'd "unwritten" extents would). */
-        char *z = calloc(1, 1 << 20);
-        if (!z) {
-            rc = -ENOMEM;
-            goto out_close;
-        }
+        /* Allocated blocks, so that an fdatasync writes data, not the
+         * allocation. fallocate makes them at once, as "unwritten" extents:
+         * the first write of each costs one extent update in that
+         * fdatasync, and every later pass through the ring none. Where
+         * fallocate is not supported the ring is written with zeros, and
+         * then kept to J_ZEROFILL_MAX. */
         rc = ftruncate(fd, 0) < 0 ? -errno : 0;
-        for (uint64_t off = 0; rc == 0 && off < size; off += 1 << 20)
-            rc = pwrite_all(fd, z, 1 << 20, off);
-        free(z);
+        if (rc == 0 && fallocate(fd, 0, 0, (off_t)size) < 0) {
+            rc = errno == EOPNOTSUPP || errno == ENOSYS ? 1 : -errno;
+            if (rc < 0)
+                goto out_close;
+        }
+        if (rc == 1) {
+            char *z = calloc(1, 1 << 20);
+            if (!z) {
+                rc = -ENOMEM;
+                goto out_close;
+            }
+            if (size > J_ZEROFILL_MAX)
+                size = J_ZEROFILL_MAX;
+            rc = 0;
+            for (uint64_t off = 0; rc == 0 && off < size; off += 1 << 20)
+                rc = pwrite_all(fd, z, 1 << 20, off);
+            free(z);
+        }
         if (rc == 0 && fsync(fd) < 0)
             rc = -errno;
         if (rc < 0)
@@ -448,9 +468,9 @@ static void *cp_main(void *arg)
 
     pthread_mutex_lock(&j->mu);
     while (!j->stopping) {
-        bool quarter = j->used >= j->size / 4;
+        bool half = j->used >= CHECKPOINT_AT(j);
         bool idle = j->count > 0 && mono_ms() - j->last_append_ms >= j->idle_ms;
-        if (quarter || j->full_waiters || idle) {
+        if (half || j->full_waiters || idle) {
             size_t before = j->count;
             if (checkpoint_locked(j) < 0)
                 cp_wait(j, 1000);            /* e.g. syncfs failed: retry, not spin */
@@ -548,7 +568,7 @@ static uint64_t add_record(edge_journal_t *j, uint64_t off, uint64_t total, uint
     j->written_seq = j->next_seq;
     j->last_append_ms = mono_ms();
     j->stats.appends++;
-    if (j->used >= j->size / 4)
+    if (j->used >= CHECKPOINT_AT(j))
         pthread_cond_signal(&j->cp_cond);
     return j->next_seq++;
 }
@@ -951,7 +971,7 @@ void edge_journal_done(edge_journal_t *j, uint64_t seq)
             break;
         }
     }
-    if (j->full_waiters || j->used >= j->size / 4)
+    if (j->full_waiters || j->used >= CHECKPOINT_AT(j))
         pthread_cond_signal(&j->cp_cond);
     pthread_mutex_unlock(&j->mu);
 }

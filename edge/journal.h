@@ -10,7 +10,7 @@
  * one after another under the journal lock, so after a crash the valid
  * records form a prefix of the ring starting at the checkpointed tail.
  *
- * Checkpoint (a thread of the journal, when the ring is a quarter full,
+ * Checkpoint (a thread of the journal, when the ring is half full,
  * after 2 s idle, and at close): for the oldest run of done records the
  * checkpoint callback makes their object files and rows durable by other
  * means (syncfs + a synchronous=FULL commit of the new tail) and the space
@@ -54,8 +54,9 @@ typedef int (*edge_journal_record_cb)(void *ud, uint64_t seq, const char *meta, 
                                       int fd, uint64_t data_off, uint64_t data_len);
 
 /**
- * Opens path, creating it zero-filled (size bytes, rounded to 1 MiB) when it
- * does not exist or has another size. 0 with *out, or negative errno.
+ * Opens path, creating it (size bytes, rounded to 1 MiB, allocated with
+ * fallocate; zero-filled and at most 64 MiB where that is not supported)
+ * when it does not exist or has another size. 0 with *out, or negative errno.
  */
 int edge_journal_open(const char *path, uint64_t size, edge_journal_t **out);
 

@@ -10,7 +10,7 @@
  *     tmp/<random>.part      files being received; removed at start
  *
  *     journal                the shared ingest journal (journal.h): a 64 MiB preallocated ring
- *     journal.1 .. journal.4 streaming lanes: 32 MiB rings, one per association in progress
+ *     journal.1 .. journal.4 streaming lanes: 512 MiB rings, one per association in progress
  *
  * Invariant: a row exists only for an instance that is durable: either its
  * file was fsync'd and renamed into objects/ with the directory fsync'd
@@ -70,10 +70,15 @@
 
 /* Streaming lanes: journals written while an instance arrives (journal.h),
  * one per association in progress; further associations share lane 0.
+ * A lane holds a CT series of 300-500 slices before its first checkpoint
+ * (at half), so during a series the disk writes each image once; the
+ * object files follow at the checkpoint after it. Where free space is
+ * short, lanes shrink (never below LANE_MB_MIN) to fit 1/8 of it.
  * YY_SPOOL_LANES (0..LANES) and YY_SPOOL_LANE_MB override count and size of
  * new lanes (the benchmark's cost table, not configuration knobs). */
 #define LANES 4
-#define LANE_MB 32
+#define LANE_MB 512
+#define LANE_MB_MIN 16
 
 /* A journal and its place: lane 0 is "journal", lane n "journal.<n>".
  * Records are told apart across lanes by jseq = lane << 48 | seq. */
@@ -1078,13 +1083,15 @@ static int journal_setup(edge_spool_t *sp)
         lanes = 0;
     /* New rings take at most 1/8 of the free space together; below 4 MiB
      * the shared one is not made (small test file systems), and lanes come
-     * only when they fit beside it. */
+     * only when they fit beside it, shrunk if need be. */
     struct statvfs vfs;
     if (mb > 0 && statvfs(sp->dir, &vfs) == 0) {
         long long cap = (long long)(((uint64_t)vfs.f_bavail * vfs.f_frsize / 8) >> 20);
         if (cap < mb)
             mb = cap;
-        if (cap < mb + (long long)lanes * lane_mb)
+        if (lanes > 0 && cap < mb + (long long)lanes * lane_mb)
+            lane_mb = (cap - mb) / lanes;
+        if (lane_mb < LANE_MB_MIN)
             lanes = 0;
         if (mb < 4)
             CMN_LOG_W("spool", "too little space for the ingest journal: every instance is"
