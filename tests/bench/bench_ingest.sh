@@ -9,7 +9,6 @@
 #        PAR=4    (the parallel case: PAR storescu processes, files split)
 #        BASE_EDGE=path  an older yunying-edge binary measured as "before"
 #        COSTS=1  also the durability cost table (edge variants, see below)
-#        SETTLE=2 seconds between an edge's start and the first image
 #
 # Every DCMTK process runs with TCP_NODELAY=1 (c-stack.md). storescp and
 # Orthanc are measured with their default receive PDU (16 KiB) and storescp
@@ -113,10 +112,7 @@ J
     spawn "$w/edge.pid" env "$@" "$bin" --config "$w/edge.json" >"$w/edge.out" 2>"$w/edge.log"
     epid=$(cat "$w/edge.pid")
     n=0; until grep -q listening "$w/edge.out"; do n=$((n+1)); [ $n -gt 600 ] && { cat "$w/edge.log"; inns ss -ltnp; exit 1; }; sleep 0.1; done
-    # A fresh spool preallocates its journal rings (192 MiB of zeros, fsync'd)
-    # before it listens; on a running edge that happened long ago. Let the
-    # virtual disk absorb it before measuring (SETTLE seconds, default 2).
-    sleep "${SETTLE:-2}"
+    sync    # the previous run's files reach the disk before this one starts
     s=$(send YUNYING 11113 "$mode")
     rss=$(sed -n 's/VmHWM:[ \t]*\([0-9]*\).*/\1/p' /proc/$epid/status)
     rows=$(sqlite3 "file:$w/spool/spool.db?mode=ro" "SELECT COUNT(*) FROM instances" 2>/dev/null || echo "?")
@@ -130,6 +126,7 @@ storescp_run() {  # NAME MODE [OPTS]
     rm -rf "$w/scp"; mkdir -p "$w/scp"
     spawn "$w/scp.pid" env TCP_NODELAY=1 storescp "$@" -od "$w/scp" -aet STORESCP 11114 >/dev/null 2>&1
     wait_port 11114
+    sync
     s=$(send STORESCP 11114 "$mode")
     stop "$w/scp.pid"
     rec "$name" "$mode" "$s"; echo "  $name mode=$mode: $s s" >&2
@@ -143,6 +140,7 @@ orthanc_run() {   # MODE
 J
     spawn "$w/orthanc.pid" env TCP_NODELAY=1 Orthanc "$w/orthanc.json" >"$w/orthanc.log" 2>&1
     wait_port 11115
+    sync
     s=$(send ORTHANC 11115 "$1")
     stop "$w/orthanc.pid"
     rec orthanc "$1" "$s"; echo "  orthanc mode=$1: $s s" >&2
