@@ -118,8 +118,14 @@ struct edge_journal {
     char *s_bufs;                     /* S_NBUF buffers of S_BUF bytes, aligned; owned */
     struct iocb s_cb[S_NBUF];
     bool s_busy[S_NBUF];              /* a write from this buffer is in flight */
-    int s_inflight;
+    int s_inflight;                   /* writes and the flush in flight */
     int s_cur;                        /* the buffer being filled: data from s_flushed on */
+    /* The flush of the last committed record, started by its commit so that
+     * the spool's row insert runs meanwhile (edge_journal_sync reaps it). */
+    struct iocb s_sync_cb;
+    bool s_sync_busy;
+    int s_sync_rc;
+    uint64_t s_sync_seq;              /* the record it makes durable; 0 = none */
     uint64_t s_flushed;               /* data bytes submitted (a multiple of S_BUF) */
 };
 
@@ -631,7 +637,7 @@ static void direct_open(edge_journal_t *j)
     int err = fd < 0 ? (b && *b == '1' ? EPERM : errno) : 0;
 
     j->aio = 0;
-    if (fd >= 0 && syscall(SYS_io_setup, S_NBUF, &j->aio) < 0) {
+    if (fd >= 0 && syscall(SYS_io_setup, S_NBUF + 1, &j->aio) < 0) {
         err = errno;
         j->aio = 0;
     }
@@ -664,17 +670,24 @@ static char *sbuf(edge_journal_t *j, int i)
  * failed write's -errno (-EIO when short). */
 static int aio_reap(edge_journal_t *j, int min)
 {
-    struct io_event ev[S_NBUF];
+    struct io_event ev[S_NBUF + 1];
     int rc = 0;
 
     while (min > 0 && j->s_inflight > 0) {
-        long n = syscall(SYS_io_getevents, j->aio, 1, S_NBUF, ev, NULL);
+        long n = syscall(SYS_io_getevents, j->aio, 1, S_NBUF + 1, ev, NULL);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
             return -errno;
         for (long k = 0; k < n; k++) {
             int i = (int)ev[k].data;
+            if (i == S_NBUF) {        /* the flush: its result is for edge_journal_sync */
+                j->s_sync_busy = false;
+                j->s_sync_rc = ev[k].res < 0 ? (int)ev[k].res : 0;
+                j->s_inflight--;
+                min--;
+                continue;
+            }
             if (rc == 0 && (ev[k].res < 0 || (uint64_t)ev[k].res != j->s_cb[i].aio_nbytes))
                 rc = ev[k].res < 0 ? (int)ev[k].res : -EIO;
             j->s_busy[i] = false;
@@ -721,6 +734,30 @@ static int aio_write(edge_journal_t *j, int i, size_t len, uint64_t off)
     j->s_busy[i] = true;
     j->s_inflight++;
     return 0;
+}
+
+/* Starts the flush of what was written (IOCB_CMD_FDSYNC: an fdatasync in
+ * the kernel's workqueue). false when AIO cannot (then edge_journal_sync
+ * calls fdatasync itself). */
+static bool aio_flush(edge_journal_t *j, uint64_t seq)
+{
+    struct iocb *cb = &j->s_sync_cb;
+    struct iocb *cbs[1] = {cb};
+    long n;
+
+    memset(cb, 0, sizeof(*cb));
+    cb->aio_data = S_NBUF;
+    cb->aio_lio_opcode = IOCB_CMD_FDSYNC;
+    cb->aio_fildes = (uint32_t)j->dfd;
+    while ((n = syscall(SYS_io_submit, j->aio, 1, cbs)) < 0 && errno == EINTR)
+        ;
+    if (n != 1)
+        return false;
+    j->s_sync_busy = true;
+    j->s_sync_rc = 0;
+    j->s_sync_seq = seq;
+    j->s_inflight++;
+    return true;
 }
 
 /* Makes buffer i free (its write finished). 0 or -errno. */
@@ -910,6 +947,8 @@ int edge_journal_stream_commit(edge_journal_t *j, const void *meta, size_t meta_
     }
     *seq = add_record(j, j->s_off, total, j->s_skip);
     j->stats.streamed++;
+    if (direct(j))
+        (void)aio_flush(j, *seq);
 out:
     j->s_open = false;
     pthread_mutex_unlock(&j->mu);
@@ -933,6 +972,24 @@ int edge_journal_sync(edge_journal_t *j, uint64_t seq)
     int rc = 0;
 
     pthread_mutex_lock(&j->mu);
+    if (j->s_sync_seq == seq && seq > j->synced_seq && j->sync_err == 0) {
+        /* The flush its commit started (a lane has one writer: nothing
+         * else is in flight now). Where AIO refused the flush (-EINVAL),
+         * the fdatasync below does it. */
+        int r = 0;
+        while (j->s_sync_busy && r == 0)
+            r = aio_reap(j, 1);
+        if (r == 0)
+            r = j->s_sync_rc;
+        j->s_sync_seq = 0;
+        if (r == 0) {
+            j->synced_seq = seq;
+            j->stats.syncs++;
+        } else if (r != -EINVAL) {
+            j->sync_err = r;
+            CMN_LOG_E("spool", "journal flush failed: %s", cmn_strerror(r));
+        }
+    }
     while (j->synced_seq < seq && j->sync_err == 0) {
         if (j->syncing) {
             pthread_cond_wait(&j->cond, &j->mu);

@@ -12,24 +12,28 @@
  *     journal                the shared ingest journal (journal.h): a 64 MiB preallocated ring
  *     journal.1 .. journal.4 streaming lanes: 512 MiB rings, one per association in progress
  *
- * Invariant: a row exists only for an instance that is durable: either its
- * file was fsync'd and renamed into objects/ with the directory fsync'd
+ * Invariant: an instance is acknowledged only once it is durable: either
+ * its file was fsync'd and renamed into objects/ with the directory fsync'd
  * (the direct path: edge_spool_add, and instances too big for the journal),
  * or its bytes and row are in a journal record that was fdatasync'd
  * (edge_spool_add_received). Journaled rows are inserted with
- * synchronous=NORMAL and their files are not fsync'd one by one: the
- * journal checkpoint does syncfs() + a synchronous=FULL commit of the new
- * journal tail, and after a crash the replay at open restores any object
- * file or row the crash lost from the records after that tail. So a row
- * never points at a missing or partial file unless the disk itself lost it
- * (then the upload marks FAILED).
+ * synchronous=NORMAL - while the record's flush runs - and their files are
+ * not fsync'd one by one: the journal checkpoint does syncfs() + a
+ * synchronous=FULL commit of the new journal tail, and after a crash the
+ * replay at open restores any object file or row the crash lost from the
+ * records after that tail. So a durable row never points at a missing or
+ * partial file unless the disk itself lost it (then the upload marks
+ * FAILED); a crash between a row's insert and its record's flush leaves at
+ * most a row for an instance the SCU was not told about and sends again
+ * (a duplicate, stored once by the cloud).
  *
  * Per received instance (one association; see the cost table in
  * tests/bench/bench_ingest.sh): direct path = fsync file + fsync dir +
  * WAL fsync; journal = one fdatasync of allocated blocks - of a lane the
- * instance was streamed into while it arrived (edge_spool_stream_*), or of
- * the shared ring it was copied into, shared by all associations waiting
- * at that moment.
+ * instance was streamed into while it arrived (edge_spool_stream_*; a
+ * flush started by AIO, with the row inserted meanwhile), or of the shared
+ * ring it was copied into, shared by all associations waiting at that
+ * moment.
  *
  * Checksums: a received file is checksummed with XXH3-128 while it arrives
  * (column xxh128, and the journal record), which is what the upload checks
@@ -834,19 +838,32 @@ int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_s
         rc = edge_journal_append(l->jr, meta, (size_t)mlen, fd, size, &seq);
         close(fd);
     }
-    if (rc == 0)
-        rc = edge_journal_sync(l->jr, seq);
     if (rc < 0) {
         CMN_LOG_E("spool", "journal write failed sop=%s: %s", uids->sop_uid, cmn_strerror(rc));
         if (seq)
             edge_journal_done(l->jr, seq);
         return rc;     /* the object file stays: an orphan at worst (see add_direct) */
     }
+    /*
+     * The row goes in while the record's flush runs (a streamed record's
+     * commit started it), and the instance is acknowledged once both are
+     * done. Should the process die in between, the row may outlive an
+     * unacknowledged record: the SCU sends the instance again, and the
+     * extra copy is a duplicate the cloud stores once. A row never becomes
+     * durable before its object file: both wait for the same checkpoint
+     * (syncfs, then the synchronous commit).
+     */
     pthread_mutex_lock(&sp->mu);
     exec_cached(sp, &sp->st_sync_normal, "PRAGMA synchronous=NORMAL");
     rc = insert_row(sp, uids, sum, size, final, created, jseq_of(l, seq), id_out);
     exec_cached(sp, &sp->st_sync_full, "PRAGMA synchronous=FULL");
     pthread_mutex_unlock(&sp->mu);
+    int src = edge_journal_sync(l->jr, seq);
+    if (src < 0) {
+        CMN_LOG_E("spool", "journal sync failed sop=%s: %s", uids->sop_uid, cmn_strerror(src));
+        if (rc == 0)
+            rc = src;  /* A700: the SCU sends it again (the row is a duplicate) */
+    }
     edge_journal_done(l->jr, seq);
     return rc;
 }
