@@ -110,7 +110,7 @@ struct edge_journal {
     int s_err;                        /* sticky for this record: 0, -EFBIG, -errno */
     uint64_t s_off;                   /* record start (head, or 0 after a wrap) */
     uint64_t s_skip;                  /* ring tail skipped by a wrap */
-    uint64_t s_written;               /* data bytes written (or gathered in s_buf) */
+    uint64_t s_written;               /* data bytes written (or gathered in s_bufs) */
     uint64_t s_kicked;                /* data bytes handed to writeback (buffered) */
     /* O_DIRECT streaming (direct_open). Used by the streaming writer only. */
     int dfd;                          /* owned; -1 = not tried, -2 = refused: buffered */
@@ -120,21 +120,19 @@ struct edge_journal {
     bool s_busy[S_NBUF];              /* a write from this buffer is in flight */
     int s_inflight;                   /* writes and the flush in flight */
     int s_cur;                        /* the buffer being filled: data from s_flushed on */
+    uint64_t s_flushed;               /* data bytes submitted (a multiple of S_BUF) */
     /* The flush of the last committed record, started by its commit so that
      * the spool's row insert runs meanwhile (edge_journal_sync reaps it). */
     struct iocb s_sync_cb;
     bool s_sync_busy;
     int s_sync_rc;
     uint64_t s_sync_seq;              /* the record it makes durable; 0 = none */
-    uint64_t s_flushed;               /* data bytes submitted (a multiple of S_BUF) */
 };
 
 /* A streamed record's meta is padded to S_META, so its data starts at a
  * fixed, aligned offset before the meta is known. */
 #define S_META (J_ALIGN - J_HDR)
 #define S_DATA J_ALIGN
-
-
 
 /* Writeback of a buffered streamed record starts every S_KICK bytes. */
 #define S_KICK (256u << 10)

@@ -51,7 +51,10 @@
  *                                            v
  *                                         FINISHED (freed)
  *
- * PACING: a job without a sending slot waits (FIFO) until one is free; then
+ * PACING: a job without a sending slot waits until one is free - urgent
+ * jobs first, and a free slot is kept for an urgent job still hashing,
+ * declaring or reading rather than given to a normal one (so work-ahead
+ * never lets a normal instance overtake an urgent one); FIFO otherwise. Then
  * the bandwidth cap: one token bucket (bytes/s of the open window, burst
  * one second) shared by all jobs; a job takes its chunk's bytes when the
  * bucket is not in debt, else it queues (FIFO) until the refill pays the
@@ -494,8 +497,13 @@ static void job_set_state(edge_job_t *job, edge_job_state_t to)
     CMN_LOG_D("upload", "id=%lld sop=%s %s -> %s", (long long)job->item.id, job->item.sop_uid,
               job_state_name(from), job_state_name(to));
     job->state = to;
-    if (to == EDGE_JOB_COMMITTING || to == EDGE_JOB_RECORDING || to == EDGE_JOB_FINISHED)
+    if (to == EDGE_JOB_COMMITTING || to == EDGE_JOB_RECORDING || to == EDGE_JOB_FINISHED) {
         slot_release(job);
+        /* Leaving before PACING: a slot kept for it goes to the next job. */
+        if (from < EDGE_JOB_PACING && job->up->slot_head &&
+            job->up->state != EDGE_UPLOAD_CLOSING)
+            uv_timer_start(&job->up->pace_timer, on_pace_timer, 0, 0);
+    }
     if (to == EDGE_JOB_COMMITTING && !job->manifest && !job->sent_all) {
         job->sent_all = true;   /* no longer counts as being uploaded (free_slots) */
         job->up->ncommitting++;
@@ -912,6 +920,18 @@ static void slot_take(edge_job_t *job)
     }
 }
 
+/* A job of higher priority that has not sent yet and holds no slot: it
+ * will want one, and gets it before job (at most 2*parallel+AHEAD jobs). */
+static bool outranked(const edge_job_t *job)
+{
+    for (const edge_job_t *k = job->up->jobs; k; k = k->next) {
+        if (k != job && !k->manifest && !k->has_slot && k->item.priority > job->item.priority &&
+            k->state <= EDGE_JOB_PACING)
+            return true;
+    }
+    return false;
+}
+
 static edge_job_t *slot_pop(edge_upload_t *up)
 {
     edge_job_t *job = up->slot_head;
@@ -937,7 +957,7 @@ static void pace_run(edge_upload_t *up)
     bucket_refill(up);
     while (up->slot_head && !up->sched_now.open)
         job_finish(slot_pop(up), JOB_OUT_RELEASE, NULL, "upload window closed");
-    while (up->slot_head && up->nsending < (int)up->conf->parallel) {
+    while (up->slot_head && up->nsending < (int)up->conf->parallel && !outranked(up->slot_head)) {
         edge_job_t *job = slot_pop(up);
         slot_take(job);
         pace_append(up, job);
@@ -973,13 +993,18 @@ static void pace_enqueue(edge_job_t *job)
 {
     edge_upload_t *up = job->up;
 
-    if (!job->has_slot && (up->slot_head || up->nsending >= (int)up->conf->parallel)) {
-        job->pace_next = NULL;
-        if (up->slot_tail)
-            up->slot_tail->pace_next = job;
-        else
-            up->slot_head = job;
-        up->slot_tail = job;
+    if (!job->has_slot &&
+        (up->slot_head || up->nsending >= (int)up->conf->parallel || outranked(job))) {
+        /* In priority order, FIFO within a priority. */
+        edge_job_t **pp = &up->slot_head;
+        while (*pp && (*pp)->item.priority >= job->item.priority)
+            pp = &(*pp)->pace_next;
+        job->pace_next = *pp;
+        *pp = job;
+        if (!job->pace_next)
+            up->slot_tail = job;
+        if (up->nsending < (int)up->conf->parallel)
+            uv_timer_start(&up->pace_timer, on_pace_timer, 0, 0);
         return;
     }
     slot_take(job);
