@@ -463,6 +463,16 @@ def concurrent_associations():
 
 @h.test
 def journal_replay_restores_what_a_power_failure_loses():
+    journal_replay(buffered_lanes=False)
+
+
+@h.test
+def journal_replay_with_lanes_through_the_page_cache():
+    """The same with the lanes' fallback for file systems without O_DIRECT."""
+    journal_replay(buffered_lanes=True)
+
+
+def journal_replay(buffered_lanes):
     """An acknowledged instance is durable through its ingest journal record;
     its object file and row become durable on their own only at the next
     checkpoint. A power failure loses what was not: simulated here by a
@@ -475,14 +485,19 @@ def journal_replay_restores_what_a_power_failure_loses():
     import xxhash
     d = data()
     os.environ["YY_SPOOL_CHECKPOINT_IDLE_MS"] = "3600000"   # no checkpoint before the kill
+    if buffered_lanes:
+        os.environ["YY_SPOOL_LANE_BUFFERED"] = "1"
     try:
         e = offline_edge(scp={"max_associations": 6})
     finally:
         del os.environ["YY_SPOOL_CHECKPOINT_IDLE_MS"]
+        os.environ.pop("YY_SPOOL_LANE_BUFFERED", None)
     scus = [RawSCU(e.port) for _ in range(5)]
     for i, f in enumerate(d["ct"]):
         h.eq(scus[i % 5].store(sop_uid_of(f), dataset_bytes(f)), 0, f"C-STORE {i}")
     e.daemon.kill9()
+    with open(e.daemon.log_path, errors="replace") as f:
+        through_cache = "streaming through the page cache" in f.read()
     for s in scus:
         s.s.close()
     spool = os.path.join(e.dir, "spool")
@@ -524,6 +539,11 @@ def journal_replay_restores_what_a_power_failure_loses():
             h.eq(xxhash.xxh3_128_hexdigest(f.read()), xxh, f"object file {path} restored")
     with open(e.daemon.log_path, errors="replace") as f:
         log = f.read()
+    if buffered_lanes:
+        h.check(through_cache, "lanes did not fall back to the page cache")
+    else:
+        print(f"    lanes written {'through the page cache' if through_cache else 'with O_DIRECT'}",
+              flush=True)
     h.eq(log.count("journal restored row"), len(gone), "rows restored by the replay")
     h.eq(log.count("journal restored object file"), len(gone), "files restored by the replay")
     h.eq(e.stop(), 0, "edge exit code (ASan clean)")
