@@ -110,6 +110,7 @@ int edge__store_begin(void *ud, char *path, size_t len)
     edge_store_ctx_t *ctx = ud;
 
     if (!edge_spool_has_space(ctx->spool)) {
+        edge_spool_count_refused(ctx->spool, EDGE_STATUS_OUT_OF_RESOURCES);
         long long now = (long long)(edge__now_ms() / 1000);
         long long prev = atomic_load(&last_space_warn);
         if (now - prev >= 10 && atomic_compare_exchange_strong(&last_space_warn, &prev, now))
@@ -181,9 +182,20 @@ static int identify(const char *path, uint64_t size, cmn_dicom_ids_t *ids, char 
     return rc;
 }
 
+static unsigned store_end(edge_store_ctx_t *ctx, const edge_scp_store_t *st);
+
 unsigned edge__store_end(void *ud, const edge_scp_store_t *st)
 {
     edge_store_ctx_t *ctx = ud;
+    unsigned status = store_end(ctx, st);
+
+    if (status != EDGE_STATUS_SUCCESS)
+        edge_spool_count_refused(ctx->spool, status);   /* for the status page */
+    return status;
+}
+
+static unsigned store_end(edge_store_ctx_t *ctx, const edge_scp_store_t *st)
+{
     cmn_dicom_ids_t ids;
     char err[256];
     char sum[CMN_XXH128_HEX_LEN + 1];

@@ -1007,6 +1007,21 @@ static int journal_replay_one(void *ud, uint64_t seq, const char *meta, size_t m
     return rc;
 }
 
+void edge_spool_count_refused(edge_spool_t *sp, unsigned status)
+{
+    char name[32];
+    int rc;
+
+    snprintf(name, sizeof(name), "refused.%04X", status & 0xffffu);
+    pthread_mutex_lock(&sp->mu);
+    exec_cached(sp, &sp->st_sync_normal, "PRAGMA synchronous=NORMAL");
+    rc = counter_add(sp, name, 1, false);
+    exec_cached(sp, &sp->st_sync_full, "PRAGMA synchronous=FULL");
+    pthread_mutex_unlock(&sp->mu);
+    if (rc < 0)
+        CMN_LOG_D("spool", "cannot count a refusal: %s", cmn_strerror(rc));
+}
+
 /* Caller holds mu. */
 static int64_t counter_get(edge_spool_t *sp, const char *name, int64_t dflt)
 {
@@ -1518,9 +1533,16 @@ int edge_spool_stats(edge_spool_t *sp, int64_t now_ms, edge_spool_stats_t *st)
             snprintf(st->err[st->nerr].kind, sizeof(st->err[0].kind), "%s", name + 4);
             st->err[st->nerr].count = val;
             st->nerr++;
+        } else if (!strncmp(name, "refused.", 8) && st->nrefused < EDGE_SPOOL_MAX_ERR_KINDS) {
+            snprintf(st->refused[st->nrefused].status, sizeof(st->refused[0].status), "%s",
+                     name + 8);
+            st->refused[st->nrefused].count = val;
+            st->nrefused++;
         }
     }
     sqlite3_finalize(q);
+    rc = query_i64(sp, "SELECT COALESCE((SELECT created_at FROM instances ORDER BY id DESC"
+                   " LIMIT 1), 0)", 0, &st->last_received_ms, 1);
 out_rollback:
     cmn_db_exec(sp->db, "COMMIT");
 out_unlock:

@@ -221,7 +221,19 @@ typedef struct {
         char kind[32];
         int64_t count;
     } err[EDGE_SPOOL_MAX_ERR_KINDS];  /* errors by kind, ever */
+    int64_t last_received_ms;        /* created_at of the newest row; 0 = none */
+    int nrefused;
+    struct {
+        char status[8];              /* "A700", "A900", "C000" */
+        int64_t count;
+    } refused[EDGE_SPOOL_MAX_ERR_KINDS]; /* C-STORE refusals by status, ever */
 } edge_spool_stats_t;
+
+/**
+ * Counts a C-STORE the SCP refused (status: the DIMSE status it answered),
+ * for the status page. Best effort: a failure is only logged.
+ */
+void edge_spool_count_refused(edge_spool_t *sp, unsigned status);
 
 /** Fills st as of now_ms (unix ms). 0 or CMN_EDB. */
 int edge_spool_stats(edge_spool_t *sp, int64_t now_ms, edge_spool_stats_t *st);

@@ -144,6 +144,21 @@ static void report(const edge_conf_t *conf, const edge_schedule_t *sched, const 
                    " (%.1f MiB on the wire incl. retries)\n",
                    sp->uploaded_instances, mib(sp->original_bytes_done), mib(sp->uploaded_bytes),
                    mib(sp->bytes_sent));
+    if (sp->last_received_ms > 0)
+        cmn_buf_appendf(b, "received:         %" PRId64 " instances, the last %s (%s ago)\n",
+                       sp->counts.pending + sp->counts.uploading + sp->counts.failed +
+                           sp->counts.done,
+                       fmt_time(sp->last_received_ms, t1, sizeof(t1)),
+                       fmt_age(s->now_ms - sp->last_received_ms, t2, sizeof(t2)));
+    else
+        cmn_buf_appendf(b, "received:         none yet\n");
+    cmn_buf_appendf(b, "refused (C-STORE):");
+    if (sp->nrefused == 0)
+        cmn_buf_appendf(b, " none");
+    for (int i = 0; i < sp->nrefused; i++)
+        cmn_buf_appendf(b, " %s=%" PRId64, sp->refused[i].status, sp->refused[i].count);
+    cmn_buf_appendf(b, "%s\n", sp->nrefused ? "  (A700 no space, A900 UID mismatch, C000 bad"
+                                               " data set; details in the log)" : "");
     cmn_buf_appendf(b, "errors by kind:  ");
     if (sp->nerr == 0)
         cmn_buf_appendf(b, " none");
@@ -262,6 +277,20 @@ static void metrics_text(const snap_t *s, cmn_buf_t *b)
     metric(b, "yy_edge_upload_throughput_bytes_per_second", "gauge",
            "Uploaded file bytes per second over the last 60 s.", NULL,
            (double)sp->done_bytes_60s / 60.0);
+    metric(b, "yy_edge_received_instances_total", "counter",
+           "Instances received and spooled (rows in the spool).", NULL,
+           (double)(sp->counts.pending + sp->counts.uploading + sp->counts.failed +
+                    sp->counts.done));
+    metric(b, "yy_edge_last_received_timestamp_seconds", "gauge",
+           "When the newest instance was received (unix time; 0 = never).", NULL,
+           (double)sp->last_received_ms / 1000.0);
+    cmn_buf_appendf(b, "# HELP yy_edge_scp_refused_total C-STORE requests refused, by the"
+                    " DIMSE status answered.\n# TYPE yy_edge_scp_refused_total counter\n");
+    for (int i = 0; i < sp->nrefused; i++) {
+        char rl[48];
+        snprintf(rl, sizeof(rl), "{status=\"%s\"}", sp->refused[i].status);
+        metric(b, "yy_edge_scp_refused_total", NULL, NULL, rl, (double)sp->refused[i].count);
+    }
     cmn_buf_appendf(b, "# HELP yy_edge_upload_errors_total Upload errors by kind.\n"
                     "# TYPE yy_edge_upload_errors_total counter\n");
     for (int i = 0; i < sp->nerr; i++) {
@@ -322,6 +351,10 @@ static void json_text(const snap_t *s, cmn_buf_t *b)
                    s->sched.open ? s->sched.rate_bps : 0);
     for (int i = 0; i < sp->nerr; i++)
         cmn_buf_appendf(b, "%s\"%s\":%" PRId64, i ? "," : "", sp->err[i].kind, sp->err[i].count);
+    cmn_buf_appendf(b, "},\"last_received_ms\":%" PRId64 ",\"refused\":{", sp->last_received_ms);
+    for (int i = 0; i < sp->nrefused; i++)
+        cmn_buf_appendf(b, "%s\"%s\":%" PRId64, i ? "," : "", sp->refused[i].status,
+                        sp->refused[i].count);
     cmn_buf_appendf(b, "}");
     if (s->have_live)
         cmn_buf_appendf(b, ",\"live\":{\"jobs\":%d,\"pacing\":%d,\"preparing\":%d,\"tokens\":%"

@@ -12,7 +12,8 @@
  *
  * Figures: queue depth by state, bytes pending, oldest pending age, last
  * success, errors by kind, throughput, schedule and bandwidth cap, spool
- * quota and alarms, compression. Nothing patient-identifying is shown: no
+ * quota and alarms, compression; instances received (and when the last
+ * one came) and C-STORE refusals by status. Nothing patient-identifying is shown: no
  * names, IDs or UIDs, only counts, sizes and times.
  */
 #ifndef EDGE_STATUS_H

@@ -441,8 +441,14 @@ def quota_alarm_and_a700():
     h.eq(mt.get('yy_edge_queue_depth{state="pending"}') +
          mt.get('yy_edge_queue_depth{state="uploading"}'), float(accepted), "queue depth metric")
     h.check(mt.get("yy_edge_oldest_pending_age_seconds", -1) >= 0, "oldest pending age metric")
+    h.eq(mt.get("yy_edge_received_instances_total"), float(accepted), "received instances metric")
+    h.check(mt.get('yy_edge_scp_refused_total{status="A700"}', 0) >= 1,
+            "the A700 refusal in /metrics")
+    h.check(mt.get("yy_edge_last_received_timestamp_seconds", 0) > 0, "last received metric")
     st = edge.status()
     h.eq(st["quota_full"], True, "quota alarm in status.json")
+    h.eq(st["refused"].get("A700"), int(mt['yy_edge_scp_refused_total{status="A700"}']),
+         "refusals in status.json")
     with urllib.request.urlopen(edge.url("/"), timeout=10) as resp:
         page = resp.read().decode()
     h.check("ALARM" in page and "quota full" in page, "alarm on the status page")

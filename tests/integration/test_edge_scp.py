@@ -348,13 +348,17 @@ def garbage_truncated_and_mismatched_data_sets():
     good = dataset_bytes(d["ct"][0])
     sop = sop_uid_of(d["ct"][0])
     scu = RawSCU(e.port)
+    refused = {}
     try:
         st = scu.store("1.2.3.4.5.1", bytes(range(256)) * 16)
         h.check(is_failure(st), f"garbage: status {st:#06x}")
+        refused[st] = refused.get(st, 0) + 1
         st = scu.store(sop, good[:len(good) // 4 * 2])
         h.check(is_failure(st), f"truncated: status {st:#06x}")
+        refused[st] = refused.get(st, 0) + 1
         st = scu.store("1.2.3.4.5.2", good)
         h.eq(st, 0xA900, "SOP Instance UID differs from the request")
+        refused[st] = refused.get(st, 0) + 1
         st = scu.store(sop, good)      # the same association still works
         h.eq(st, 0x0000, "good data set after bad ones")
     finally:
@@ -362,6 +366,14 @@ def garbage_truncated_and_mismatched_data_sets():
     got = rows(e)
     h.eq([r[1] for r in got], [sop], "only the good instance is spooled")
     h.eq(tmp_files(e), [], "tmp/")
+    # The operator sees each refusal, by status (yunying-edge status).
+    r = subprocess.run([h.EDGE_BIN, "status", "--config", e.config], capture_output=True,
+                       text=True, timeout=30)
+    h.eq(r.returncode, 0, f"yunying-edge status: {r.stderr}")
+    line = next((x for x in r.stdout.splitlines() if x.startswith("refused (C-STORE):")), "")
+    want = " ".join(f"{k:04X}={v}" for k, v in sorted(refused.items()))
+    h.check(line.startswith(f"refused (C-STORE): {want}"), f"status shows {line!r}, want {want}")
+    h.check("received:         1 instances" in r.stdout, f"received line: {r.stdout}")
     h.eq(h.echoscu("YY_EDGE", e.port).returncode, 0, "echo after bad input")
     h.eq(e.stop(), 0, "edge exit code (ASan clean)")
 
