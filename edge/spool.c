@@ -1036,6 +1036,15 @@ static int64_t counter_get(edge_spool_t *sp, const char *name, int64_t dflt)
     return v;
 }
 
+/* The ring file of lane idx: "journal" for lane 0, "journal.<idx>" else. */
+static void lane_path(const edge_spool_t *sp, int idx, char *buf, size_t len)
+{
+    if (idx == 0)
+        snprintf(buf, len, "%s/journal", sp->dir);
+    else
+        snprintf(buf, len, "%s/journal.%d", sp->dir, idx);
+}
+
 /* Opens (creating it if needed), replays and starts the journal of lane l:
  * mb MiB for a new ring (an existing ring keeps its size). keep=false:
  * replay only, then close. 0, or negative (the spool must not open). */
@@ -1044,16 +1053,17 @@ static int lane_setup(edge_spool_t *sp, edge_spool_stream_t *l, long long mb, bo
     char path[PATH_MAX + 32], koff[24], kseq[24];
     edge_journal_pos_t tail, end;
     struct stat sb;
+    long long want = mb;
+    bool existed = false;
     int rc;
 
-    if (l->idx == 0)
-        snprintf(path, sizeof(path), "%s/journal", sp->dir);
-    else
-        snprintf(path, sizeof(path), "%s/journal.%d", sp->dir, l->idx);
-    if (stat(path, &sb) == 0 && sb.st_size > 0)
-        mb = (long long)(sb.st_size >> 20);   /* keep an existing ring's size */
-    else if (!keep || mb < 4)
+    lane_path(sp, l->idx, path, sizeof(path));
+    if (stat(path, &sb) == 0 && sb.st_size > 0) {
+        mb = (long long)(sb.st_size >> 20);   /* an existing ring is replayed at its size */
+        existed = true;
+    } else if (!keep || mb < 4) {
         return 0;                             /* nothing to replay, none wanted */
+    }
     rc = edge_journal_open(path, (uint64_t)mb << 20, &l->jr);
     if (rc == -ENOSPC || rc == -EDQUOT) {
         unlink(path);
@@ -1081,6 +1091,33 @@ static int lane_setup(edge_spool_t *sp, edge_spool_stream_t *l, long long mb, bo
         edge_journal_close(l->jr);            /* replayed; not used from now on */
         l->jr = NULL;
         return 0;
+    }
+    if (existed && want >= 4 && want != mb) {
+        /* Everything in it is replayed and checkpointed: it is remade at
+         * the size wanted now (the lanes of versions before 2026-11-29
+         * were 32 MiB), and appending continues from the same position. */
+        edge_journal_close(l->jr);
+        l->jr = NULL;
+        if (unlink(path) < 0 && errno != ENOENT) {
+            rc = -errno;
+            CMN_LOG_E("spool", "cannot remove journal %s: %s", path, cmn_strerror(rc));
+            return rc;
+        }
+        rc = edge_journal_open(path, (uint64_t)want << 20, &l->jr);
+        if (rc == -ENOSPC || rc == -EDQUOT) {
+            unlink(path);
+            l->jr = NULL;
+            CMN_LOG_W("spool", "no space for ingest journal %d: instances take another path",
+                      l->idx);
+            return 0;
+        }
+        if (rc < 0 || (rc = cmn_fsync_dir(sp->dir)) < 0) {
+            CMN_LOG_E("spool", "cannot remake journal %s: %s", path, cmn_strerror(rc));
+            edge_journal_close(l->jr);
+            l->jr = NULL;
+            return rc;
+        }
+        CMN_LOG_I("spool", "journal %s remade: %lld -> %lld MiB", path, mb, want);
     }
     /* Tests keep records un-checkpointed (to replay them) with a long idle time. */
     const char *idle = getenv("YY_SPOOL_CHECKPOINT_IDLE_MS");
@@ -1118,7 +1155,16 @@ static int journal_setup(edge_spool_t *sp)
      * only when they fit beside it, shrunk if need be. */
     struct statvfs vfs;
     if (mb > 0 && statvfs(sp->dir, &vfs) == 0) {
-        long long cap = (long long)(((uint64_t)vfs.f_bavail * vfs.f_frsize / 8) >> 20);
+        /* Rings that exist already count as free: they are reused. */
+        uint64_t avail = (uint64_t)vfs.f_bavail * vfs.f_frsize;
+        for (int i = 0; i <= LANES; i++) {
+            char path[PATH_MAX + 32];
+            struct stat sb;
+            lane_path(sp, i, path, sizeof(path));
+            if (stat(path, &sb) == 0)
+                avail += (uint64_t)sb.st_blocks * 512;
+        }
+        long long cap = (long long)((avail / 8) >> 20);
         if (cap < mb)
             mb = cap;
         if (lanes > 0 && cap < mb + (long long)lanes * lane_mb)

@@ -538,7 +538,18 @@ def journal_replay(buffered_lanes):
             os.truncate(path, size // 2)
         else:
             os.unlink(path)
-    e.start()
+    # The restart also wants lanes of another size (as after an upgrade from
+    # 32 MiB lanes): each is replayed at its old size first, then remade.
+    sizes = {n: os.path.getsize(os.path.join(spool, n)) for n in os.listdir(spool)
+             if n.startswith("journal.")}
+    h.check(sizes and all(v != 48 << 20 for v in sizes.values()), f"lane sizes {sizes}")
+    os.environ["YY_SPOOL_LANE_MB"] = "48"
+    try:
+        e.start()
+    finally:
+        del os.environ["YY_SPOOL_LANE_MB"]
+    for n in sizes:
+        h.eq(os.path.getsize(os.path.join(spool, n)), 48 << 20, f"{n} remade at 48 MiB")
     con = sqlite3.connect(os.path.join(spool, "spool.db"), timeout=10)
     try:
         after = con.execute("SELECT sop_uid, xxh128, size, path, jseq FROM instances"
@@ -558,6 +569,10 @@ def journal_replay(buffered_lanes):
               flush=True)
     h.eq(log.count("journal restored row"), len(gone), "rows restored by the replay")
     h.eq(log.count("journal restored object file"), len(gone), "files restored by the replay")
+    # The remade lanes take new images.
+    r = h.storescu("YY_EDGE", e.port, d["ct"][:2])
+    h.eq(r.returncode, 0, f"storescu after the replay: {r.stderr}")
+    h.eq(len(rows(e)), len(before) + 2, "rows after two more images")
     h.eq(e.stop(), 0, "edge exit code (ASan clean)")
 
 
