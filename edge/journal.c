@@ -127,6 +127,7 @@ struct edge_journal {
     bool s_sync_busy;
     int s_sync_rc;
     uint64_t s_sync_seq;              /* the record it makes durable; 0 = none */
+    bool direct_refused;              /* an O_DIRECT write got EINVAL: buffered from the next record */
 };
 
 /* A streamed record's meta is padded to S_META, so its data starts at a
@@ -280,7 +281,9 @@ int edge_journal_open(const char *path, uint64_t size, edge_journal_t **out)
          * then kept to J_ZEROFILL_MAX. */
         rc = ftruncate(fd, 0) < 0 ? -errno : 0;
         if (rc == 0 && fallocate(fd, 0, 0, (off_t)size) < 0) {
-            rc = errno == EOPNOTSUPP || errno == ENOSYS ? 1 : -errno;
+            /* No space is an answer (the lane is not made); any other
+             * refusal means zeros. */
+            rc = errno == ENOSPC || errno == EDQUOT ? -errno : 1;
             if (rc < 0)
                 goto out_close;
         }
@@ -774,6 +777,15 @@ int edge_journal_stream_begin(edge_journal_t *j)
     pthread_mutex_lock(&j->mu);
     if (j->dfd == -1)
         direct_open(j);
+    if (direct(j) && j->direct_refused) {
+        /* The file system took the O_DIRECT descriptor but not its writes. */
+        (void)aio_drain(j);
+        syscall(SYS_io_destroy, j->aio);
+        close(j->dfd);
+        j->dfd = -2;
+        CMN_LOG_W("spool", "journal %s: O_DIRECT writes refused: streaming through the page"
+                  " cache", j->path);
+    }
     if (direct(j))
         (void)aio_drain(j);           /* an aborted record's writes */
     j->s_open = true;
@@ -859,6 +871,7 @@ int edge_journal_stream_write(edge_journal_t *j, const void *buf, size_t len)
         pthread_mutex_lock(&j->mu);
         if (rc < 0) {
             j->s_err = rc;
+            j->direct_refused = rc == -EINVAL;
         } else {
             j->s_written = written;
             j->s_flushed = flushed;
@@ -937,6 +950,7 @@ int edge_journal_stream_commit(edge_journal_t *j, const void *meta, size_t meta_
         if (rc == 0)
             rc = r;
         j->s_cur = 0;
+        j->direct_refused = rc == -EINVAL;
         if (rc < 0)
             goto out;
     } else if ((rc = pwrite_all(j->fd, hbuf, S_DATA, j->s_off)) < 0) {
