@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "cmn/errors.h"
+#include "cmn/fs.h"
 
 /* What cmn_sha256_ctx_t holds. */
 typedef struct {
@@ -241,34 +242,20 @@ void cmn_sha256(const void *p, size_t n, uint8_t out[CMN_SHA256_LEN])
     cmn_sha256_final(&c, out);
 }
 
+static void sha256_chunk(void *ud, const void *p, size_t n)
+{
+    cmn_sha256_update(ud, p, n);
+}
+
 int cmn_sha256_file(const char *path, uint8_t out[CMN_SHA256_LEN], uint64_t *size)
 {
     cmn_sha256_ctx_t c;
     uint64_t total = 0;
-    char *buf;
-    int fd, r = 0;
+    int r;
 
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    buf = cmn_xmalloc(1 << 16);
     cmn_sha256_init(&c);
-    for (;;) {
-        ssize_t n = read(fd, buf, 1 << 16);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            r = -errno;
-            break;
-        }
-        if (n == 0)
-            break;
-        cmn_sha256_update(&c, buf, (size_t)n);
-        total += (uint64_t)n;
-    }
+    r = cmn_file_chunks(path, sha256_chunk, &c, &total);
     cmn_sha256_final(&c, out);
-    free(buf);
-    close(fd);
     if (r == 0 && size)
         *size = total;
     return r;

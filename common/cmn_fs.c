@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -41,5 +42,40 @@ int cmn_fsync_dir(const char *path)
     if (fsync(fd) < 0)
         rc = -errno;
     close(fd);
+    return rc;
+}
+
+int cmn_file_chunks(const char *path, void (*cb)(void *ud, const void *p, size_t n), void *ud,
+                    uint64_t *size)
+{
+    uint64_t total = 0;
+    char *buf;
+    int fd, rc = 0;
+
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    buf = malloc(1 << 16);
+    if (!buf) {
+        close(fd);
+        return -ENOMEM;
+    }
+    for (;;) {
+        ssize_t n = read(fd, buf, 1 << 16);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            rc = -errno;
+            break;
+        }
+        if (n == 0)
+            break;
+        cb(ud, buf, (size_t)n);
+        total += (uint64_t)n;
+    }
+    free(buf);
+    close(fd);
+    if (size)
+        *size = total;
     return rc;
 }

@@ -90,6 +90,7 @@
 
 #include "cmn/crypto.h"
 #include "cmn/errors.h"
+#include "cmn/fs.h"
 #include "cmn/http.h"
 #include "cmn/log.h"
 #include "proto/proto.h"
@@ -1061,35 +1062,22 @@ static int check_file(const char *path, const char *sha, uint64_t want_size)
 
 /* The spooled original against the checksum taken at receipt (XXH3-128,
  * ~12x faster than SHA-256), or its SHA-256 on rows from before it. */
+static void xxh128_chunk(void *ud, const void *p, size_t n)
+{
+    cmn_xxh128_update(ud, p, n);
+}
+
 static int check_original(const edge_spool_item_t *it)
 {
     char hex[CMN_XXH128_HEX_LEN + 1];
     cmn_xxh128_ctx_t c;
-    uint8_t *buf;
     uint64_t size = 0;
-    int fd, rc = 0;
-    ssize_t n;
+    int rc;
 
     if (!it->xxh128[0])
         return check_file(it->path, it->sha256, it->size);
-    fd = open(it->path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    buf = cmn_xmalloc(1 << 16);
     cmn_xxh128_init(&c);
-    while ((n = read(fd, buf, 1 << 16)) != 0) {
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            rc = -errno;
-            break;
-        }
-        cmn_xxh128_update(&c, buf, (size_t)n);
-        size += (uint64_t)n;
-    }
-    free(buf);
-    close(fd);
-    if (rc < 0)
+    if ((rc = cmn_file_chunks(it->path, xxh128_chunk, &c, &size)) < 0)
         return rc;
     cmn_xxh128_final_hex(&c, hex);
     return size == it->size && strcmp(hex, it->xxh128) == 0 ? 0 : CMN_EHASH;
@@ -1121,35 +1109,27 @@ static void hash_work_one(edge_job_t *job)
  * it uses cmn_sha256, SHA-NI where the CPU has it (~10x mbedTLS, whose
  * hashing was the edge's largest CPU cost during an upload).
  */
+struct hash_into_ctx {
+    cmn_sha256_ctx_t c, *outer;
+};
+
+static void hash_into_chunk(void *ud, const void *p, size_t n)
+{
+    struct hash_into_ctx *h = ud;
+    cmn_sha256_update(&h->c, p, n);
+    if (h->outer)
+        cmn_sha256_update(h->outer, p, n);
+}
+
 static int hash_into(const char *path, cmn_sha256_ctx_t *outer, char hex[PROTO_HEX256 + 1],
                      uint64_t *size)
 {
-    uint8_t *buf;
-    cmn_sha256_ctx_t c;
-    int fd, rc = 0;
-    ssize_t n;
+    struct hash_into_ctx h = {.outer = outer};
+    int rc;
 
-    *size = 0;
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    buf = cmn_xmalloc(1 << 16);
-    cmn_sha256_init(&c);
-    while ((n = read(fd, buf, 1 << 16)) != 0) {
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            rc = -errno;
-            break;
-        }
-        cmn_sha256_update(&c, buf, (size_t)n);
-        if (outer)
-            cmn_sha256_update(outer, buf, (size_t)n);
-        *size += (uint64_t)n;
-    }
-    free(buf);
-    close(fd);
-    cmn_sha256_final_hex(&c, hex);
+    cmn_sha256_init(&h.c);
+    rc = cmn_file_chunks(path, hash_into_chunk, &h, size);
+    cmn_sha256_final_hex(&h.c, hex);
     return rc;
 }
 

@@ -5,6 +5,9 @@
 #ifndef CMN_FS_H
 #define CMN_FS_H
 
+#include <stddef.h>
+#include <stdint.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -14,6 +17,14 @@ int cmn_mkdirs(const char *path);
 
 /** fsync()s a directory, making renames and new entries in it durable. 0 or -errno. */
 int cmn_fsync_dir(const char *path);
+
+/**
+ * Reads path from start to end in 64 KiB pieces, handing each to cb (to
+ * hash it, say); *size (may be NULL) is the number of bytes read.
+ * 0 or -errno.
+ */
+int cmn_file_chunks(const char *path, void (*cb)(void *ud, const void *p, size_t n), void *ud,
+                    uint64_t *size);
 
 #ifdef __cplusplus
 }
