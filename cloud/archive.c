@@ -49,6 +49,7 @@
 
 #include "cmn/crypto.h"
 #include "cmn/errors.h"
+#include "cmn/fs.h"
 #include "cmn/log.h"
 #include "cmn/s3.h"
 #include "internal.h"
@@ -658,7 +659,7 @@ int cloud_archive_hash(const char *path, bool remote, char hex[65], uint64_t *si
     cmn_sha256_ctx_t c;
     uint64_t off = 0;
     cmn_s3_t *s3;
-    char *buf;
+    char *buf = NULL;
     int rc;
 
     *size = 0;
@@ -668,10 +669,10 @@ int cloud_archive_hash(const char *path, bool remote, char hex[65], uint64_t *si
         return rc;
     if (remote && !s3)
         return -EINVAL;
-    buf = cmn_xmalloc(HASH_STEP);
     cmn_sha256_init(&c);
     if (remote) {
         char key[CMN_S3_MAX_KEY + 1];
+        buf = cmn_xmalloc(HASH_STEP);
         if ((rc = archive_key(path, key, sizeof(key))) < 0)
             goto out_free;
         for (;;) {
@@ -693,25 +694,9 @@ int cloud_archive_hash(const char *path, bool remote, char hex[65], uint64_t *si
                 break;
         }
     } else {
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0) {
-            rc = errno == ENOENT ? CMN_ENOTFOUND : -errno;
-            goto out_free;
-        }
-        for (;;) {
-            ssize_t n = read(fd, buf, HASH_STEP);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n < 0) {
-                rc = -errno;
-                break;
-            }
-            if (n == 0)
-                break;
-            cmn_sha256_update(&c, buf, (size_t)n);
-            off += (uint64_t)n;
-        }
-        close(fd);
+        rc = cmn_file_chunks(path, cmn_sha256_update_cb, &c, &off);
+        if (rc == -ENOENT)
+            rc = CMN_ENOTFOUND;
         if (rc < 0)
             goto out_free;
     }

@@ -242,9 +242,14 @@ void cmn_sha256(const void *p, size_t n, uint8_t out[CMN_SHA256_LEN])
     cmn_sha256_final(&c, out);
 }
 
-static void sha256_chunk(void *ud, const void *p, size_t n)
+void cmn_sha256_update_cb(void *ctx, const void *p, size_t n)
 {
-    cmn_sha256_update(ud, p, n);
+    cmn_sha256_update(ctx, p, n);
+}
+
+void cmn_xxh128_update_cb(void *ctx, const void *p, size_t n)
+{
+    cmn_xxh128_update(ctx, p, n);
 }
 
 int cmn_sha256_file(const char *path, uint8_t out[CMN_SHA256_LEN], uint64_t *size)
@@ -254,7 +259,7 @@ int cmn_sha256_file(const char *path, uint8_t out[CMN_SHA256_LEN], uint64_t *siz
     int r;
 
     cmn_sha256_init(&c);
-    r = cmn_file_chunks(path, sha256_chunk, &c, &total);
+    r = cmn_file_chunks(path, cmn_sha256_update_cb, &c, &total);
     cmn_sha256_final(&c, out);
     if (r == 0 && size)
         *size = total;

@@ -48,20 +48,29 @@ int cmn_fsync_dir(const char *path)
 int cmn_file_chunks(const char *path, void (*cb)(void *ud, const void *p, size_t n), void *ud,
                     uint64_t *size)
 {
-    uint64_t total = 0;
-    char *buf;
-    int fd, rc = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int rc;
 
-    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (size)
+        *size = 0;
     if (fd < 0)
         return -errno;
-    buf = malloc(1 << 16);
-    if (!buf) {
-        close(fd);
+    rc = cmn_fd_chunks(fd, cb, ud, size);
+    close(fd);
+    return rc;
+}
+
+int cmn_fd_chunks(int fd, void (*cb)(void *ud, const void *p, size_t n), void *ud,
+                  uint64_t *size)
+{
+    uint64_t total = 0;
+    char *buf = malloc(1 << 16);
+    int rc = 0;
+
+    if (!buf)
         return -ENOMEM;
-    }
     for (;;) {
-        ssize_t n = read(fd, buf, 1 << 16);
+        ssize_t n = pread(fd, buf, 1 << 16, (off_t)total);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0) {
@@ -74,7 +83,6 @@ int cmn_file_chunks(const char *path, void (*cb)(void *ud, const void *p, size_t
         total += (uint64_t)n;
     }
     free(buf);
-    close(fd);
     if (size)
         *size = total;
     return rc;

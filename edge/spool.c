@@ -614,36 +614,17 @@ static int sum_file(int fd, bool sha, char hex[PROTO_HEX256 + 1], uint64_t *size
 {
     cmn_sha256_ctx_t ctx;
     cmn_xxh128_ctx_t xctx;
-    uint8_t *buf = cmn_xmalloc(1 << 16);
-    uint64_t total = 0;
-    int rc = 0;
+    int rc;
 
-    if (sha)
+    if (sha) {
         cmn_sha256_init(&ctx);
-    else
-        cmn_xxh128_init(&xctx);
-    for (;;) {
-        ssize_t n = pread(fd, buf, 1 << 16, (off_t)total);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            rc = -errno;
-            break;
-        }
-        if (n == 0)
-            break;
-        if (sha)
-            cmn_sha256_update(&ctx, buf, (size_t)n);
-        else
-            cmn_xxh128_update(&xctx, buf, (size_t)n);
-        total += (uint64_t)n;
-    }
-    free(buf);
-    if (sha)
+        rc = cmn_fd_chunks(fd, cmn_sha256_update_cb, &ctx, size);
         cmn_sha256_final_hex(&ctx, hex);
-    else
+    } else {
+        cmn_xxh128_init(&xctx);
+        rc = cmn_fd_chunks(fd, cmn_xxh128_update_cb, &xctx, size);
         cmn_xxh128_final_hex(&xctx, hex);
-    *size = total;
+    }
     return rc;
 }
 

@@ -1062,11 +1062,6 @@ static int check_file(const char *path, const char *sha, uint64_t want_size)
 
 /* The spooled original against the checksum taken at receipt (XXH3-128,
  * ~12x faster than SHA-256), or its SHA-256 on rows from before it. */
-static void xxh128_chunk(void *ud, const void *p, size_t n)
-{
-    cmn_xxh128_update(ud, p, n);
-}
-
 static int check_original(const edge_spool_item_t *it)
 {
     char hex[CMN_XXH128_HEX_LEN + 1];
@@ -1077,7 +1072,7 @@ static int check_original(const edge_spool_item_t *it)
     if (!it->xxh128[0])
         return check_file(it->path, it->sha256, it->size);
     cmn_xxh128_init(&c);
-    if ((rc = cmn_file_chunks(it->path, xxh128_chunk, &c, &size)) < 0)
+    if ((rc = cmn_file_chunks(it->path, cmn_xxh128_update_cb, &c, &size)) < 0)
         return rc;
     cmn_xxh128_final_hex(&c, hex);
     return size == it->size && strcmp(hex, it->xxh128) == 0 ? 0 : CMN_EHASH;

@@ -55,6 +55,10 @@ void cmn_xxh128_init(cmn_xxh128_ctx_t *c);
 void cmn_xxh128_update(cmn_xxh128_ctx_t *c, const void *p, size_t n);
 void cmn_xxh128_final_hex(const cmn_xxh128_ctx_t *c, char hex[CMN_XXH128_HEX_LEN + 1]);
 
+/* The updates as callbacks (ctx: the context), for cmn_file_chunks/cmn_fd_chunks. */
+void cmn_sha256_update_cb(void *ctx, const void *p, size_t n);
+void cmn_xxh128_update_cb(void *ctx, const void *p, size_t n);
+
 void cmn_hmac_sha256(const void *key, size_t keylen, const void *msg, size_t msglen,
                      uint8_t out[CMN_SHA256_LEN]);
 

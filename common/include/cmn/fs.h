@@ -25,6 +25,9 @@ int cmn_fsync_dir(const char *path);
  */
 int cmn_file_chunks(const char *path, void (*cb)(void *ud, const void *p, size_t n), void *ud,
                     uint64_t *size);
+/** The same over an open descriptor, from offset 0 (pread: its offset is left alone). */
+int cmn_fd_chunks(int fd, void (*cb)(void *ud, const void *p, size_t n), void *ud,
+                  uint64_t *size);
 
 #ifdef __cplusplus
 }
