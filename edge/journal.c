@@ -121,13 +121,17 @@ struct edge_journal {
     int s_inflight;                   /* writes and the flush in flight */
     int s_cur;                        /* the buffer being filled: data from s_flushed on */
     uint64_t s_flushed;               /* data bytes submitted (a multiple of S_BUF) */
-    /* The flush of the last committed record, started by its commit so that
-     * the spool's row insert runs meanwhile (edge_journal_sync reaps it). */
+    /* The last committed record: its commit only submits its last writes,
+     * so that the spool's row insert runs while they and then its flush
+     * run (edge_journal_sync waits for the writes, starts the flush and
+     * reaps it). */
     struct iocb s_sync_cb;
-    bool s_sync_busy;
+    bool s_sync_writes;               /* its writes may be in flight; the flush is not started */
+    bool s_sync_busy;                 /* its flush is in flight */
     int s_sync_rc;
-    uint64_t s_sync_seq;              /* the record it makes durable; 0 = none */
+    uint64_t s_sync_seq;              /* the record; 0 = none */
     bool direct_refused;              /* an O_DIRECT write got EINVAL: buffered from the next record */
+    bool direct_proven;               /* an O_DIRECT record was written whole on this descriptor */
 };
 
 /* A streamed record's meta is padded to S_META, so its data starts at a
@@ -946,11 +950,19 @@ int edge_journal_stream_commit(edge_journal_t *j, const void *meta, size_t meta_
             memcpy(sbuf(j, next), hbuf, S_DATA);
             rc = aio_write(j, next, S_DATA, j->s_off);
         }
-        int r = aio_drain(j);
-        if (rc == 0)
-            rc = r;
+        /* Until one record went through whole, a file system that takes
+         * O_DIRECT descriptors but refuses their writes (EINVAL) must be
+         * told here, while the record can still be dropped. After that the
+         * writes finish in edge_journal_sync, while the row goes in; an
+         * error there is the journal's, as a failed flush is. */
+        if (rc < 0 || !j->direct_proven) {
+            int r = aio_drain(j);
+            if (rc == 0)
+                rc = r;
+            j->direct_refused = rc == -EINVAL;
+            j->direct_proven = rc == 0;
+        }
         j->s_cur = 0;
-        j->direct_refused = rc == -EINVAL;
         if (rc < 0)
             goto out;
     } else if ((rc = pwrite_all(j->fd, hbuf, S_DATA, j->s_off)) < 0) {
@@ -959,8 +971,11 @@ int edge_journal_stream_commit(edge_journal_t *j, const void *meta, size_t meta_
     }
     *seq = add_record(j, j->s_off, total, j->s_skip);
     j->stats.streamed++;
-    if (direct(j))
-        (void)aio_flush(j, *seq);
+    if (direct(j)) {
+        j->s_sync_seq = *seq;
+        j->s_sync_writes = true;
+        j->s_sync_busy = false;
+    }
 out:
     j->s_open = false;
     pthread_mutex_unlock(&j->mu);
@@ -985,10 +1000,17 @@ int edge_journal_sync(edge_journal_t *j, uint64_t seq)
 
     pthread_mutex_lock(&j->mu);
     if (j->s_sync_seq == seq && seq > j->synced_seq && j->sync_err == 0) {
-        /* The flush its commit started (a lane has one writer: nothing
-         * else is in flight now). Where AIO refused the flush (-EINVAL),
-         * the fdatasync below does it. */
+        /* The record its commit left in flight (a lane has one writer:
+         * nothing else is): its writes, then its flush. Where AIO refuses
+         * the flush (-EINVAL), the fdatasync below does it. */
         int r = 0;
+        if (j->s_sync_writes) {
+            j->s_sync_writes = false;
+            if ((r = aio_drain(j)) < 0)
+                r = r == -EINVAL ? -EIO : r;     /* a write's EINVAL is no refused flush */
+            else if (!aio_flush(j, seq))
+                j->s_sync_rc = -EINVAL;
+        }
         while (j->s_sync_busy && r == 0)
             r = aio_reap(j, 1);
         if (r == 0)
@@ -999,7 +1021,7 @@ int edge_journal_sync(edge_journal_t *j, uint64_t seq)
             j->stats.syncs++;
         } else if (r != -EINVAL) {
             j->sync_err = r;
-            CMN_LOG_E("spool", "journal flush failed: %s", cmn_strerror(r));
+            CMN_LOG_E("spool", "journal write or flush failed: %s", cmn_strerror(r));
         }
     }
     while (j->synced_seq < seq && j->sync_err == 0) {

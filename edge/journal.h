@@ -107,8 +107,10 @@ int edge_journal_stream_write(edge_journal_t *j, const void *buf, size_t len);
 uint64_t edge_journal_stream_bytes(edge_journal_t *j);
 /**
  * Writes the header (with meta) and makes the record part of the log, as
- * edge_journal_append does: then edge_journal_sync(*seq). 0 or negative
- * (the record's error); the record is closed either way.
+ * edge_journal_append does: then edge_journal_sync(*seq). With O_DIRECT the
+ * last writes are only started: the sync waits for them, then for the
+ * flush (the caller works meanwhile). 0 or negative (the record's error);
+ * the record is closed either way.
  */
 int edge_journal_stream_commit(edge_journal_t *j, const void *meta, size_t meta_len,
                                uint64_t *seq);

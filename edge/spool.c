@@ -826,9 +826,9 @@ int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_s
         return rc;     /* the object file stays: an orphan at worst (see add_direct) */
     }
     /*
-     * The row goes in while the record's flush runs (a streamed record's
-     * commit started it), and the instance is acknowledged once both are
-     * done. Should the process die in between, the row may outlive an
+     * The row goes in while the record's last writes and flush run (a
+     * streamed record's commit only started them), and the instance is
+     * acknowledged once both are done. Should the process die in between, the row may outlive an
      * unacknowledged record: the SCU sends the instance again, and the
      * extra copy is a duplicate the cloud stores once. A row never becomes
      * durable before its object file: both wait for the same checkpoint
