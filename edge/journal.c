@@ -30,10 +30,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/aio_abi.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
 #include <sys/syscall.h>
 #include <zlib.h>
 
@@ -48,6 +51,8 @@
 #define J_HDR 48u
 #define J_MAX_META 4096u
 #define J_ZEROFILL_MAX (64ull << 20)
+/* edge_journal_prepare writes in pieces of this size. */
+#define PREP_CHUNK (1u << 20)
 
 /* A checkpoint starts when live records hold this much of the ring: with
  * the spool's large lanes, a whole CT series streams in before one
@@ -342,6 +347,83 @@ int edge_journal_open(const char *path, uint64_t size, edge_journal_t **out)
     return 0;
 
 out_close:
+    close(fd);
+    return rc;
+}
+
+/* Writes zeros over [off, end) of the ring, through fd (O_DIRECT when
+ * dfd >= 0). 0 or -errno. */
+static int zero_range(int fd, const char *z, uint64_t off, uint64_t end, uint64_t *written)
+{
+    while (off < end) {
+        size_t n = end - off < PREP_CHUNK ? (size_t)(end - off) : PREP_CHUNK;
+        int rc = pwrite_all(fd, z, n, off);
+        if (rc < 0)
+            return rc;
+        off += n;
+        *written += n;
+    }
+    return 0;
+}
+
+int edge_journal_prepare(edge_journal_t *j, uint64_t *written)
+{
+    struct {
+        struct fiemap fm;
+        struct fiemap_extent ex[64];
+    } f;
+    uint64_t pos = 0;
+    void *z = NULL;
+    int rc = 0;
+
+    *written = 0;
+    /* O_DIRECT where the file system takes it: gigabytes of zeros need not
+     * pass through (and evict) the page cache. */
+    int fd = open(j->path, O_WRONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0)
+        fd = dup(j->fd);
+    if (fd < 0)
+        return -errno;
+    if (posix_memalign(&z, J_ALIGN, PREP_CHUNK) != 0) {
+        close(fd);
+        return -ENOMEM;
+    }
+    memset(z, 0, PREP_CHUNK);
+    while (rc == 0 && pos < j->size) {
+        memset(&f, 0, sizeof(f));
+        f.fm.fm_start = pos;
+        f.fm.fm_length = j->size - pos;
+        f.fm.fm_extent_count = 64;
+        if (ioctl(j->fd, FS_IOC_FIEMAP, &f.fm) < 0) {
+            /* No extent map here (tmpfs, some network file systems): no
+             * unwritten extents either, nothing to do. */
+            if (errno != EOPNOTSUPP && errno != ENOTTY)
+                rc = -errno;
+            break;
+        }
+        if (f.fm.fm_mapped_extents == 0) {          /* a hole up to the end */
+            rc = zero_range(fd, z, pos, j->size, written);
+            break;
+        }
+        for (uint32_t i = 0; rc == 0 && i < f.fm.fm_mapped_extents; i++) {
+            const struct fiemap_extent *e = &f.ex[i];
+            uint64_t a = e->fe_logical, b = e->fe_logical + e->fe_length;
+            if (a > pos)                             /* a hole before it */
+                rc = zero_range(fd, z, pos, a < j->size ? a : j->size, written);
+            if (rc == 0 && (e->fe_flags & FIEMAP_EXTENT_UNWRITTEN))
+                rc = zero_range(fd, z, a > pos ? a : pos, b < j->size ? b : j->size, written);
+            if (b > pos)
+                pos = b;
+            if (e->fe_flags & FIEMAP_EXTENT_LAST) {
+                if (rc == 0 && pos < j->size)
+                    rc = zero_range(fd, z, pos, j->size, written);
+                pos = j->size;
+            }
+        }
+    }
+    if (rc == 0 && *written > 0 && fdatasync(fd) < 0)
+        rc = -errno;
+    free(z);
     close(fd);
     return rc;
 }

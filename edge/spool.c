@@ -51,6 +51,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <dirent.h>
@@ -149,6 +150,7 @@ struct edge_spool {
      * receives, one association per lane (edge_spool_stream_get). */
     struct edge_spool_stream lane[1 + LANES];
     int objdir_fd;                   /* dir/objects, for syncfs and fsync; owned */
+    int lock_fd;                     /* dir/lock, flock'd while open (read-write); owned */
     /* Statements of the per-image path, prepared once (guarded by mu; owned). */
     sqlite3_stmt *st_insert, *st_sync_normal, *st_sync_full;
     bool unsafe_nosync;              /* YY_SPOOL_UNSAFE_NOSYNC=1: benchmark reference only */
@@ -250,6 +252,22 @@ int edge_spool_open(const char *dir, uint64_t min_free_bytes, edge_spool_t **out
         goto out_free;
     }
     sp->min_free_bytes = min_free_bytes;
+    /* One process at a time: two edges streaming into the same journal
+     * rings, or prepare-spool beside a running edge, would corrupt them. */
+    snprintf(path, sizeof(path), "%s/lock", sp->dir);
+    sp->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+    if (sp->lock_fd < 0) {
+        rc = -errno;
+        goto out_free;
+    }
+    if (flock(sp->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+        rc = errno == EWOULDBLOCK ? -EBUSY : -errno;
+        if (rc == -EBUSY)
+            CMN_LOG_E("spool", "spool dir=%s is in use by another process (a running"
+                      " yunying-edge?)", sp->dir);
+        close(sp->lock_fd);
+        goto out_free;
+    }
     pthread_mutex_init(&sp->mu, NULL);
 
     snprintf(path, sizeof(path), "%s/objects", sp->dir);
@@ -318,6 +336,7 @@ out_close_db:
     cmn_db_close(sp->db);
 out_mutex:
     pthread_mutex_destroy(&sp->mu);
+    close(sp->lock_fd);
 out_free:
     CMN_LOG_E("spool", "cannot open spool dir=%s: %s", dir, cmn_strerror(rc));
     free(sp);
@@ -403,6 +422,8 @@ void edge_spool_close(edge_spool_t *sp)
     sqlite3_finalize(sp->st_sync_full);
     if (!sp->readonly && sp->objdir_fd > 0)
         close(sp->objdir_fd);
+    if (!sp->readonly && sp->lock_fd > 0)
+        close(sp->lock_fd);             /* the flock goes with it */
     if (sp->readonly)
         sqlite3_close(sp->db);
     else
@@ -1166,6 +1187,25 @@ static int journal_setup(edge_spool_t *sp)
             journals_close(sp);
             return rc;
         }
+    }
+    return 0;
+}
+
+int edge_spool_prepare(edge_spool_t *sp, uint64_t *written, int *rings)
+{
+    *written = 0;
+    *rings = 0;
+    for (int i = 0; i <= LANES; i++) {
+        uint64_t n = 0;
+        if (!sp->lane[i].jr)
+            continue;
+        int rc = edge_journal_prepare(sp->lane[i].jr, &n);
+        if (rc < 0) {
+            CMN_LOG_E("spool", "preparing journal %d failed: %s", i, cmn_strerror(rc));
+            return rc;
+        }
+        *written += n;
+        (*rings)++;
     }
     return 0;
 }

@@ -75,10 +75,20 @@ typedef struct {
 /**
  * Opens (creating) the spool in dir: makes dir, dir/objects, dir/tmp,
  * migrates the database, removes leftover temporary files and moves rows
- * left UPLOADING by a crash back to PENDING. 0 with *out set (free with
- * edge_spool_close), or a negative error.
+ * left UPLOADING by a crash back to PENDING. One process at a time (flock
+ * on dir/lock). 0 with *out set (free with edge_spool_close), -EBUSY when
+ * another process has it open, or a negative error.
  */
 int edge_spool_open(const char *dir, uint64_t min_free_bytes, edge_spool_t **out);
+
+/**
+ * `yunying-edge prepare-spool`: writes the journal rings' never-written
+ * parts once (edge_journal_prepare), so the first images after installing
+ * cost what later ones do. Only on a spool nothing is storing into: call it
+ * right after edge_spool_open. *written: bytes written; *rings: rings
+ * looked at. 0 or -errno.
+ */
+int edge_spool_prepare(edge_spool_t *sp, uint64_t *written, int *rings);
 
 /**
  * Opens an existing spool read-only (for `yunying-edge status`, also while

@@ -14,6 +14,12 @@
 # Orthanc are measured with their default receive PDU (16 KiB) and storescp
 # also with -pdu 131072, the size the edge offers.
 #
+# Each edge run starts on a new spool that `yunying-edge prepare-spool` has
+# prepared, as the installed service does before it starts: its journal
+# rings written once (edge-fresh: not prepared, fallocate'd rings only, as
+# under `make run`; on ext4 each first write into such a ring also converts
+# its extent, which the flush then commits).
+#
 # The cost table runs the same edge binary with benchmark-only environment
 # switches read by edge/spool.c:
 #   journal (default)      each association streams its images into a journal
@@ -109,6 +115,12 @@ edge_run() {    # NAME MODE BIN [ENV...]
 {"log":{"level":"warn"},"scp":{"ae_title":"YUNYING","bind":"127.0.0.1","port":11113,"max_associations":16},
  "spool":{"dir":"$w/spool","min_free_mb":0},"upload":{"cloud_url":""}}
 J
+    # As the service does before each start (ExecStartPre): the journal
+    # rings written once, as on an edge that has been running a while.
+    # edge-fresh skips it: the first images after `make run`.
+    if [ "$name" != edge-fresh ]; then
+        env "$@" "$bin" prepare-spool --config "$w/edge.json" >/dev/null
+    fi
     spawn "$w/edge.pid" env "$@" "$bin" --config "$w/edge.json" >"$w/edge.out" 2>"$w/edge.log"
     epid=$(cat "$w/edge.pid")
     n=0; until grep -q listening "$w/edge.out"; do n=$((n+1)); [ $n -gt 600 ] && { cat "$w/edge.log"; inns ss -ltnp; exit 1; }; sleep 0.1; done
@@ -157,6 +169,7 @@ while [ $r -lt "$ROUNDS" ]; do
         storescp_run storescp-pdu128k "$mode" -pdu 131072
         if [ $have_orthanc = 1 ]; then orthanc_run "$mode"; fi
         if [ "${COSTS:-0}" = 1 ]; then
+            edge_run edge-fresh "$mode" "$EDGE"
             edge_run edge-lanebuf "$mode" "$EDGE" YY_SPOOL_LANE_BUFFERED=1
             edge_run edge-nolanes "$mode" "$EDGE" YY_SPOOL_LANES=0
             edge_run edge-direct "$mode" "$EDGE" YY_SPOOL_JOURNAL_MB=0
@@ -171,7 +184,7 @@ done
 median() { sort -n | awk '{a[NR]=$1} END {if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 for mode in 1 P; do
     [ "$mode" = 1 ] && echo "== one association" || echo "== $PAR associations in parallel"
-    for name in edge edge-lanebuf edge-nolanes edge-direct edge-ring512 edge-nosync edge-before storescp storescp-pdu128k orthanc; do
+    for name in edge edge-fresh edge-lanebuf edge-nolanes edge-direct edge-ring512 edge-nosync edge-before storescp storescp-pdu128k orthanc; do
         grep -q "^$name $mode " "$w/results" || continue
         m=$(grep "^$name $mode " "$w/results" | awk '{print $3}' | median)
         all=$(grep "^$name $mode " "$w/results" | awk -v n="$nfiles" '{printf "%.0f ", n / $3}')

@@ -285,6 +285,30 @@ static void test_crash_recovery(void **state)
     edge_spool_close(sp);
 }
 
+/* One process at a time on a spool (its flock; here two opens in one
+ * process conflict the same way), and prepare writes a ring's never
+ * written parts once: a second pass has nothing to write. */
+static void test_lock_and_prepare(void **state)
+{
+    edge_spool_t *sp, *other;
+    uint64_t written;
+    int rings;
+    (void)state;
+
+    setenv("YY_SPOOL_LANE_MB", "16", 1);      /* small rings: this test writes them */
+    assert_int_equal(edge_spool_open(g_dir, 0, &sp), 0);
+    assert_int_equal(edge_spool_open(g_dir, 0, &other), -EBUSY);
+    assert_null(other);
+    assert_int_equal(edge_spool_prepare(sp, &written, &rings), 0);
+    assert_true(rings >= 1);                  /* the shared ring, and lanes where they fit */
+    assert_int_equal(edge_spool_prepare(sp, &written, &rings), 0);
+    assert_int_equal(written, 0);
+    edge_spool_close(sp);
+    assert_int_equal(edge_spool_open(g_dir, 0, &sp), 0);   /* released at close */
+    edge_spool_close(sp);
+    unsetenv("YY_SPOOL_LANE_MB");
+}
+
 static void test_no_space(void **state)
 {
     edge_spool_t *sp;
@@ -537,6 +561,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_retry_and_due, setup, teardown),
         cmocka_unit_test_setup_teardown(test_crash_recovery, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_space, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_lock_and_prepare, setup, teardown),
         cmocka_unit_test_setup_teardown(test_add_missing_file, setup, teardown),
         cmocka_unit_test_setup_teardown(test_quota_and_priority, setup, teardown),
         cmocka_unit_test(test_schedule),
