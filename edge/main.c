@@ -458,6 +458,7 @@ int main(int argc, char **argv)
         .stream_open = edge__stream_open,
         .stream_begin = edge__stream_begin,
         .stream_data = edge__stream_data,
+        .stream_spill = edge__stream_spill,
         .stream_close = edge__stream_close,
         .ud = &e.store,
     };

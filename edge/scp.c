@@ -128,14 +128,19 @@ void *edge__stream_open(void *ud)
     return edge_spool_stream_get(ctx->spool);
 }
 
-void edge__stream_begin(void *h)
+int edge__stream_begin(void *h)
 {
-    edge_spool_stream_begin(h);
+    return edge_spool_stream_begin(h);
 }
 
-void edge__stream_data(void *h, const void *buf, size_t len)
+int edge__stream_data(void *h, const void *buf, size_t len)
 {
-    edge_spool_stream_write(h, buf, len);
+    return edge_spool_stream_write(h, buf, len);
+}
+
+int edge__stream_spill(void *h, int fd)
+{
+    return edge_spool_stream_spill(h, fd);
 }
 
 void edge__stream_close(void *h)
@@ -152,12 +157,28 @@ void edge__stream_close(void *h)
  * only when the walk has no verdict (deflated, malformed, truncated: it
  * decides). 0 or CMN_EDICOM with err set.
  */
-static int identify(const char *path, uint64_t size, cmn_dicom_ids_t *ids, char *err,
-                    size_t errlen)
+static int identify(const char *path, uint64_t size, edge_spool_stream_t *kept,
+                    cmn_dicom_ids_t *ids, char *err, size_t errlen)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    int rc = -ENOTSUP;
+    const void *data;
+    size_t len;
+    int fd, rc = -ENOTSUP;
 
+    if (kept && edge_spool_stream_kept(kept, &data, &len)) {
+        /* In memory: the walk, else the file DCMTK needs, written now. */
+        if (cmn_dicom_scan(data, len, ids, err, errlen) == 0)
+            return 0;
+        fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+        rc = fd < 0 ? -errno : edge_spool_stream_spill(kept, fd);
+        if (fd >= 0 && close(fd) < 0 && rc == 0)
+            rc = -errno;
+        if (rc < 0) {
+            snprintf(err, errlen, "cannot write the received file: %s", cmn_strerror(rc));
+            return rc;
+        }
+        rc = -ENOTSUP;
+    }
+    fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd >= 0 && size > 0) {
         void *m = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (m != MAP_FAILED) {
@@ -229,7 +250,8 @@ static unsigned store_end(edge_store_ctx_t *ctx, const edge_scp_store_t *st)
         goto out_unlink;
     }
 
-    rc = identify(st->tmp_path, (uint64_t)sb.st_size, &ids, err, sizeof(err));
+    rc = identify(st->tmp_path, (uint64_t)sb.st_size, st->kept ? st->stream : NULL, &ids, err,
+                  sizeof(err));
     if (rc < 0) {
         CMN_LOG_W("scp", "invalid instance sop=%s calling_ae=%s: %s: C000", req_sop,
                   st->calling_ae, err);

@@ -31,8 +31,9 @@ int edge__store_begin(void *ud, char *path, size_t len);
 unsigned edge__store_end(void *ud, const edge_scp_store_t *st);
 /* The scp's stream callbacks: a streaming lane of the spool's journal. */
 void *edge__stream_open(void *ud);
-void edge__stream_begin(void *h);
-void edge__stream_data(void *h, const void *buf, size_t len);
+int edge__stream_begin(void *h);
+int edge__stream_data(void *h, const void *buf, size_t len);
+int edge__stream_spill(void *h, int fd);
 void edge__stream_close(void *h);
 
 #endif /* EDGE_SCP_H */

@@ -45,7 +45,10 @@
 #include <vector>
 
 #include "dcmtk/config/osconfig.h"
+#include "dcmtk/dcmdata/dcdeftag.h"
 #include "dcmtk/dcmdata/dcdict.h"
+#include "dcmtk/dcmdata/dcmetinf.h"
+#include "dcmtk/dcmdata/dcostrmb.h"
 #include "dcmtk/dcmdata/dcuid.h"
 #include "dcmtk/dcmnet/assoc.h"
 #include "dcmtk/dcmnet/dimse.h"
@@ -172,16 +175,19 @@ static std::string trim(const OFString &s)
 
 /* ------------------------------------------------------------ receive */
 
-/* Where DIMSE_receiveDataSetInFile puts the data set bytes: straight into
- * the file, checksummed on the way (XXH3-128, so the spool need not read
- * the file back; SHA-256 here took 30% of the edge's ingest CPU).
+/* Where DIMSE_receiveDataSetInFile puts the data set bytes: checksummed on
+ * the way (XXH3-128, so the spool need not read the file back; SHA-256 here
+ * took 30% of the edge's ingest CPU), into the stream (the spool's journal
+ * lane) and into the temporary file - unless the stream keeps the bytes in
+ * memory, and then only from the moment it stops (spilling what it kept).
  * A write error is remembered and the rest of the data set is consumed and
  * dropped, so the association stays in step and the C side answers A700. */
 class HashFileConsumer : public DcmConsumer
 {
 public:
-    HashFileConsumer(int fd, cmn_xxh128_ctx_t *sum, int err, void *stream)
-        : m_fd(fd), m_sum(sum), m_err(err), m_stream(stream) {}
+    HashFileConsumer(int fd, const char *path, cmn_xxh128_ctx_t *sum, int err, void *stream,
+                     bool keep)
+        : m_fd(fd), m_path(path), m_sum(sum), m_err(err), m_stream(stream), m_keep(keep) {}
     virtual OFBool good() const { return OFTrue; }
     virtual OFCondition status() const { return EC_Normal; }
     virtual OFBool isFlushed() const { return OFTrue; }
@@ -190,32 +196,63 @@ public:
     virtual offile_off_t write(const void *buf, offile_off_t len)
     {
         if (m_err == 0 && len > 0) {
-            const char *p = (const char *)buf;
-            size_t left = (size_t)len;
-            cmn_xxh128_update(m_sum, p, left);
-            while (left > 0) {
-                ssize_t n = ::write(m_fd, p, left);
-                if (n < 0 && errno == EINTR)
-                    continue;
-                if (n <= 0) {
-                    m_err = n < 0 ? errno : EIO;
-                    break;
-                }
-                p += n;
-                left -= (size_t)n;
+            cmn_xxh128_update(m_sum, buf, (size_t)len);
+            if (m_keep) {
+                if (g_scp->opts.stream_data(m_stream, buf, (size_t)len))
+                    return len;
+                spill();
+                if (m_err != 0)
+                    return len;
+                writeAll(buf, (size_t)len);
+                return len;
             }
+            writeAll(buf, (size_t)len);
             if (m_err == 0 && m_stream)
                 g_scp->opts.stream_data(m_stream, buf, (size_t)len);
         }
         return len;
     }
     int error() const { return m_err; }
+    bool kept() const { return m_keep && m_err == 0; }
+    int fd() const { return m_fd; }
 
 private:
-    int m_fd;
+    void writeAll(const void *buf, size_t left)
+    {
+        const char *p = (const char *)buf;
+        while (left > 0) {
+            ssize_t n = ::write(m_fd, p, left);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0) {
+                m_err = n < 0 ? errno : EIO;
+                break;
+            }
+            p += n;
+            left -= (size_t)n;
+        }
+    }
+    /* The stream stopped keeping (too big, or its budget spent): the
+     * temporary file after all, starting with what it kept. */
+    void spill()
+    {
+        m_keep = false;
+        m_fd = open(m_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+        if (m_fd < 0) {
+            m_err = errno;
+            return;
+        }
+        int rc = g_scp->opts.stream_spill(m_stream, m_fd);
+        if (rc < 0)
+            m_err = -rc;
+    }
+
+    int m_fd;                    /* the temporary file, or -1 while the stream keeps */
+    const char *m_path;
     cmn_xxh128_ctx_t *m_sum;
     int m_err;                   /* first write errno, 0 = none */
     void *m_stream;              /* opts.stream_data's handle, or NULL */
+    bool m_keep;                 /* the stream keeps the bytes: no file */
 };
 
 class HashFileStream : public DcmOutputStream
@@ -343,13 +380,12 @@ private:
             m_stream = s->opts.stream_open(s->opts.ud);
             m_stream_tried = true;
         }
-        if (m_stream)
-            s->opts.stream_begin(m_stream);
+        bool keep = m_stream && s->opts.stream_begin(m_stream) == 1;
         m_received = 0;
         char sum[CMN_XXH128_HEX_LEN + 1];
         uint64_t file_bytes = 0;
         int write_err = 0;
-        cond = receiveToFile(req, presID, path, sum, &file_bytes, &write_err);
+        cond = receiveToFile(req, presID, path, sum, &file_bytes, &write_err, &keep);
 
         OFString calling = getPeerAETitle();
         OFString peer = getPeerIP();
@@ -373,6 +409,7 @@ private:
         } else {
             st.xxh128 = sum;
             st.file_bytes = file_bytes;
+            st.kept = keep;
         }
         status = s->opts.store_end(s->opts.ud, &st);
         if (cond.bad() && !st.out_of_resources)
@@ -380,62 +417,98 @@ private:
         return sendSTOREResponse(presID, req, (Uint16)status);
     }
 
+    /* The Part 10 meta header DIMSE_createFilestream would write for this
+     * request: preamble, "DICM", group 0002 (explicit VR little endian). */
+    OFCondition metaHeader(T_DIMSE_C_StoreRQ &req, T_ASC_PresentationContextID presID,
+                           std::string &out)
+    {
+        T_ASC_PresentationContext pc;
+        OFCondition cond = ASC_findAcceptedPresentationContext(m_assoc->params, presID, &pc);
+        if (cond.bad())
+            return cond;
+        DcmMetaInfo meta;
+        const Uint8 version[2] = {0, 1};
+        const char *aet = m_assoc->params->DULparams.callingAPTitle;
+        if ((cond = meta.putAndInsertUint32(DCM_FileMetaInformationGroupLength, 0)).bad() ||
+            (cond = meta.putAndInsertUint8Array(DCM_FileMetaInformationVersion, version, 2))
+                .bad() ||
+            (cond = meta.putAndInsertString(DCM_MediaStorageSOPClassUID,
+                                            req.AffectedSOPClassUID)).bad() ||
+            (cond = meta.putAndInsertString(DCM_MediaStorageSOPInstanceUID,
+                                            req.AffectedSOPInstanceUID)).bad() ||
+            (cond = meta.putAndInsertString(DCM_TransferSyntaxUID, pc.acceptedTransferSyntax))
+                .bad() ||
+            (cond = meta.putAndInsertString(DCM_ImplementationClassUID,
+                                            OFFIS_IMPLEMENTATION_CLASS_UID)).bad() ||
+            (cond = meta.putAndInsertString(DCM_ImplementationVersionName,
+                                            OFFIS_DTK_IMPLEMENTATION_VERSION_NAME2)).bad() ||
+            (cond = meta.putAndInsertString(DCM_SourceApplicationEntityTitle, aet ? aet : ""))
+                .bad())
+            return cond;
+        cond = meta.computeGroupLengthAndPadding(EGL_withGL, EPD_noChange,
+                                                 META_HEADER_DEFAULT_TRANSFERSYNTAX,
+                                                 EET_UndefinedLength);
+        if (cond.bad())
+            return cond;
+        char buf[8192];
+        DcmOutputBufferStream os(buf, sizeof(buf));
+        meta.transferInit();
+        cond = meta.write(os, META_HEADER_DEFAULT_TRANSFERSYNTAX, EET_ExplicitLength, NULL);
+        meta.transferEnd();
+        if (cond.bad())
+            return cond;           /* a meta header over 8 KiB: UIDs are at most 64 bytes */
+        void *p = NULL;
+        offile_off_t n = 0;
+        os.flush();
+        os.flushBuffer(p, n);
+        out.assign((const char *)p, (size_t)n);
+        return EC_Normal;
+    }
+
     /* What DcmSCP::receiveSTORERequest(filename) does, with our stream:
-     * the meta header through DCMTK's own writer, then the data set
-     * exactly as received, checksummed while it is written. On a write error
-     * the data set is still read to its end (*write_err set, cond good). */
+     * the meta header DCMTK would write, then the data set exactly as
+     * received, checksummed on the way - into the temporary file, or only
+     * into the stream while it keeps the bytes (*keep; cleared when it
+     * stops and the file is written after all). On a write error the data
+     * set is still read to its end (*write_err set, cond good). */
     OFCondition receiveToFile(T_DIMSE_C_StoreRQ &req, T_ASC_PresentationContextID presID,
                               const char *path, char sum_hex[CMN_XXH128_HEX_LEN + 1],
-                              uint64_t *file_bytes, int *write_err)
+                              uint64_t *file_bytes, int *write_err, bool *keep)
     {
-        DcmOutputFileStream *meta = NULL;
         T_ASC_PresentationContextID ds_pres = 0;
         cmn_xxh128_ctx_t sum;
+        std::string meta;
         OFCondition cond;
-        char buf[4096];
+        int fd = -1;
 
         *write_err = 0;
-        cond = DIMSE_createFilestream(OFFilename(path), &req, m_assoc, presID, OFTrue, &meta);
-        delete meta;             /* flushes and closes the meta header */
-        int fd = cond.good() ? open(path, O_RDWR | O_APPEND | O_CLOEXEC) : -1;
-        if (fd < 0) {
+        cond = metaHeader(req, presID, meta);
+        if (cond.good() && !*keep)
+            fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+        if (cond.bad() || (!*keep && fd < 0)) {
             DIC_UL bytes = 0, pdvs = 0;
             cond = DIMSE_ignoreDataSet(m_assoc, getConfig().getDIMSEBlockingMode(),
                                        (int)getConfig().getDIMSETimeout(), &bytes, &pdvs);
             if (cond.good())
                 cond = DIMSE_OUTOFRESOURCES;
+            *keep = false;
             return cond;
         }
         cmn_xxh128_init(&sum);
-        uint64_t total = 0;
-        for (;;) {              /* the meta header just written, from the page cache */
-            ssize_t n = pread(fd, buf, sizeof(buf), (off_t)total);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n < 0) {
-                *write_err = errno;
-                break;
-            }
-            if (n == 0)
-                break;
-            cmn_xxh128_update(&sum, buf, (size_t)n);
-            if (m_stream)
-                g_scp->opts.stream_data(m_stream, buf, (size_t)n);
-            total += (uint64_t)n;
-        }
-        HashFileConsumer cons(fd, &sum, *write_err, m_stream);
+        HashFileConsumer cons(fd, path, &sum, 0, m_stream, *keep);
+        cons.write(meta.data(), (offile_off_t)meta.size());
         HashFileStream out(&cons);
         cond = DIMSE_receiveDataSetInFile(m_assoc, getConfig().getDIMSEBlockingMode(),
                                           (int)getConfig().getDIMSETimeout(), &ds_pres, &out,
                                           callbackRECEIVEProgress, this);
         if (cond.good() && ds_pres != presID)
             cond = DIMSE_RECEIVEFAILED;    /* data set on another context than its command */
-        if (*write_err == 0)
-            *write_err = cons.error();
-        if (close(fd) < 0 && *write_err == 0)
+        *write_err = cons.error();
+        *keep = cons.kept();
+        if (cons.fd() >= 0 && close(cons.fd()) < 0 && *write_err == 0)
             *write_err = errno;
         cmn_xxh128_final_hex(&sum, sum_hex);
-        *file_bytes = total + (uint64_t)out.tell();
+        *file_bytes = (uint64_t)meta.size() + (uint64_t)out.tell();
         return cond;
     }
 

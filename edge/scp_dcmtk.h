@@ -31,7 +31,8 @@ extern "C" {
 
 /** One received C-STORE request, as handed to the C side. */
 typedef struct {
-    const char *tmp_path;        /* the received file (Part 10); the callee removes or keeps it */
+    const char *tmp_path;        /* the received file (Part 10); the callee removes or keeps it.
+                                    When kept is set, no such file exists (yet) */
     uint64_t dataset_bytes;      /* data set bytes received over the network */
     int receive_failed;          /* nonzero: receiving failed (tmp_path may be partial) */
     int out_of_resources;        /* nonzero: writing the file failed (disk full, I/O) */
@@ -43,6 +44,8 @@ typedef struct {
     const char *xxh128;          /* hex XXH3-128 of the whole file (cmn/crypto.h), or NULL */
     uint64_t file_bytes;         /* size of the file */
     void *stream;                /* the association's stream handle (opts.stream_open), or NULL */
+    int kept;                    /* nonzero: the file's bytes are only in the stream handle's
+                                    memory (stream_begin returned 1 and stream_data kept them) */
 } edge_scp_store_t;
 
 typedef struct {
@@ -75,10 +78,16 @@ typedef struct {
      * none for this association); stream_begin(h) before each data set;
      * stream_data(h, buf, len) for the file's bytes in order; store_end gets
      * the handle as st->stream; stream_close(h) when the association ends.
+     * A handle may keep the file's bytes in memory: stream_begin returns 1
+     * and no temporary file is written, for as long as stream_data returns
+     * 1; when it returns 0 the file is created, stream_spill(h, fd) writes
+     * what was kept (the bytes before that call's) and the rest is written
+     * as usual. stream_spill must be set where stream_begin may return 1.
      */
     void *(*stream_open)(void *ud);
-    void (*stream_begin)(void *h);
-    void (*stream_data)(void *h, const void *buf, size_t len);
+    int (*stream_begin)(void *h);
+    int (*stream_data)(void *h, const void *buf, size_t len);
+    int (*stream_spill)(void *h, int fd);
     void (*stream_close)(void *h);
     void *ud;
 } edge_scp_opts_t;

@@ -7,7 +7,11 @@
  *                            random name of their temporary file (rows from
  *                            before 2026-11 are named by their SHA-256)
  *     objects/<name>.jls.dcm JPEG-LS transcode of that file, when smaller
- *     tmp/<random>.part      files being received; removed at start
+ *     tmp/<random>.part      files being received (images over KEEP_MAX, or
+ *                            beyond KEEP_BUDGET: smaller ones are kept in
+ *                            memory and written after their record); removed
+ *                            at start
+ *     lock                   flock'd by the process that has the spool open
  *
  *     journal                the shared ingest journal (journal.h): a 64 MiB preallocated ring
  *     journal.1 .. journal.4 streaming lanes: 512 MiB rings, one per association in progress
@@ -48,6 +52,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -93,7 +98,33 @@ struct edge_spool_stream {
     int idx;
     bool busy;                       /* lanes: checked out (under sp->mu) */
     bool streaming;                  /* the current instance is being streamed */
+    /* The current instance's bytes kept in memory as they arrive (see
+     * KEEP_MAX): no temporary file while the modality waits; its object
+     * file is written after the record, by the writer thread. */
+    bool keeping;
+    char *keep;                      /* owned (from keep_buf_get) */
+    size_t keep_len, keep_cap;
 };
+
+/* Instances up to KEEP_MAX bytes streamed into a lane are kept in memory
+ * while they arrive, as long as the lanes and the writer's queue hold at
+ * most KEEP_BUDGET together (else, and for bigger ones, the temporary file
+ * is written while receiving, as before). YY_SPOOL_KEEP=0 turns it off
+ * (the benchmark's cost table). */
+#define KEEP_MAX (4u << 20)
+#define KEEP_BUDGET (16u << 20)
+#define KEEP_FIRST (1u << 20)            /* a buffer's first size */
+#define KEEP_POOL 4                      /* buffers of KEEP_FIRST kept for reuse */
+
+/* An object file to write from memory, after its journal record. */
+typedef struct wr_job {
+    struct wr_job *next;
+    char path[PATH_MAX + 128];
+    char *buf;                       /* owned */
+    size_t len, cap;
+    edge_journal_t *jr;
+    uint64_t seq;
+} wr_job_t;
 
 static uint64_t jseq_of(const edge_spool_stream_t *l, uint64_t seq)
 {
@@ -154,10 +185,27 @@ struct edge_spool {
     /* Statements of the per-image path, prepared once (guarded by mu; owned). */
     sqlite3_stmt *st_insert, *st_sync_normal, *st_sync_full;
     bool unsafe_nosync;              /* YY_SPOOL_UNSAFE_NOSYNC=1: benchmark reference only */
+    bool keep_off;                   /* YY_SPOOL_KEEP=0 */
+
+    /* The writer thread: object files of kept instances, in order. */
+    pthread_t wr_thread;
+    bool wr_started, wr_stop;
+    pthread_mutex_t wr_mu;
+    pthread_cond_t wr_cond;          /* a job queued, or stop */
+    pthread_cond_t wr_done;          /* a job finished */
+    wr_job_t *wr_head, *wr_tail;     /* queued */
+    wr_job_t *wr_cur;                /* being written */
+    char *wr_pool[KEEP_POOL];        /* free buffers of KEEP_FIRST bytes */
+    int wr_npool;
+    _Atomic uint64_t kept;           /* bytes kept by lanes and queued */
+    int64_t wr_last_err_log;
+    bool wr_hold;                    /* YY_SPOOL_WRITER_HOLD=1: tests only */
 };
 
 static int journal_setup(edge_spool_t *sp);
 static void journals_close(edge_spool_t *sp);
+static int writer_start(edge_spool_t *sp);
+static void writer_stop(edge_spool_t *sp);
 static int counter_add(edge_spool_t *sp, const char *name, int64_t delta, bool set);
 
 static const char *const migrations[] = {
@@ -325,8 +373,20 @@ int edge_spool_open(const char *dir, uint64_t min_free_bytes, edge_spool_t **out
         CMN_LOG_E("spool", "YY_SPOOL_UNSAFE_NOSYNC=1: instances are acknowledged BEFORE they are"
                   " durable (benchmark reference only)");
     }
-    if ((rc = journal_setup(sp)) < 0)
+    const char *keep = getenv("YY_SPOOL_KEEP");
+    sp->keep_off = keep && !strcmp(keep, "0");
+    const char *hold = getenv("YY_SPOOL_WRITER_HOLD");
+    if (hold && !strcmp(hold, "1")) {
+        sp->wr_hold = true;
+        CMN_LOG_W("spool", "YY_SPOOL_WRITER_HOLD=1: object files of kept instances are written"
+                  " only at shutdown (tests only)");
+    }
+    if ((rc = writer_start(sp)) < 0)
         goto out_close_objdir;
+    if ((rc = journal_setup(sp)) < 0) {
+        writer_stop(sp);
+        goto out_close_objdir;
+    }
     *out = sp;
     return 0;
 
@@ -416,6 +476,7 @@ void edge_spool_close(edge_spool_t *sp)
 {
     if (!sp)
         return;
+    writer_stop(sp);                  /* the last object files: their records become done */
     journals_close(sp);               /* final checkpoints: need the db */
     sqlite3_finalize(sp->st_insert);
     sqlite3_finalize(sp->st_sync_normal);
@@ -734,6 +795,255 @@ static int meta_decode(const char *meta, size_t len, const char *f[META_FIELDS])
     return 0;
 }
 
+/* ------------------------------------------------------------ kept instances */
+
+/* A buffer for a lane to keep an instance in: a pooled one, or NULL (the
+ * lane allocates on the first byte). */
+static char *keep_buf_get(edge_spool_t *sp, size_t *cap)
+{
+    char *b = NULL;
+
+    pthread_mutex_lock(&sp->wr_mu);
+    if (sp->wr_npool > 0) {
+        b = sp->wr_pool[--sp->wr_npool];
+        *cap = KEEP_FIRST;
+    }
+    pthread_mutex_unlock(&sp->wr_mu);
+    return b;
+}
+
+/* Back to the pool (buffers of the first size only: a bigger one would
+ * keep its pages for good) or freed. */
+static void keep_buf_put(edge_spool_t *sp, char *b, size_t cap)
+{
+    if (!b)
+        return;
+    pthread_mutex_lock(&sp->wr_mu);
+    if (cap == KEEP_FIRST && sp->wr_npool < KEEP_POOL) {
+        sp->wr_pool[sp->wr_npool++] = b;
+        b = NULL;
+    }
+    pthread_mutex_unlock(&sp->wr_mu);
+    free(b);
+}
+
+/* The lane keeps nothing (any more); its buffer stays for the next instance. */
+static void keep_reset(edge_spool_stream_t *l)
+{
+    atomic_fetch_sub(&l->sp->kept, l->keep_len);
+    l->keep_len = 0;
+    l->keeping = false;
+}
+
+/* Appends to the kept bytes; false (keeping nothing more, what was kept
+ * stays) past KEEP_MAX or the budget. */
+static bool keep_append(edge_spool_stream_t *l, const void *buf, size_t len)
+{
+    edge_spool_t *sp = l->sp;
+
+    if (l->keep_len + len > KEEP_MAX)
+        return false;
+    if (atomic_fetch_add(&sp->kept, len) + len > KEEP_BUDGET) {
+        atomic_fetch_sub(&sp->kept, len);
+        return false;
+    }
+    if (l->keep_len + len > l->keep_cap) {
+        size_t cap = l->keep_cap ? l->keep_cap : KEEP_FIRST;
+        while (cap < l->keep_len + len)
+            cap *= 2;
+        char *b = realloc(l->keep, cap);
+        if (!b) {
+            atomic_fetch_sub(&sp->kept, len);
+            return false;
+        }
+        l->keep = b;
+        l->keep_cap = cap;
+    }
+    memcpy(l->keep + l->keep_len, buf, len);
+    l->keep_len += len;
+    return true;
+}
+
+static int write_file(const char *path, const char *buf, size_t len)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    int rc = 0;
+
+    if (fd < 0)
+        return -errno;
+    while (len > 0) {
+        ssize_t n = write(fd, buf, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            rc = n < 0 ? -errno : -EIO;
+            break;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+    if (close(fd) < 0 && rc == 0)
+        rc = -errno;
+    if (rc < 0)
+        unlink(path);
+    return rc;
+}
+
+/*
+ * The writer: writes each kept instance's object file after its journal
+ * record, then tells the journal the record is done (so the checkpoint,
+ * whose syncfs makes the file durable, never passes a record before its
+ * file exists). A write that fails (disk full) is retried every second;
+ * its record meanwhile holds the checkpoint back, and a restart's replay
+ * writes the file from the journal.
+ */
+static void *writer_main(void *arg)
+{
+    edge_spool_t *sp = arg;
+
+    pthread_mutex_lock(&sp->wr_mu);
+    for (;;) {
+        while (!sp->wr_head && !sp->wr_stop)
+            pthread_cond_wait(&sp->wr_cond, &sp->wr_mu);
+        wr_job_t *job = sp->wr_head;
+        if (!job)
+            break;                      /* stopping, queue empty */
+        sp->wr_head = job->next;
+        if (!sp->wr_head)
+            sp->wr_tail = NULL;
+        sp->wr_cur = job;
+        while (sp->wr_hold && !sp->wr_stop)  /* tests: the window after the ack, held open */
+            pthread_cond_wait(&sp->wr_cond, &sp->wr_mu);
+        pthread_mutex_unlock(&sp->wr_mu);
+        int rc = write_file(job->path, job->buf, job->len);
+        if (rc == 0)
+            edge_journal_done(job->jr, job->seq);
+        pthread_mutex_lock(&sp->wr_mu);
+        sp->wr_cur = NULL;
+        if (rc < 0) {
+            int64_t now = edge__wall_ms();
+            if (now - sp->wr_last_err_log >= 10000) {
+                sp->wr_last_err_log = now;
+                CMN_LOG_E("spool", "writing object file %s failed: %s (retrying; the journal"
+                          " holds the instance)", job->path, cmn_strerror(rc));
+            }
+            if (sp->wr_stop) {
+                /* The record stays live: the next start's replay writes it. */
+                pthread_cond_broadcast(&sp->wr_done);
+                free(job->buf);
+                atomic_fetch_sub(&sp->kept, job->len);
+                free(job);
+                continue;
+            }
+            job->next = sp->wr_head;     /* first again */
+            sp->wr_head = job;
+            if (!sp->wr_tail)
+                sp->wr_tail = job;
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
+            pthread_cond_timedwait(&sp->wr_cond, &sp->wr_mu, &ts);
+            continue;
+        }
+        pthread_cond_broadcast(&sp->wr_done);
+        pthread_mutex_unlock(&sp->wr_mu);
+        atomic_fetch_sub(&sp->kept, job->len);
+        keep_buf_put(sp, job->buf, job->cap);
+        free(job);
+        pthread_mutex_lock(&sp->wr_mu);
+    }
+    pthread_mutex_unlock(&sp->wr_mu);
+    return NULL;
+}
+
+static int writer_start(edge_spool_t *sp)
+{
+    pthread_mutex_init(&sp->wr_mu, NULL);
+    pthread_cond_init(&sp->wr_cond, NULL);
+    pthread_cond_init(&sp->wr_done, NULL);
+    int rc = pthread_create(&sp->wr_thread, NULL, writer_main, sp);
+    if (rc != 0)
+        return -rc;
+    sp->wr_started = true;
+    return 0;
+}
+
+/* Writes what is queued, then stops the thread. */
+static void writer_stop(edge_spool_t *sp)
+{
+    if (!sp->wr_started)
+        return;
+    pthread_mutex_lock(&sp->wr_mu);
+    sp->wr_stop = true;
+    pthread_cond_broadcast(&sp->wr_cond);
+    pthread_mutex_unlock(&sp->wr_mu);
+    pthread_join(sp->wr_thread, NULL);
+    for (int i = 0; i < sp->wr_npool; i++)
+        free(sp->wr_pool[i]);
+    sp->wr_npool = 0;
+    pthread_cond_destroy(&sp->wr_done);
+    pthread_cond_destroy(&sp->wr_cond);
+    pthread_mutex_destroy(&sp->wr_mu);
+    sp->wr_started = false;
+}
+
+/* Hands the lane's kept bytes to the writer, for final, after record seq. */
+static void writer_queue(edge_spool_stream_t *l, const char *final, uint64_t seq)
+{
+    edge_spool_t *sp = l->sp;
+    wr_job_t *job = cmn_xcalloc(1, sizeof(*job));
+
+    snprintf(job->path, sizeof(job->path), "%s", final);
+    job->buf = l->keep;
+    job->len = l->keep_len;
+    job->cap = l->keep_cap;
+    job->jr = l->jr;
+    job->seq = seq;
+    l->keep = NULL;                     /* the budget goes with the job */
+    l->keep_len = l->keep_cap = 0;
+    l->keeping = false;
+    pthread_mutex_lock(&sp->wr_mu);
+    if (sp->wr_tail)
+        sp->wr_tail->next = job;
+    else
+        sp->wr_head = job;
+    sp->wr_tail = job;
+    pthread_cond_signal(&sp->wr_cond);
+    pthread_mutex_unlock(&sp->wr_mu);
+}
+
+static bool writer_has(edge_spool_t *sp, const char *path)
+{
+    if (sp->wr_cur && !strcmp(sp->wr_cur->path, path))
+        return true;
+    for (wr_job_t *j = sp->wr_head; j; j = j->next) {
+        if (!strcmp(j->path, path))
+            return true;
+    }
+    return false;
+}
+
+int edge_spool_object_wait(edge_spool_t *sp, const char *path, int timeout_ms)
+{
+    struct timespec ts;
+    int rc = 0;
+
+    if (!sp->wr_started)
+        return 0;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += timeout_ms / 1000;
+    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&sp->wr_mu);
+    while (rc == 0 && writer_has(sp, path))
+        rc = pthread_cond_timedwait(&sp->wr_done, &sp->wr_mu, &ts) == ETIMEDOUT ? -EAGAIN : 0;
+    pthread_mutex_unlock(&sp->wr_mu);
+    return rc;
+}
+
 /* ------------------------------------------------------------ streaming */
 
 edge_spool_stream_t *edge_spool_stream_get(edge_spool_t *sp)
@@ -760,25 +1070,70 @@ void edge_spool_stream_put(edge_spool_stream_t *l)
     if (l->streaming)
         edge_journal_stream_abort(l->jr);
     l->streaming = false;
+    keep_reset(l);
+    keep_buf_put(l->sp, l->keep, l->keep_cap);
+    l->keep = NULL;
+    l->keep_cap = 0;
     pthread_mutex_lock(&l->sp->mu);
     l->busy = false;
     pthread_mutex_unlock(&l->sp->mu);
 }
 
-void edge_spool_stream_begin(edge_spool_stream_t *l)
+int edge_spool_stream_begin(edge_spool_stream_t *l)
 {
-    if (l)
-        l->streaming = edge_journal_stream_begin(l->jr) == 0;
+    if (!l)
+        return 0;
+    l->streaming = edge_journal_stream_begin(l->jr) == 0;
+    keep_reset(l);
+    if (!l->keep)
+        l->keep = keep_buf_get(l->sp, &l->keep_cap);
+    l->keeping = l->streaming && !l->sp->keep_off && l->sp->wr_started;
+    return l->keeping;
 }
 
-void edge_spool_stream_write(edge_spool_stream_t *l, const void *buf, size_t len)
+int edge_spool_stream_write(edge_spool_stream_t *l, const void *buf, size_t len)
 {
-    if (l && l->streaming && edge_journal_stream_write(l->jr, buf, len) < 0) {
+    if (!l)
+        return 0;
+    if (l->streaming && edge_journal_stream_write(l->jr, buf, len) < 0) {
         /* Too big for the lane, or an I/O error: this instance takes
          * another path (add_received), from its temporary file. */
         edge_journal_stream_abort(l->jr);
         l->streaming = false;
     }
+    if (l->keeping && !keep_append(l, buf, len))
+        l->keeping = false;             /* the caller spills what was kept */
+    return l->keeping;
+}
+
+bool edge_spool_stream_kept(edge_spool_stream_t *l, const void **data, size_t *len)
+{
+    if (!l || !l->keeping)
+        return false;
+    *data = l->keep;
+    *len = l->keep_len;
+    return true;
+}
+
+int edge_spool_stream_spill(edge_spool_stream_t *l, int fd)
+{
+    const char *p = l->keep;
+    size_t left = l->keep_len;
+    int rc = 0;
+
+    while (left > 0) {
+        ssize_t n = write(fd, p, left);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            rc = n < 0 ? -errno : -EIO;
+            break;
+        }
+        p += n;
+        left -= (size_t)n;
+    }
+    keep_reset(l);
+    return rc;
 }
 
 int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids_t *uids,
@@ -792,16 +1147,30 @@ int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_s
     int64_t created = now_wall_ms();
     int rc, fd = -1, mlen;
     bool streamed = stream && stream->streaming && edge_journal_stream_bytes(stream->jr) == size;
+    bool kept = stream && stream->keeping && stream->keep_len == size;
 
     if (stream && stream->streaming && !streamed) {
         edge_journal_stream_abort(stream->jr);   /* not the whole file: not used */
         stream->streaming = false;
     }
+    if (stream && stream->keeping && (!kept || !streamed)) {
+        /* Kept, but not streamed whole: the other paths copy the file. */
+        rc = kept ? write_file(tmp_path, stream->keep, stream->keep_len) : -EIO;
+        keep_reset(stream);
+        kept = false;
+        if (rc < 0) {
+            CMN_LOG_E("spool", "writing received file failed sop=%s: %s", uids->sop_uid,
+                      cmn_strerror(rc));
+            return rc;
+        }
+    }
     if ((rc = object_path(sp, tmp_path, final, sizeof(final))) < 0) {
         if (streamed)
             edge_journal_stream_abort(stream->jr);
-        if (stream)
+        if (stream) {
             stream->streaming = false;
+            keep_reset(stream);
+        }
         unlink(tmp_path);
         return rc;
     }
@@ -821,8 +1190,9 @@ int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_s
     } else {
         l = stream;
     }
-    /* Not durable by itself: the journal record is what makes it so. */
-    if (rename(tmp_path, final) < 0) {
+    /* Not durable by itself: the journal record is what makes it so. (A
+     * kept instance has no file yet: the writer makes it after the record.) */
+    if (!kept && rename(tmp_path, final) < 0) {
         rc = -errno;
         CMN_LOG_E("spool", "rename failed sop=%s: %s", uids->sop_uid, cmn_strerror(rc));
         if (fd >= 0)
@@ -836,6 +1206,10 @@ int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_s
     if (streamed) {
         rc = mlen < 0 ? mlen : edge_journal_stream_commit(l->jr, meta, (size_t)mlen, &seq);
         l->streaming = false;
+        if (kept && rc == 0)
+            writer_queue(l, final, seq);     /* written while the row goes in */
+        else if (kept)
+            keep_reset(l);
     } else {
         rc = edge_journal_append(l->jr, meta, (size_t)mlen, fd, size, &seq);
         close(fd);
@@ -849,11 +1223,13 @@ int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_s
     /*
      * The row goes in while the record's last writes and flush run (a
      * streamed record's commit only started them), and the instance is
-     * acknowledged once both are done. Should the process die in between, the row may outlive an
-     * unacknowledged record: the SCU sends the instance again, and the
-     * extra copy is a duplicate the cloud stores once. A row never becomes
-     * durable before its object file: both wait for the same checkpoint
-     * (syncfs, then the synchronous commit).
+     * acknowledged once both are done. Should the process die in between,
+     * the row may outlive an unacknowledged record: the SCU sends the
+     * instance again, and the extra copy is a duplicate the cloud stores
+     * once. The record is done only once its object file is written (here,
+     * or by the writer for a kept instance), so the checkpoint that passes
+     * it has synced the file first (syncfs, then the synchronous commit);
+     * until then a restart's replay writes the file from the record.
      */
     pthread_mutex_lock(&sp->mu);
     exec_cached(sp, &sp->st_sync_normal, "PRAGMA synchronous=NORMAL");
@@ -866,7 +1242,8 @@ int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_s
         if (rc == 0)
             rc = src;  /* A700: the SCU sends it again (the row is a duplicate) */
     }
-    edge_journal_done(l->jr, seq);
+    if (!kept)
+        edge_journal_done(l->jr, seq);  /* else the writer does, after the file */
     return rc;
 }
 

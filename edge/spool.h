@@ -148,8 +148,33 @@ int edge_spool_add(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids
 typedef struct edge_spool_stream edge_spool_stream_t;
 edge_spool_stream_t *edge_spool_stream_get(edge_spool_t *sp);
 void edge_spool_stream_put(edge_spool_stream_t *stream);
-void edge_spool_stream_begin(edge_spool_stream_t *stream);
-void edge_spool_stream_write(edge_spool_stream_t *stream, const void *buf, size_t len);
+/**
+ * Before each instance. Returns 1 when the lane also keeps the instance's
+ * bytes in memory (up to 4 MiB, within a 16 MiB budget for all lanes):
+ * then the caller writes no temporary file, edge_spool_add_received has
+ * the object file written after the journal record, off the modality's
+ * wait. 0: the caller writes the temporary file as the bytes arrive.
+ */
+int edge_spool_stream_begin(edge_spool_stream_t *stream);
+/**
+ * The next bytes of the instance (the file's, meta header included).
+ * Returns 1 while the lane keeps them; 0 once it stopped (too big, budget
+ * spent): the caller then creates the temporary file, has
+ * edge_spool_stream_spill write what was kept so far (everything before
+ * buf), writes buf and the rest itself.
+ */
+int edge_spool_stream_write(edge_spool_stream_t *stream, const void *buf, size_t len);
+/** The bytes kept so far, while the lane keeps them (false otherwise). */
+bool edge_spool_stream_kept(edge_spool_stream_t *stream, const void **data, size_t *len);
+/** Writes the kept bytes to fd and keeps nothing more. 0 or -errno. */
+int edge_spool_stream_spill(edge_spool_stream_t *stream, int fd);
+
+/**
+ * Waits (at most timeout_ms) until the object file at path - of a kept
+ * instance, written after its acknowledgement - is written. Readers of an
+ * object file call it first. 0, or -EAGAIN on timeout.
+ */
+int edge_spool_object_wait(edge_spool_t *sp, const char *path, int timeout_ms);
 
 /**
  * Records a received file that was checksummed while it was written
@@ -157,9 +182,12 @@ void edge_spool_stream_write(edge_spool_stream_t *stream, const void *buf, size_
  * streamed into (stream, when it holds all size bytes), else copied into the
  * shared journal (one group-committed fdatasync) - the file renamed to
  * dir/objects/<name>.dcm, the row inserted; or, for instances too big
- * for the journal, like edge_spool_add. Returns once the instance and its
- * row are durable (the caller may acknowledge it). The temporary file no
- * longer exists afterwards. stream may be NULL. 0 or as edge_spool_add.
+ * for the journal, like edge_spool_add. An instance the lane kept in memory
+ * has no temporary file: its object file is written by the spool's writer
+ * thread after the record (edge_spool_object_wait). Returns once the
+ * instance and its row are durable (the caller may acknowledge it). The
+ * temporary file no longer exists afterwards. stream may be NULL. 0 or as
+ * edge_spool_add.
  */
 int edge_spool_add_received(edge_spool_t *sp, const char *tmp_path, const edge_spool_uids_t *uids,
                             const char *xxh128, uint64_t size, edge_spool_stream_t *stream,

@@ -1919,6 +1919,10 @@ static void prep_work(uv_work_t *w)
     p->compressed = false;
     p->err[0] = '\0';
     memset(&p->stats, 0, sizeof(p->stats));
+    /* An instance kept in memory at receipt has its file written just after
+     * its acknowledgement: wait for it (the row is retried otherwise). */
+    if ((p->rc = edge_spool_object_wait(sp, p->item.path, 10000)) < 0)
+        return;
     if (p->up->conf->compress && edge_spool_tmp_path(sp, tmp, sizeof(tmp)) == 0) {
         rc = cmn_dicom_to_jpegls(p->item.path, tmp, &p->stats, p->err, sizeof(p->err));
         if (rc == 0) {

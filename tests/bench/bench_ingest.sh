@@ -22,6 +22,10 @@
 #
 # The cost table runs the same edge binary with benchmark-only environment
 # switches read by edge/spool.c:
+#   YY_SPOOL_KEEP=0 (edge-nokeep)  every image written to its temporary
+#                          file while it arrives (the default keeps images
+#                          up to 4 MiB in memory and writes their object
+#                          files just after the acknowledgement)
 #   journal (default)      each association streams its images into a journal
 #                          lane of its own while they arrive (O_DIRECT, kernel
 #                          AIO, 4 x 128 KiB in flight), one fdatasync (a cache
@@ -170,6 +174,7 @@ while [ $r -lt "$ROUNDS" ]; do
         if [ $have_orthanc = 1 ]; then orthanc_run "$mode"; fi
         if [ "${COSTS:-0}" = 1 ]; then
             edge_run edge-fresh "$mode" "$EDGE"
+            edge_run edge-nokeep "$mode" "$EDGE" YY_SPOOL_KEEP=0
             edge_run edge-lanebuf "$mode" "$EDGE" YY_SPOOL_LANE_BUFFERED=1
             edge_run edge-nolanes "$mode" "$EDGE" YY_SPOOL_LANES=0
             edge_run edge-direct "$mode" "$EDGE" YY_SPOOL_JOURNAL_MB=0
@@ -184,7 +189,7 @@ done
 median() { sort -n | awk '{a[NR]=$1} END {if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 for mode in 1 P; do
     [ "$mode" = 1 ] && echo "== one association" || echo "== $PAR associations in parallel"
-    for name in edge edge-fresh edge-lanebuf edge-nolanes edge-direct edge-ring512 edge-nosync edge-before storescp storescp-pdu128k orthanc; do
+    for name in edge edge-fresh edge-nokeep edge-lanebuf edge-nolanes edge-direct edge-ring512 edge-nosync edge-before storescp storescp-pdu128k orthanc; do
         grep -q "^$name $mode " "$w/results" || continue
         m=$(grep "^$name $mode " "$w/results" | awk '{print $3}' | median)
         all=$(grep "^$name $mode " "$w/results" | awk -v n="$nfiles" '{printf "%.0f ", n / $3}')

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import yyharness as h  # noqa: E402
@@ -64,6 +65,20 @@ def rows(edge):
                            " attempts, last_error FROM instances ORDER BY id").fetchall()
     finally:
         con.close()
+
+
+def objects_written(edge, timeout=30):
+    """Waits until every row's object file is whole: an instance kept in
+    memory at receipt has its file written by the spool's writer thread
+    just after its acknowledgement."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [r for r in rows(edge)
+                   if not os.path.exists(r[6]) or os.path.getsize(r[6]) != r[5]]
+        if not missing or time.monotonic() > deadline:
+            h.eq(missing, [], "object files written")
+            return
+        time.sleep(0.05)
 
 
 def tmp_files(edge):
@@ -257,6 +272,7 @@ def store_ct_is_spooled_durably():
     h.eq(r.returncode, 0, f"storescu: {r.stderr}")
     got = rows(e)
     h.eq(len(got), len(d["ct"]), "rows")
+    objects_written(e)
     want = {sop_uid_of(p) for p in d["ct"]}
     h.eq({row[1] for row in got}, want, "SOP UIDs")
     import pydicom
@@ -507,6 +523,7 @@ def journal_replay(buffered_lanes):
     scus = [RawSCU(e.port) for _ in range(5)]
     for i, f in enumerate(d["ct"]):
         h.eq(scus[i % 5].store(sop_uid_of(f), dataset_bytes(f)), 0, f"C-STORE {i}")
+    objects_written(e)   # the loss below is exactly what the test removes
     e.daemon.kill9()
     with open(e.daemon.log_path, errors="replace") as f:
         through_cache = "streaming through the page cache" in f.read()
@@ -573,6 +590,52 @@ def journal_replay(buffered_lanes):
     r = h.storescu("YY_EDGE", e.port, d["ct"][:2])
     h.eq(r.returncode, 0, f"storescu after the replay: {r.stderr}")
     h.eq(len(rows(e)), len(before) + 2, "rows after two more images")
+    h.eq(e.stop(), 0, "edge exit code (ASan clean)")
+
+
+@h.test
+def kept_instances_survive_a_crash_before_their_files_are_written():
+    """Instances up to 4 MiB are kept in memory while they arrive and their
+    object files written after the acknowledgement (bigger ones, and any
+    beyond the 16 MiB budget, are written to a temporary file while
+    received, as before). A crash in that window loses nothing: the replay
+    writes each missing file from its journal record. The writer is held
+    here (YY_SPOOL_WRITER_HOLD=1), so the window stays open."""
+    import xxhash
+    d = data()
+    os.environ["YY_SPOOL_WRITER_HOLD"] = "1"
+    os.environ["YY_SPOOL_CHECKPOINT_IDLE_MS"] = "3600000"
+    try:
+        e = offline_edge()
+    finally:
+        del os.environ["YY_SPOOL_WRITER_HOLD"]
+        del os.environ["YY_SPOOL_CHECKPOINT_IDLE_MS"]
+    # The CT twice (40 x 514 KiB, past the budget) and a 7.5 MiB DR (past 4 MiB).
+    for files in (d["ct"], d["ct"], d["dr"][:1]):
+        r = h.storescu("YY_EDGE", e.port, files)
+        h.eq(r.returncode, 0, f"storescu: {r.stderr}")
+    got = rows(e)
+    h.eq(len(got), 2 * len(d["ct"]) + 1, "rows, all acknowledged")
+    have = [r for r in got if os.path.exists(r[6])]
+    dr = [r for r in got if r[5] > 4 << 20]
+    h.eq(len(dr), 1, "the DR row")
+    h.check(dr[0] in have, "the DR (over 4 MiB) was written while received")
+    kept = [r for r in got if r not in have]
+    h.check(len(kept) >= 16, f"{len(kept)} CT images kept in memory, files not yet written")
+    h.check(len(have) >= 2, f"{len(have) - 1} CT images past the 16 MiB budget written at once")
+    h.eq(tmp_files(e), [], "tmp/ after stores")
+    print(f"    {len(kept)} kept, {len(have)} written while received", flush=True)
+    e.daemon.kill9()
+    e.start()
+    objects_written(e)
+    after = rows(e)
+    h.eq(sorted((r[1], r[4], r[6]) for r in after), sorted((r[1], r[4], r[6]) for r in got),
+         "the same rows after the crash")
+    for r in after:
+        with open(r[6], "rb") as f:
+            h.eq(xxhash.xxh3_128_hexdigest(f.read()), r[4], f"object file {r[6]}")
+    with open(e.daemon.log_path, errors="replace") as f:
+        h.eq(f.read().count("journal restored object file"), len(kept), "files the replay wrote")
     h.eq(e.stop(), 0, "edge exit code (ASan clean)")
 
 
