@@ -96,5 +96,6 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
         fi
     fi
 else
-    echo "install-edge: no systemd here; start by hand: yunying-edge --config $conf"
+    echo "install-edge: no systemd here; start by hand (as user yunying):"
+    echo "  yunying-edge prepare-spool --config $conf && yunying-edge --config $conf"
 fi
