@@ -112,9 +112,9 @@ struct edge_spool_stream {
  * is written while receiving, as before). YY_SPOOL_KEEP=0 turns it off
  * (the benchmark's cost table). */
 #define KEEP_MAX (4u << 20)
-#define KEEP_BUDGET (16u << 20)
+#define KEEP_BUDGET (8u << 20)
 #define KEEP_FIRST (1u << 20)            /* a buffer's first size */
-#define KEEP_POOL 4                      /* buffers of KEEP_FIRST kept for reuse */
+#define KEEP_POOL 2                      /* buffers of KEEP_FIRST kept for reuse */
 
 /* An object file to write from memory, after its journal record. */
 typedef struct wr_job {

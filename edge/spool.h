@@ -150,7 +150,7 @@ edge_spool_stream_t *edge_spool_stream_get(edge_spool_t *sp);
 void edge_spool_stream_put(edge_spool_stream_t *stream);
 /**
  * Before each instance. Returns 1 when the lane also keeps the instance's
- * bytes in memory (up to 4 MiB, within a 16 MiB budget for all lanes):
+ * bytes in memory (up to 4 MiB, within an 8 MiB budget for all lanes):
  * then the caller writes no temporary file, edge_spool_add_received has
  * the object file written after the journal record, off the modality's
  * wait. 0: the caller writes the temporary file as the bytes arrive.

@@ -14,11 +14,12 @@
 # Orthanc are measured with their default receive PDU (16 KiB) and storescp
 # also with -pdu 131072, the size the edge offers.
 #
-# Each edge run starts on a new spool that `yunying-edge prepare-spool` has
-# prepared, as the installed service does before it starts: its journal
-# rings written once (edge-fresh: not prepared, fallocate'd rings only, as
-# under `make run`; on ext4 each first write into such a ring also converts
-# its extent, which the flush then commits).
+# The edge runs on one spool prepared once by `yunying-edge prepare-spool`,
+# as the installed service does before it starts (its journal rings written
+# once), and kept from run to run with its rows and object files removed in
+# between. edge-fresh: a new spool each run, not prepared (fallocate'd
+# rings, as under `make run`: on ext4 each first write into such a ring
+# also converts its extent, which the flush then commits).
 #
 # The cost table runs the same edge binary with benchmark-only environment
 # switches read by edge/spool.c:
@@ -37,9 +38,6 @@
 #                          copied into it after receipt, group-committed
 #                          fdatasync (the default before lanes)
 #   YY_SPOOL_JOURNAL_MB=0  direct path: fsync file, rename, fsync dir, SQLite FULL
-#   YY_SPOOL_JOURNAL_MB=512 YY_SPOOL_LANE_MB=512 (edge-ring512) rings larger
-#                          than the CT: no checkpoint (syncfs of the object
-#                          files) during it
 #   YY_SPOOL_UNSAFE_NOSYNC=1  no fsync at all (NOT durable; the price of durability)
 set -eu
 top=$(cd "$(dirname "$0")/../.." && pwd)
@@ -114,16 +112,28 @@ rec() { echo "$1 $2 $3" >>"$w/results"; }   # NAME MODE SECONDS
 
 edge_run() {    # NAME MODE BIN [ENV...]
     name=$1 mode=$2 bin=$3; shift 3
-    rm -rf "$w/spool"
+    # The edge as it runs at a hospital: one spool, its journal rings
+    # written once by `yunying-edge prepare-spool` (as the service does
+    # before it starts), kept from run to run; between runs its rows and
+    # object files are removed (as if uploaded and cleaned up). edge-fresh:
+    # a new spool each run, not prepared (the first images after `make run`).
+    if [ "$name" = edge-fresh ]; then
+        sp="$w/spool-fresh"
+        rm -rf "$sp"
+    else
+        sp="$w/spool"
+        if [ -f "$sp/spool.db" ]; then
+            sqlite3 "$sp/spool.db" "DELETE FROM instances"
+            rm -rf "$sp/objects" "$sp/tmp"
+        fi
+    fi
     cat >"$w/edge.json" <<J
 {"log":{"level":"warn"},"scp":{"ae_title":"YUNYING","bind":"127.0.0.1","port":11113,"max_associations":16},
- "spool":{"dir":"$w/spool","min_free_mb":0},"upload":{"cloud_url":""}}
+ "spool":{"dir":"$sp","min_free_mb":0},"upload":{"cloud_url":""}}
 J
-    # As the service does before each start (ExecStartPre): the journal
-    # rings written once, as on an edge that has been running a while.
-    # edge-fresh skips it: the first images after `make run`.
-    if [ "$name" != edge-fresh ]; then
-        env "$@" "$bin" prepare-spool --config "$w/edge.json" >/dev/null
+    if [ "$sp" = "$w/spool" ] && [ ! -f "$sp/spool.db" ]; then
+        "$bin" prepare-spool --config "$w/edge.json" >/dev/null
+        sync
     fi
     spawn "$w/edge.pid" env "$@" "$bin" --config "$w/edge.json" >"$w/edge.out" 2>"$w/edge.log"
     epid=$(cat "$w/edge.pid")
@@ -131,7 +141,7 @@ J
     sync    # the previous run's files reach the disk before this one starts
     s=$(send YUNYING 11113 "$mode")
     rss=$(sed -n 's/VmHWM:[ \t]*\([0-9]*\).*/\1/p' /proc/$epid/status)
-    rows=$(sqlite3 "file:$w/spool/spool.db?mode=ro" "SELECT COUNT(*) FROM instances" 2>/dev/null || echo "?")
+    rows=$(sqlite3 "file:$sp/spool.db?mode=ro" "SELECT COUNT(*) FROM instances" 2>/dev/null || echo "?")
     stop "$w/edge.pid"
     [ "$rows" = "$nfiles" ] || echo "WARNING: $name: $rows rows for $nfiles images"
     rec "$name" "$mode" "$s"; echo "  $name mode=$mode: $s s" >&2
@@ -178,7 +188,6 @@ while [ $r -lt "$ROUNDS" ]; do
             edge_run edge-lanebuf "$mode" "$EDGE" YY_SPOOL_LANE_BUFFERED=1
             edge_run edge-nolanes "$mode" "$EDGE" YY_SPOOL_LANES=0
             edge_run edge-direct "$mode" "$EDGE" YY_SPOOL_JOURNAL_MB=0
-            edge_run edge-ring512 "$mode" "$EDGE" YY_SPOOL_JOURNAL_MB=512 YY_SPOOL_LANE_MB=512
             edge_run edge-nosync "$mode" "$EDGE" YY_SPOOL_UNSAFE_NOSYNC=1
             if [ -n "${BASE_EDGE:-}" ]; then edge_run edge-before "$mode" "$BASE_EDGE"; fi
         fi
@@ -189,7 +198,7 @@ done
 median() { sort -n | awk '{a[NR]=$1} END {if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 for mode in 1 P; do
     [ "$mode" = 1 ] && echo "== one association" || echo "== $PAR associations in parallel"
-    for name in edge edge-fresh edge-nokeep edge-lanebuf edge-nolanes edge-direct edge-ring512 edge-nosync edge-before storescp storescp-pdu128k orthanc; do
+    for name in edge edge-fresh edge-nokeep edge-lanebuf edge-nolanes edge-direct edge-nosync edge-before storescp storescp-pdu128k orthanc; do
         grep -q "^$name $mode " "$w/results" || continue
         m=$(grep "^$name $mode " "$w/results" | awk '{print $3}' | median)
         all=$(grep "^$name $mode " "$w/results" | awk -v n="$nfiles" '{printf "%.0f ", n / $3}')

@@ -597,7 +597,7 @@ def journal_replay(buffered_lanes):
 def kept_instances_survive_a_crash_before_their_files_are_written():
     """Instances up to 4 MiB are kept in memory while they arrive and their
     object files written after the acknowledgement (bigger ones, and any
-    beyond the 16 MiB budget, are written to a temporary file while
+    beyond the 8 MiB budget, are written to a temporary file while
     received, as before). A crash in that window loses nothing: the replay
     writes each missing file from its journal record. The writer is held
     here (YY_SPOOL_WRITER_HOLD=1), so the window stays open."""
@@ -621,8 +621,8 @@ def kept_instances_survive_a_crash_before_their_files_are_written():
     h.eq(len(dr), 1, "the DR row")
     h.check(dr[0] in have, "the DR (over 4 MiB) was written while received")
     kept = [r for r in got if r not in have]
-    h.check(len(kept) >= 16, f"{len(kept)} CT images kept in memory, files not yet written")
-    h.check(len(have) >= 2, f"{len(have) - 1} CT images past the 16 MiB budget written at once")
+    h.check(len(kept) >= 8, f"{len(kept)} CT images kept in memory, files not yet written")
+    h.check(len(have) >= 2, f"{len(have) - 1} CT images past the 8 MiB budget written at once")
     h.eq(tmp_files(e), [], "tmp/ after stores")
     print(f"    {len(kept)} kept, {len(have)} written while received", flush=True)
     e.daemon.kill9()
