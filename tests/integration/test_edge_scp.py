@@ -469,6 +469,45 @@ def disk_full_while_writing_answers_out_of_resources():
 
 
 @h.test
+def object_file_write_retried_until_it_succeeds():
+    """A kept instance is acknowledged once its journal record is durable;
+    its object file is written after. When that write fails (here objects/
+    is made immutable, chattr +i, which stops root too) it is logged and
+    retried every second: the instance stays in its journal record (the
+    checkpoint does not pass it) and its file is whole once the write can
+    succeed again."""
+    import shutil
+    import xxhash
+    if not shutil.which("chattr"):
+        print("skip: needs chattr(1)")
+        return
+    d = data()
+    e = offline_edge()
+    objects = os.path.join(e.dir, "spool", "objects")
+    r = subprocess.run(["chattr", "+i", objects], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"skip: chattr +i not supported here: {r.stderr.strip()}")
+        return
+    try:
+        files = d["ct"][:10]                          # 5 MiB: within the keep budget
+        r = h.storescu("YY_EDGE", e.port, files)
+        h.eq(r.returncode, 0, f"storescu while objects/ is immutable: {r.stderr}")
+        h.eq(os.listdir(objects), [], "no object file could be written")
+        h.eq(len(rows(e)), len(files), "rows: every instance acknowledged")
+        deadline = time.monotonic() + 30
+        while "writing object file" not in open(e.daemon.log_path, errors="replace").read():
+            h.check(time.monotonic() < deadline, "no error logged for the failed write")
+            time.sleep(0.05)
+    finally:
+        subprocess.run(["chattr", "-i", objects], check=True)
+    objects_written(e)
+    for row in rows(e):
+        with open(row[6], "rb") as f:
+            h.eq(xxhash.xxh3_128_hexdigest(f.read()), row[4], f"object file {row[6]}")
+    h.eq(e.stop(), 0, "edge exit code (ASan clean)")
+
+
+@h.test
 def concurrent_associations():
     d = data()
     e = offline_edge(scp={"max_associations": 4})
