@@ -200,6 +200,7 @@ struct edge_spool {
     _Atomic uint64_t kept;           /* bytes kept by lanes and queued */
     int64_t wr_last_err_log;
     bool wr_hold;                    /* YY_SPOOL_WRITER_HOLD=1: tests only */
+    bool wr_failing;                 /* the last write failed (retrying): an alarm */
 };
 
 static int journal_setup(edge_spool_t *sp);
@@ -920,6 +921,7 @@ static void *writer_main(void *arg)
             edge_journal_done(job->jr, job->seq);
         pthread_mutex_lock(&sp->wr_mu);
         sp->wr_cur = NULL;
+        sp->wr_failing = rc < 0;
         if (rc < 0) {
             int64_t now = edge__wall_ms();
             if (now - sp->wr_last_err_log >= 10000) {
@@ -1021,6 +1023,21 @@ static bool writer_has(edge_spool_t *sp, const char *path)
             return true;
     }
     return false;
+}
+
+void edge_spool_writer_state(edge_spool_t *sp, int *unwritten, bool *failing)
+{
+    *unwritten = 0;
+    *failing = false;
+    if (!sp->wr_started)
+        return;
+    pthread_mutex_lock(&sp->wr_mu);
+    for (wr_job_t *j = sp->wr_head; j; j = j->next)
+        (*unwritten)++;
+    if (sp->wr_cur)
+        (*unwritten)++;
+    *failing = sp->wr_failing;
+    pthread_mutex_unlock(&sp->wr_mu);
 }
 
 int edge_spool_object_wait(edge_spool_t *sp, const char *path, int timeout_ms)

@@ -175,6 +175,12 @@ int edge_spool_stream_spill(edge_spool_stream_t *stream, int fd);
  * object file call it first. 0, or -EAGAIN on timeout.
  */
 int edge_spool_object_wait(edge_spool_t *sp, const char *path, int timeout_ms);
+/**
+ * For the status page: acknowledged instances whose object file is not
+ * written yet, and whether the last write failed (retried every second;
+ * the instances are safe in their journal records meanwhile).
+ */
+void edge_spool_writer_state(edge_spool_t *sp, int *unwritten, bool *failing);
 
 /**
  * Records a received file that was checksummed while it was written

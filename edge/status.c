@@ -47,6 +47,8 @@ typedef struct {
     edge_upload_live_t live;
     uint64_t quota_bytes;
     bool quota_full, disk_low;
+    int objects_unwritten;           /* kept instances whose object file is not written yet */
+    bool object_write_failing;       /* ... because writing failed: an alarm */
 } snap_t;
 
 static uint64_t quota_of(const edge_conf_t *c)
@@ -73,6 +75,7 @@ static int collect(const edge_status_src_t *src, edge_spool_t *sp, snap_t *s)
     }
     if (src->spool) {
         edge_spool_alarms(src->spool, &s->quota_full, &s->disk_low);
+        edge_spool_writer_state(src->spool, &s->objects_unwritten, &s->object_write_failing);
     } else {
         s->quota_full = s->quota_bytes > 0 && (uint64_t)s->sp.pending_bytes >= s->quota_bytes;
     }
@@ -195,6 +198,10 @@ static void report(const edge_conf_t *conf, const edge_schedule_t *sched, const 
     if (s->disk_low)
         cmn_buf_appendf(b, "ALARM:            spool disk below spool.min_free_mb - new images are "
                        "refused (A700)\n");
+    if (s->object_write_failing)
+        cmn_buf_appendf(b, "ALARM:            object files cannot be written to the spool (%d "
+                       "waiting; safe in the journal; retried every second) - check the spool's "
+                       "disk and the log\n", s->objects_unwritten);
     if (sp->counts.failed > 0)
         cmn_buf_appendf(b, "WARNING:          %" PRId64 " instance(s) FAILED (spooled file lost or "
                        "corrupt); see last_error in spool.db\n", sp->counts.failed);
@@ -300,6 +307,11 @@ static void metrics_text(const snap_t *s, cmn_buf_t *b)
     metric(b, "yy_edge_alarm", "gauge", "1 while an alarm is raised.", "{kind=\"quota_full\"}",
            s->quota_full ? 1 : 0);
     metric(b, "yy_edge_alarm", NULL, NULL, "{kind=\"disk_low\"}", s->disk_low ? 1 : 0);
+    metric(b, "yy_edge_alarm", NULL, NULL, "{kind=\"object_write\"}",
+           s->object_write_failing ? 1 : 0);
+    metric(b, "yy_edge_objects_unwritten", "gauge",
+           "Acknowledged instances whose object file is not written yet (kept in memory,"
+           " written just after the acknowledgement).", NULL, (double)s->objects_unwritten);
     metric(b, "yy_edge_schedule_open", "gauge", "1 while an upload window is open.", NULL,
            s->sched.open ? 1 : 0);
     metric(b, "yy_edge_upload_rate_limit_bytes_per_second", "gauge",
@@ -340,14 +352,16 @@ static void json_text(const snap_t *s, cmn_buf_t *b)
                    ",\"oldest_pending_ms\":%" PRId64 ",\"last_success_ms\":%" PRId64
                    ",\"uploaded_instances\":%" PRId64 ",\"uploaded_bytes\":%" PRId64
                    ",\"bytes_sent\":%" PRId64 ",\"throughput_bps_60s\":%.1f"
-                   ",\"quota_full\":%s,\"disk_low\":%s,\"schedule_open\":%s"
+                   ",\"quota_full\":%s,\"disk_low\":%s,\"object_write_failing\":%s"
+                   ",\"objects_unwritten\":%d,\"schedule_open\":%s"
                    ",\"rate_limit_bps\":%" PRId64 ",\"errors\":{",
                    s->now_ms, sp->counts.pending, sp->counts.uploading, sp->counts.failed,
                    sp->counts.done, sp->unprepared, sp->urgent_pending, sp->upload_pending_bytes,
                    sp->pending_bytes, s->quota_bytes, sp->oldest_pending_ms, sp->last_success_ms,
                    sp->uploaded_instances, sp->uploaded_bytes, sp->bytes_sent,
                    (double)sp->done_bytes_60s / 60.0, s->quota_full ? "true" : "false",
-                   s->disk_low ? "true" : "false", s->sched.open ? "true" : "false",
+                   s->disk_low ? "true" : "false", s->object_write_failing ? "true" : "false",
+                   s->objects_unwritten, s->sched.open ? "true" : "false",
                    s->sched.open ? s->sched.rate_bps : 0);
     for (int i = 0; i < sp->nerr; i++)
         cmn_buf_appendf(b, "%s\"%s\":%" PRId64, i ? "," : "", sp->err[i].kind, sp->err[i].count);
@@ -412,7 +426,7 @@ static void on_request(const cmn_http_req_t *req, cmn_http_resp_t *resp)
                        "<meta http-equiv=\"refresh\" content=\"5\">"
                        "<title>yunying-edge status</title></head><body>"
                        "<h1>yunying-edge %s</h1>%s<pre>",
-                       s.quota_full || s.disk_low ? "- ALARM" : "",
+                       s.quota_full || s.disk_low || s.object_write_failing ? "- ALARM" : "",
                        s.sched.open ? "" : "<p>Upload window closed.</p>");
         html_escape_into(&b, txt.data ? txt.data : "", txt.len);
         cmn_buf_appendf(&b, "</pre><p><a href=\"/metrics\">/metrics</a> "

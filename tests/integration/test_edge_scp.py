@@ -481,8 +481,15 @@ def object_file_write_retried_until_it_succeeds():
     if not shutil.which("chattr"):
         print("skip: needs chattr(1)")
         return
+    import urllib.request
     d = data()
-    e = offline_edge()
+    status_port = h.free_port()
+    e = offline_edge(status={"bind": "127.0.0.1", "port": status_port})
+
+    def metrics():
+        with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/metrics", timeout=10) as f:
+            return {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in f.read().decode().splitlines()
+                    if ln and not ln.startswith("#")}
     objects = os.path.join(e.dir, "spool", "objects")
     r = subprocess.run(["chattr", "+i", objects], capture_output=True, text=True)
     if r.returncode != 0:
@@ -498,9 +505,20 @@ def object_file_write_retried_until_it_succeeds():
         while "writing object file" not in open(e.daemon.log_path, errors="replace").read():
             h.check(time.monotonic() < deadline, "no error logged for the failed write")
             time.sleep(0.05)
+        m = metrics()
+        h.eq((m['yy_edge_alarm{kind="object_write"}'], m["yy_edge_objects_unwritten"]),
+             (1.0, float(len(files))), "alarm and files waiting on /metrics")
     finally:
         subprocess.run(["chattr", "-i", objects], check=True)
     objects_written(e)
+    deadline = time.monotonic() + 30   # the writer's state follows its last file
+    while True:
+        m = metrics()
+        got = (m['yy_edge_alarm{kind="object_write"}'], m["yy_edge_objects_unwritten"])
+        if got == (0.0, 0.0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    h.eq(got, (0.0, 0.0), "alarm cleared once written")
     for row in rows(e):
         with open(row[6], "rb") as f:
             h.eq(xxhash.xxh3_128_hexdigest(f.read()), row[4], f"object file {row[6]}")
