@@ -37,7 +37,10 @@
  * instance was streamed into while it arrived (edge_spool_stream_*; a
  * flush started by AIO, with the row inserted meanwhile), or of the shared
  * ring it was copied into, shared by all associations waiting at that
- * moment.
+ * moment. An instance streamed into a lane is also kept in memory (up to
+ * KEEP_MAX): no temporary file is written while the modality waits, and
+ * the writer thread writes its object file from memory after the record;
+ * the record is done (and may be checkpointed) only then.
  *
  * Checksums: a received file is checksummed with XXH3-128 while it arrives
  * (column xxh128, and the journal record), which is what the upload checks
