@@ -45,6 +45,22 @@ int cmn_fsync_dir(const char *path)
     return rc;
 }
 
+int cmn_write_all(int fd, const void *buf, size_t len)
+{
+    const char *p = buf;
+
+    while (len > 0) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
 int cmn_file_chunks(const char *path, void (*cb)(void *ud, const void *p, size_t n), void *ud,
                     uint64_t *size)
 {

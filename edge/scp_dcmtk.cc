@@ -61,6 +61,7 @@
 
 #include "cmn/crypto.h"   /* has its own extern "C" */
 extern "C" {
+#include "cmn/fs.h"
 #include "cmn/log.h"
 }
 #include "proto/proto.h"
@@ -217,20 +218,11 @@ public:
     int fd() const { return m_fd; }
 
 private:
-    void writeAll(const void *buf, size_t left)
+    void writeAll(const void *buf, size_t len)
     {
-        const char *p = (const char *)buf;
-        while (left > 0) {
-            ssize_t n = ::write(m_fd, p, left);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0) {
-                m_err = n < 0 ? errno : EIO;
-                break;
-            }
-            p += n;
-            left -= (size_t)n;
-        }
+        int rc = cmn_write_all(m_fd, buf, len);
+        if (rc < 0)
+            m_err = -rc;
     }
     /* The stream stopped keeping (too big, or its budget spent): the
      * temporary file after all, starting with what it kept. */

@@ -875,17 +875,7 @@ static int write_file(const char *path, const char *buf, size_t len)
 
     if (fd < 0)
         return -errno;
-    while (len > 0) {
-        ssize_t n = write(fd, buf, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            rc = n < 0 ? -errno : -EIO;
-            break;
-        }
-        buf += n;
-        len -= (size_t)n;
-    }
+    rc = cmn_write_all(fd, buf, len);
     if (close(fd) < 0 && rc == 0)
         rc = -errno;
     if (rc < 0)
@@ -1137,21 +1127,8 @@ bool edge_spool_stream_kept(edge_spool_stream_t *l, const void **data, size_t *l
 
 int edge_spool_stream_spill(edge_spool_stream_t *l, int fd)
 {
-    const char *p = l->keep;
-    size_t left = l->keep_len;
-    int rc = 0;
+    int rc = cmn_write_all(fd, l->keep, l->keep_len);
 
-    while (left > 0) {
-        ssize_t n = write(fd, p, left);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            rc = n < 0 ? -errno : -EIO;
-            break;
-        }
-        p += n;
-        left -= (size_t)n;
-    }
     keep_reset(l);
     return rc;
 }

@@ -18,6 +18,9 @@ int cmn_mkdirs(const char *path);
 /** fsync()s a directory, making renames and new entries in it durable. 0 or -errno. */
 int cmn_fsync_dir(const char *path);
 
+/** write()s all len bytes (again after EINTR and short writes). 0, -errno, or -EIO. */
+int cmn_write_all(int fd, const void *buf, size_t len);
+
 /**
  * Reads path from start to end in 64 KiB pieces, handing each to cb (to
  * hash it, say); *size (may be NULL) is the number of bytes read.
