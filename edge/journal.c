@@ -394,6 +394,7 @@ int edge_journal_prepare(edge_journal_t *j, uint64_t *written)
         f.fm.fm_start = pos;
         f.fm.fm_length = j->size - pos;
         f.fm.fm_extent_count = 64;
+        f.fm.fm_flags = FIEMAP_FLAG_SYNC;   /* dirty pages written first: their extents show */
         if (ioctl(j->fd, FS_IOC_FIEMAP, &f.fm) < 0) {
             /* No extent map here (tmpfs, some network file systems): no
              * unwritten extents either, nothing to do. */
