@@ -45,20 +45,33 @@ int cmn_fsync_dir(const char *path)
     return rc;
 }
 
-int cmn_write_all(int fd, const void *buf, size_t len)
+/* write() (off < 0: at the file position) or pwrite() all len bytes. */
+static int write_loop(int fd, const void *buf, size_t len, int64_t off)
 {
     const char *p = buf;
 
     while (len > 0) {
-        ssize_t n = write(fd, p, len);
+        ssize_t n = off < 0 ? write(fd, p, len) : pwrite(fd, p, len, (off_t)off);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
             return n < 0 ? -errno : -EIO;
         p += n;
         len -= (size_t)n;
+        if (off >= 0)
+            off += n;
     }
     return 0;
+}
+
+int cmn_write_all(int fd, const void *buf, size_t len)
+{
+    return write_loop(fd, buf, len, -1);
+}
+
+int cmn_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
+{
+    return write_loop(fd, buf, len, (int64_t)off);
 }
 
 int cmn_file_chunks(const char *path, void (*cb)(void *ud, const void *p, size_t n), void *ud,

@@ -41,6 +41,7 @@
 #include <zlib.h>
 
 #include "cmn/errors.h"
+#include "cmn/fs.h"
 #include "cmn/log.h"
 
 #include "journal.h"
@@ -159,22 +160,6 @@ static int64_t mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
-{
-    const char *p = buf;
-    while (len > 0) {
-        ssize_t n = pwrite(fd, p, len, (off_t)off);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return n < 0 ? -errno : -EIO;
-        p += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
-    }
-    return 0;
-}
-
 static int pread_all(int fd, void *buf, size_t len, uint64_t off)
 {
     char *p = buf;
@@ -218,7 +203,7 @@ static int copy_data(int src, int dst, uint64_t len, uint64_t off)
             size_t chunk = left < (1 << 16) ? (size_t)left : (1 << 16);
             int rc = pread_all(src, buf, chunk, (uint64_t)in);
             if (rc == 0)
-                rc = pwrite_all(dst, buf, chunk, (uint64_t)out);
+                rc = cmn_pwrite_all(dst, buf, chunk, (uint64_t)out);
             if (rc < 0) {
                 free(buf);
                 return rc;
@@ -243,7 +228,7 @@ static int copy_within(int fd, uint64_t src, uint64_t dst, uint64_t len)
         size_t chunk = len - done < (1 << 16) ? (size_t)(len - done) : (1 << 16);
         int rc = pread_all(fd, buf, chunk, src + done);
         if (rc == 0)
-            rc = pwrite_all(fd, buf, chunk, dst + done);
+            rc = cmn_pwrite_all(fd, buf, chunk, dst + done);
         if (rc < 0) {
             free(buf);
             return rc;
@@ -306,7 +291,7 @@ int edge_journal_open(const char *path, uint64_t size, edge_journal_t **out)
                 size = J_ZEROFILL_MAX;
             rc = 0;
             for (uint64_t off = 0; rc == 0 && off < size; off += 1 << 20)
-                rc = pwrite_all(fd, z, 1 << 20, off);
+                rc = cmn_pwrite_all(fd, z, 1 << 20, off);
             free(z);
         }
         if (rc == 0 && fsync(fd) < 0)
@@ -357,7 +342,7 @@ static int zero_range(int fd, const char *z, uint64_t off, uint64_t end, uint64_
 {
     while (off < end) {
         size_t n = end - off < PREP_CHUNK ? (size_t)(end - off) : PREP_CHUNK;
-        int rc = pwrite_all(fd, z, n, off);
+        int rc = cmn_pwrite_all(fd, z, n, off);
         if (rc < 0)
             return rc;
         off += n;
@@ -691,7 +676,7 @@ int edge_journal_append(edge_journal_t *j, const void *meta, size_t meta_len, in
     /* Data first, header last: a header never describes data not yet written. */
     rc = copy_data(src_fd, j->fd, len, (uint64_t)off + J_HDR + align_up(meta_len, 8));
     if (rc == 0)
-        rc = pwrite_all(j->fd, hbuf, J_HDR + align_up(meta_len, 8), (uint64_t)off);
+        rc = cmn_pwrite_all(j->fd, hbuf, J_HDR + align_up(meta_len, 8), (uint64_t)off);
     if (rc < 0)
         goto out_unlock;   /* nothing claimed: the next append overwrites it */
     *seq = add_record(j, (uint64_t)off, total, skip);
@@ -969,7 +954,7 @@ int edge_journal_stream_write(edge_journal_t *j, const void *buf, size_t len)
     pthread_mutex_unlock(&j->mu);
     /* The region past head is this writer's alone: written without the lock. */
     if (rc == 0)
-        rc = pwrite_all(j->fd, buf, len, at);
+        rc = cmn_pwrite_all(j->fd, buf, len, at);
     pthread_mutex_lock(&j->mu);
     if (rc < 0) {
         j->s_err = rc;
@@ -1048,7 +1033,7 @@ int edge_journal_stream_commit(edge_journal_t *j, const void *meta, size_t meta_
         j->s_cur = 0;
         if (rc < 0)
             goto out;
-    } else if ((rc = pwrite_all(j->fd, hbuf, S_DATA, j->s_off)) < 0) {
+    } else if ((rc = cmn_pwrite_all(j->fd, hbuf, S_DATA, j->s_off)) < 0) {
         /* The header last, as in append: it never describes data not yet written. */
         goto out;
     }

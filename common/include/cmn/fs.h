@@ -20,6 +20,8 @@ int cmn_fsync_dir(const char *path);
 
 /** write()s all len bytes (again after EINTR and short writes). 0, -errno, or -EIO. */
 int cmn_write_all(int fd, const void *buf, size_t len);
+/** The same with pwrite() at off (the file position is left alone). */
+int cmn_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
 
 /**
  * Reads path from start to end in 64 KiB pieces, handing each to cb (to
