@@ -444,6 +444,7 @@ int main(int argc, char **argv)
     e.store.spool = e.spool;
     e.store.stored = stored_notify;
     e.store.stored_ud = &e;
+    edge_spool_set_notify(e.spool, stored_notify, &e);   /* object files written again */
     edge_scp_opts_t so = {
         .ae_title = e.conf.scp.ae_title,
         .allowed_calling_aes = e.conf.scp.allowed_calling_aes,

@@ -204,6 +204,9 @@ struct edge_spool {
     int64_t wr_last_err_log;
     bool wr_hold;                    /* YY_SPOOL_WRITER_HOLD=1: tests only */
     bool wr_failing;                 /* the last write failed (retrying): an alarm */
+    bool wr_waiter_left;             /* an edge_spool_object_wait timed out */
+    void (*notify)(void *ud);        /* edge_spool_set_notify */
+    void *notify_ud;
 };
 
 static int journal_setup(edge_spool_t *sp);
@@ -941,7 +944,14 @@ static void *writer_main(void *arg)
             continue;
         }
         pthread_cond_broadcast(&sp->wr_done);
+        /* A reader that gave up waiting for a file is told files are
+         * written again (notify only wakes a loop). */
+        void (*tell)(void *) = sp->wr_waiter_left ? sp->notify : NULL;
+        void *tell_ud = sp->notify_ud;
+        sp->wr_waiter_left = false;
         pthread_mutex_unlock(&sp->wr_mu);
+        if (tell)
+            tell(tell_ud);
         atomic_fetch_sub(&sp->kept, job->len);
         keep_buf_put(sp, job->buf, job->cap);
         free(job);
@@ -1050,8 +1060,20 @@ int edge_spool_object_wait(edge_spool_t *sp, const char *path, int timeout_ms)
     pthread_mutex_lock(&sp->wr_mu);
     while (rc == 0 && writer_has(sp, path))
         rc = pthread_cond_timedwait(&sp->wr_done, &sp->wr_mu, &ts) == ETIMEDOUT ? -EAGAIN : 0;
+    if (rc < 0)
+        sp->wr_waiter_left = true;
     pthread_mutex_unlock(&sp->wr_mu);
     return rc;
+}
+
+void edge_spool_set_notify(edge_spool_t *sp, void (*fn)(void *ud), void *ud)
+{
+    if (!sp->wr_started)
+        return;
+    pthread_mutex_lock(&sp->wr_mu);
+    sp->notify = fn;
+    sp->notify_ud = ud;
+    pthread_mutex_unlock(&sp->wr_mu);
 }
 
 /* ------------------------------------------------------------ streaming */

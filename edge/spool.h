@@ -172,9 +172,16 @@ int edge_spool_stream_spill(edge_spool_stream_t *stream, int fd);
 /**
  * Waits (at most timeout_ms) until the object file at path - of a kept
  * instance, written after its acknowledgement - is written. Readers of an
- * object file call it first. 0, or -EAGAIN on timeout.
+ * object file call it first. 0, or -EAGAIN on timeout: then the spool's
+ * notify callback is called once the writer writes a file again.
  */
 int edge_spool_object_wait(edge_spool_t *sp, const char *path, int timeout_ms);
+/**
+ * fn(ud), on the spool's writer thread, after a write that follows an
+ * edge_spool_object_wait timeout (e.g. the disk refused writes for a
+ * while): the reader should look again. Set before readers wait.
+ */
+void edge_spool_set_notify(edge_spool_t *sp, void (*fn)(void *ud), void *ud);
 /**
  * For the status page: acknowledged instances whose object file is not
  * written yet, and whether the last write failed (retried every second;

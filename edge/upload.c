@@ -375,6 +375,7 @@ typedef struct {
     uv_work_t work;
     int rc;
     bool compressed;                 /* a JPEG-LS file was written and recorded */
+    bool unwritten;                  /* its object file is not written yet (rc < 0) */
     char err[160];
     cmn_jpegls_stats_t stats;
 } prep_t;
@@ -1908,6 +1909,9 @@ static int adopt_jpegls(prep_t *p, const char *tmp, char *final, size_t flen, ch
     return rc;
 }
 
+/* How long a preparation waits for an object file the spool is writing. */
+#define PREP_OBJECT_WAIT_MS 1000
+
 static void prep_work(uv_work_t *w)
 {
     prep_t *p = container_of(w, prep_t, work);
@@ -1917,12 +1921,17 @@ static void prep_work(uv_work_t *w)
     int rc;
 
     p->compressed = false;
+    p->unwritten = false;
     p->err[0] = '\0';
     memset(&p->stats, 0, sizeof(p->stats));
     /* An instance kept in memory at receipt has its file written just after
-     * its acknowledgement: wait for it (the row is retried otherwise). */
-    if ((p->rc = edge_spool_object_wait(sp, p->item.path, 10000)) < 0)
+     * its acknowledgement: wait for it, briefly. When the disk refuses the
+     * write (retried every second) the row waits: the spool's writer wakes
+     * the upload once it writes again, and nothing holds this thread. */
+    if ((p->rc = edge_spool_object_wait(sp, p->item.path, PREP_OBJECT_WAIT_MS)) < 0) {
+        p->unwritten = true;
         return;
+    }
     if (p->up->conf->compress && edge_spool_tmp_path(sp, tmp, sizeof(tmp)) == 0) {
         rc = cmn_dicom_to_jpegls(p->item.path, tmp, &p->stats, p->err, sizeof(p->err));
         if (rc == 0) {
@@ -1957,7 +1966,10 @@ static void prep_done(uv_work_t *w, int status)
 
     (void)status;
     up->prep_inflight--;
-    if (p->rc < 0)
+    if (p->unwritten)
+        CMN_LOG_W("upload", "id=%lld sop=%s waits for its object file (the spool's writer"
+                  " retries it)", (long long)p->item.id, p->item.sop_uid);
+    else if (p->rc < 0)
         CMN_LOG_E("upload", "cannot record the prepared file id=%lld: %s", (long long)p->item.id,
                   cmn_strerror(p->rc));
     else if (p->compressed)

@@ -477,6 +477,45 @@ def quota_alarm_and_a700():
     h.check("X-YY-Signature" not in logs, "log contains a signature header")
 
 
+@h.test
+def upload_waits_for_object_files_the_disk_refused():
+    """An image kept in memory at receipt has its object file written just
+    after its acknowledgement. While the disk refuses that write (objects/
+    made immutable, chattr +i, which stops root too) the upload's preparation
+    waits a second, then leaves the row and frees its thread; once the spool
+    writes files again it wakes the upload itself: everything arrives with
+    no further image received to wake it."""
+    import shutil
+    if not shutil.which("chattr"):
+        print("skip: needs chattr(1)")
+        return
+    m, files = gen_ct(10, seed=36)
+    sent = sop_uids(files)
+    cloud = h.Cloud()
+    try:
+        edge = Edge(cloud.url, cloud.edge_id, cloud.secret, upload={"compress": True})
+        objects = os.path.join(edge.dir, "spool", "objects")
+        r = subprocess.run(["chattr", "+i", objects], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"skip: chattr +i not supported here: {r.stderr.strip()}")
+            edge.stop()
+            return
+        try:
+            store_all(edge, files)
+            h.wait_until(lambda: "waits for its object file" in edge.all_logs(), timeout=60,
+                         what="a preparation that gave up waiting for its file")
+            h.eq(os.listdir(objects), [], "no object file written yet")
+            h.eq(edge.counts()["DONE"], 0, "nothing uploaded without its file")
+        finally:
+            subprocess.run(["chattr", "-i", objects], check=True)
+        h.wait_until(lambda: edge.counts()["DONE"] == len(files), timeout=120,
+                     what="every image uploaded once its file is written")
+        verify_exactly_once(cloud, edge, m["study_uid"], sent, sample=2)
+        h.eq(edge.stop(), 0, "edge exit code")
+    finally:
+        cloud.stop()
+
+
 if __name__ == "__main__":
     if os.environ.get("YY_KEEP"):      # keep temp dirs (logs) for debugging
         h._cleanup_all = lambda: [p.stop() for p in list(h._procs)]
