@@ -1058,10 +1058,17 @@ int edge_spool_object_wait(edge_spool_t *sp, const char *path, int timeout_ms)
         ts.tv_nsec -= 1000000000L;
     }
     pthread_mutex_lock(&sp->wr_mu);
-    while (rc == 0 && writer_has(sp, path))
-        rc = pthread_cond_timedwait(&sp->wr_done, &sp->wr_mu, &ts) == ETIMEDOUT ? -EAGAIN : 0;
-    if (rc < 0)
-        sp->wr_waiter_left = true;
+    while (writer_has(sp, path)) {
+        if (pthread_cond_timedwait(&sp->wr_done, &sp->wr_mu, &ts) == ETIMEDOUT) {
+            /* Still pending (checked under the lock the writer takes to
+             * finish a job): its next write will notify. */
+            if (writer_has(sp, path)) {
+                sp->wr_waiter_left = true;
+                rc = -EAGAIN;
+            }
+            break;
+        }
+    }
     pthread_mutex_unlock(&sp->wr_mu);
     return rc;
 }
