@@ -311,7 +311,15 @@ static bool verify_request(cmn_sql_t *db, const cmn_http_req_t *req, cmn_http_re
     case PROTO_SIG_OK:
         break;
     case PROTO_SIG_STALE:
-        reject(resp, sr, 401, "unauthorized", "timestamp outside the accepted window");
+        /* Correctly signed: the edge's clock is off. It learns the cloud's
+         * time (not a secret) and signs with it; nothing else changes. */
+        CMN_LOG_W("ingest", "rejected status=401 code=clock_skew reason=\"timestamp %+lld s from"
+                  " the cloud's clock\" edge=%s peer=%s", (long long)(ts - now), sr->edge_id,
+                  sr->peer);
+        cmn_http_resp_header(resp, "Cache-Control", "no-store");
+        cloud_resp_json_take(resp, 401, "application/json",
+                             proto_clock_skew_encode(now, "timestamp outside the accepted window:"
+                                                     " sign with server_time"));
         goto out;
     case PROTO_SIG_MALFORMED:
         reject(resp, sr, 401, "unauthorized", "malformed signature headers");

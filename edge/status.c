@@ -22,6 +22,7 @@
 
 #include "internal.h"
 #include "status.h"
+#include "token.h"
 
 const cmn_conf_opt_t edge__status_opts[] = {
     CMN_CONF_OPT_STR(edge_conf_status_t, bind, "127.0.0.1",
@@ -49,6 +50,7 @@ typedef struct {
     bool quota_full, disk_low;
     int objects_unwritten;           /* kept instances whose object file is not written yet */
     bool object_write_failing;       /* ... because writing failed: an alarm */
+    bool clock_off;                  /* the edge's clock is off by > EDGE_CLOCK_ALARM_S */
 } snap_t;
 
 static uint64_t quota_of(const edge_conf_t *c)
@@ -72,6 +74,8 @@ static int collect(const edge_status_src_t *src, edge_spool_t *sp, snap_t *s)
     if (src->upload) {
         edge_upload_live(src->upload, &s->live);
         s->have_live = true;
+        s->clock_off = s->live.clock_offset_s > EDGE_CLOCK_ALARM_S ||
+                       s->live.clock_offset_s < -EDGE_CLOCK_ALARM_S;
     }
     if (src->spool) {
         edge_spool_alarms(src->spool, &s->quota_full, &s->disk_low);
@@ -192,6 +196,9 @@ static void report(const edge_conf_t *conf, const edge_schedule_t *sched, const 
                            s->live.jpegls_usec ? (double)s->live.jpegls_bytes_in /
                                                      (double)s->live.jpegls_usec : 0.0,
                            s->live.originals);
+        if (s->live.clock_offset_s != 0)
+            cmn_buf_appendf(b, "cloud clock:      %+" PRId64 " s from the edge's clock (requests"
+                           " are signed with the cloud's time)\n", s->live.clock_offset_s);
     }
     if (s->quota_full)
         cmn_buf_appendf(b, "ALARM:            spool quota full - new images are refused (A700)\n");
@@ -202,6 +209,12 @@ static void report(const edge_conf_t *conf, const edge_schedule_t *sched, const 
         cmn_buf_appendf(b, "ALARM:            object files cannot be written to the spool (%d "
                        "waiting; safe in the journal; retried every second) - check the spool's "
                        "disk and the log\n", s->objects_unwritten);
+    if (s->clock_off)
+        cmn_buf_appendf(b, "ALARM:            the edge's clock is %" PRId64 " s %s the cloud's - fix"
+                       " its time synchronisation (NTP); uploads carry on meanwhile\n",
+                       s->live.clock_offset_s > 0 ? s->live.clock_offset_s
+                                                  : -s->live.clock_offset_s,
+                       s->live.clock_offset_s > 0 ? "behind" : "ahead of");
     if (sp->counts.failed > 0)
         cmn_buf_appendf(b, "WARNING:          %" PRId64 " instance(s) FAILED (spooled file lost or "
                        "corrupt); see last_error in spool.db\n", sp->counts.failed);
@@ -309,6 +322,7 @@ static void metrics_text(const snap_t *s, cmn_buf_t *b)
     metric(b, "yy_edge_alarm", NULL, NULL, "{kind=\"disk_low\"}", s->disk_low ? 1 : 0);
     metric(b, "yy_edge_alarm", NULL, NULL, "{kind=\"object_write\"}",
            s->object_write_failing ? 1 : 0);
+    metric(b, "yy_edge_alarm", NULL, NULL, "{kind=\"clock\"}", s->clock_off ? 1 : 0);
     metric(b, "yy_edge_objects_unwritten", "gauge",
            "Acknowledged instances whose object file is not written yet (kept in memory,"
            " written just after the acknowledgement).", NULL, (double)s->objects_unwritten);
@@ -338,6 +352,9 @@ static void metrics_text(const snap_t *s, cmn_buf_t *b)
         metric(b, "yy_edge_prepared_original_total", "counter",
                "Instances sent as received (not transcodable or compression off).", NULL,
                (double)s->live.originals);
+        metric(b, "yy_edge_cloud_clock_offset_seconds", "gauge",
+               "The cloud's clock minus the edge's, as the cloud answered (0 = never said).",
+               NULL, (double)s->live.clock_offset_s);
     }
 }
 
@@ -353,6 +370,7 @@ static void json_text(const snap_t *s, cmn_buf_t *b)
                    ",\"uploaded_instances\":%" PRId64 ",\"uploaded_bytes\":%" PRId64
                    ",\"bytes_sent\":%" PRId64 ",\"throughput_bps_60s\":%.1f"
                    ",\"quota_full\":%s,\"disk_low\":%s,\"object_write_failing\":%s"
+                   ",\"clock_alarm\":%s"
                    ",\"objects_unwritten\":%d,\"schedule_open\":%s"
                    ",\"rate_limit_bps\":%" PRId64 ",\"errors\":{",
                    s->now_ms, sp->counts.pending, sp->counts.uploading, sp->counts.failed,
@@ -361,7 +379,7 @@ static void json_text(const snap_t *s, cmn_buf_t *b)
                    sp->uploaded_instances, sp->uploaded_bytes, sp->bytes_sent,
                    (double)sp->done_bytes_60s / 60.0, s->quota_full ? "true" : "false",
                    s->disk_low ? "true" : "false", s->object_write_failing ? "true" : "false",
-                   s->objects_unwritten, s->sched.open ? "true" : "false",
+                   s->clock_off ? "true" : "false", s->objects_unwritten, s->sched.open ? "true" : "false",
                    s->sched.open ? s->sched.rate_bps : 0);
     for (int i = 0; i < sp->nerr; i++)
         cmn_buf_appendf(b, "%s\"%s\":%" PRId64, i ? "," : "", sp->err[i].kind, sp->err[i].count);
@@ -374,10 +392,10 @@ static void json_text(const snap_t *s, cmn_buf_t *b)
         cmn_buf_appendf(b, ",\"live\":{\"jobs\":%d,\"pacing\":%d,\"preparing\":%d,\"tokens\":%"
                        PRId64 ",\"bytes_sent\":%" PRIu64 ",\"jpegls_files\":%" PRIu64
                        ",\"jpegls_bytes_in\":%" PRIu64 ",\"jpegls_bytes_out\":%" PRIu64
-                       ",\"originals\":%" PRIu64 "}",
+                       ",\"originals\":%" PRIu64 ",\"clock_offset_s\":%" PRId64 "}",
                        s->live.jobs, s->live.pacing, s->live.preparing, s->live.tokens,
                        s->live.bytes_sent, s->live.jpegls_files, s->live.jpegls_bytes_in,
-                       s->live.jpegls_bytes_out, s->live.originals);
+                       s->live.jpegls_bytes_out, s->live.originals, s->live.clock_offset_s);
     cmn_buf_appendf(b, "}\n");
 }
 
@@ -426,7 +444,8 @@ static void on_request(const cmn_http_req_t *req, cmn_http_resp_t *resp)
                        "<meta http-equiv=\"refresh\" content=\"5\">"
                        "<title>yunying-edge status</title></head><body>"
                        "<h1>yunying-edge %s</h1>%s<pre>",
-                       s.quota_full || s.disk_low || s.object_write_failing ? "- ALARM" : "",
+                       s.quota_full || s.disk_low || s.object_write_failing || s.clock_off
+                           ? "- ALARM" : "",
                        s.sched.open ? "" : "<p>Upload window closed.</p>");
         html_escape_into(&b, txt.data ? txt.data : "", txt.len);
         cmn_buf_appendf(&b, "</pre><p><a href=\"/metrics\">/metrics</a> "

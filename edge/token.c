@@ -40,6 +40,11 @@ struct edge_token {
     proto_token_t tok;           /* valid in READY; wiped when dropped */
     uint64_t use_until_ms;       /* monotonic: rotate after this */
     char *body;                  /* owned: token request body, held until the answer */
+    int64_t body_ts;             /* the timestamp the token request was signed with */
+    int64_t body_offset;         /* offset_s then */
+    bool skew_resent;            /* this fetch is the re-sent one after clock_skew */
+    int64_t offset_s;            /* cloud clock minus ours, learnt from clock_skew */
+    char *test_skew_file;        /* YY_EDGE_TEST_SKEW_FILE (tests): seconds our clock is made wrong by */
     waiter_t *waiters;           /* callers waiting for FETCHING to end; order does not matter */
 };
 
@@ -83,6 +88,7 @@ static void token_free(edge_token_t *t)
     free(t->path);
     free(t->edge_id);
     free(t->body);
+    free(t->test_skew_file);
     free(t);
 }
 
@@ -110,8 +116,57 @@ int edge_token_create(cmn_http_client_t *http, const edge_token_opts_t *o, edge_
     t->pinned_pubkey = o->pinned_pubkey && *o->pinned_pubkey ? o->pinned_pubkey : NULL;
     t->client_cert_file = o->client_cert_file && *o->client_cert_file ? o->client_cert_file : NULL;
     t->client_key_file = o->client_key_file && *o->client_key_file ? o->client_key_file : NULL;
+    const char *skew = getenv("YY_EDGE_TEST_SKEW_FILE");
+    if (skew && *skew) {
+        t->test_skew_file = cmn_xstrdup(skew);
+        CMN_LOG_W("upload", "YY_EDGE_TEST_SKEW_FILE is set: the edge's clock is made wrong by the"
+                  " seconds that file holds (tests only)");
+    }
     *out = t;
     return 0;
+}
+
+/* Tests: the seconds in YY_EDGE_TEST_SKEW_FILE, read at each signature so
+ * that a test can move the edge's clock while it runs. */
+static int64_t test_skew(const edge_token_t *t)
+{
+    long long s = 0;
+    FILE *f;
+
+    if (!t->test_skew_file || !(f = fopen(t->test_skew_file, "r")))
+        return 0;
+    if (fscanf(f, "%lld", &s) != 1)
+        s = 0;
+    fclose(f);
+    return (int64_t)s;
+}
+
+int64_t edge_token_time(const edge_token_t *t)
+{
+    return (int64_t)time(NULL) + test_skew(t) + t->offset_s;
+}
+
+int64_t edge_token_clock_offset(const edge_token_t *t)
+{
+    return t->offset_s;
+}
+
+bool edge_token_clock_skew(edge_token_t *t, int64_t signed_at, int64_t offset_at,
+                           int64_t server_time)
+{
+    /* The answer left the cloud just after the request was signed: the
+     * cloud's time minus our clock then is the difference, give or take
+     * the round trip (seconds here; the window is minutes). Absolute, so
+     * answers to requests signed before the last lesson agree with it. */
+    int64_t offset = server_time - (signed_at - offset_at);
+
+    if (server_time <= 0)
+        return false;
+    if (offset - t->offset_s > 1 || t->offset_s - offset > 1)
+        CMN_LOG_W("upload", "the cloud's clock differs from the edge's by %+lld s: signing with"
+                  " the cloud's time (check the edge's time synchronisation)", (long long)offset);
+    t->offset_s = offset;
+    return true;
 }
 
 int edge_token_current(edge_token_t *t, proto_token_t *out)
@@ -150,6 +205,8 @@ static void notify(edge_token_t *t, int status, const char *why)
     }
 }
 
+static int fetch(edge_token_t *t);
+
 static void on_fetched(const cmn_http_result_t *res, void *ud)
 {
     edge_token_t *t = ud;
@@ -168,7 +225,15 @@ static void on_fetched(const cmn_http_result_t *res, void *ud)
                  res->errmsg ? res->errmsg : cmn_strerror(res->err));
         status = res->err;
     } else if (res->status != 200) {
-        if (res->body.data && proto_error_decode(res->body.data, res->body.len, &e) == 0)
+        bool decoded = res->body.data && proto_error_decode(res->body.data, res->body.len, &e) == 0;
+        if (decoded && res->status == 401 && !strcmp(e.code, "clock_skew") && !t->skew_resent &&
+            edge_token_clock_skew(t, t->body_ts, t->body_offset, e.server_time)) {
+            /* Once per fetch: a second clock_skew is a failure like any. */
+            t->skew_resent = true;
+            if (fetch(t) == 0)
+                return;
+        }
+        if (decoded)
             snprintf(why, sizeof(why), "token: HTTP %ld %.31s: %.120s", res->status, e.code,
                      e.message);
         else
@@ -179,6 +244,7 @@ static void on_fetched(const cmn_http_result_t *res, void *ud)
         snprintf(why, sizeof(why), "token: bad answer from cloud: %s", err);
         status = CMN_EPROTO;
     }
+    t->skew_resent = false;
     if (status < 0) {
         CMN_LOG_W("upload", "%s", why);
         set_state(t, TOKEN_IDLE);
@@ -215,13 +281,15 @@ static int fetch(edge_token_t *t)
         .path = t->path,
         .query = "",
         .edge_id = t->edge_id,
-        .timestamp = (int64_t)time(NULL),
+        .timestamp = edge_token_time(t),
         .nonce = nonce,
         .body_sha256 = sha,
     };
     rc = proto_sign(t->secret, t->secret_len, &r, sig);
     if (rc < 0)
         return rc;
+    t->body_ts = r.timestamp;
+    t->body_offset = t->offset_s;
     snprintf(url, sizeof(url), "%s%s", t->base_url, PROTO_TOKEN_PATH);
     snprintf(h_ver, sizeof(h_ver), "%s: %d", PROTO_H_VERSION, PROTO_VERSION);
     snprintf(h_edge, sizeof(h_edge), "%s: %s", PROTO_H_EDGE, t->edge_id);

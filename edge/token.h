@@ -14,6 +14,15 @@
  * refuses (401 token_expired / token_revoked / token_unknown) is dropped
  * with edge_token_invalidate() and the next caller fetches another.
  *
+ * Clock: requests carry a timestamp the cloud accepts within a window
+ * (ingest.max_skew_s, 300 s by default) of its own clock. Edges in hospitals
+ * often have no working time sync: when the cloud answers a correctly
+ * signed request with 401 clock_skew and its time, the edge signs from then
+ * on with its own clock plus the difference (edge_token_time), re-sends that
+ * request once, and reports the difference on the status page (an alarm
+ * beyond EDGE_CLOCK_ALARM_S). The difference is learnt again whenever the
+ * cloud answers clock_skew (the edge's clock was corrected, say).
+ *
  * State: IDLE (no usable token) --wait--> FETCHING --ok--> READY
  *        READY --80% of ttl or invalidate--> IDLE;  FETCHING --error--> IDLE
  *        any --close--> CLOSED (freed now, or when the fetch in flight ends)
@@ -23,6 +32,7 @@
 #ifndef EDGE_TOKEN_H
 #define EDGE_TOKEN_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -68,6 +78,25 @@ int edge_token_current(edge_token_t *t, proto_token_t *out);
  */
 int edge_token_wait(edge_token_t *t, void (*cb)(int status, const char *why, void *ud),
                     void *ud);
+
+/** The Unix time to sign a request with: the edge's clock plus what the
+ * cloud said it is off by (0 until it said so). */
+int64_t edge_token_time(const edge_token_t *t);
+
+/**
+ * The cloud answered 401 clock_skew with its time server_time to a request
+ * signed at signed_at (edge_token_time) while the difference was
+ * offset_at (edge_token_clock_offset): learns the difference anew. false
+ * when server_time is missing (the request is not worth re-sending).
+ */
+bool edge_token_clock_skew(edge_token_t *t, int64_t signed_at, int64_t offset_at,
+                           int64_t server_time);
+
+/** The difference learnt (cloud minus edge clock, seconds; 0 = none). */
+int64_t edge_token_clock_offset(const edge_token_t *t);
+
+/** Beyond this difference (seconds) the status page raises a clock alarm. */
+#define EDGE_CLOCK_ALARM_S 60
 
 /** Drops the current token if its id is token_id (NULL: whatever is current). */
 void edge_token_invalidate(edge_token_t *t, const char *token_id);

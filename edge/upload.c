@@ -530,7 +530,9 @@ typedef struct {
     char content_type[64];
     char extra_header[160];          /* "" = none */
     char token_id[PROTO_TOKEN_ID_HEX + 1];   /* the token the last send used */
-    bool resent;                     /* re-sent once after a token rejection */
+    int64_t signed_at;               /* the timestamp the last send was signed with */
+    int64_t offset_at;               /* the clock offset then (edge_token_clock_offset) */
+    bool resent;                     /* re-sent once after a token or clock rejection */
     long timeout_ms;
 } http_ctx_t;
 
@@ -596,7 +598,7 @@ static int signed_send_now(http_ctx_t *ctx, const proto_token_t *tok)
         .path = path,
         .query = "",
         .edge_id = c->edge_id,
-        .timestamp = (int64_t)time(NULL),
+        .timestamp = edge_token_time(up->token),
         .nonce = nonce,
         .body_sha256 = ctx->body_sha,
     };
@@ -604,6 +606,8 @@ static int signed_send_now(http_ctx_t *ctx, const proto_token_t *tok)
     if (rc < 0)
         return rc;
     snprintf(ctx->token_id, sizeof(ctx->token_id), "%s", tok->token_id);
+    ctx->signed_at = r.timestamp;
+    ctx->offset_at = edge_token_clock_offset(up->token);
 
     snprintf(h_ver, sizeof(h_ver), "%s: %d", PROTO_H_VERSION, PROTO_VERSION);
     snprintf(h_edge, sizeof(h_edge), "%s: %s", PROTO_H_EDGE, c->edge_id);
@@ -683,7 +687,9 @@ static void on_token_ready(int status, const char *why, void *ud)
 }
 
 /* A token the cloud refuses is dropped; the request is re-sent once with a
- * new one, so a revoked or expired token costs no backoff. */
+ * new one, so a revoked or expired token costs no backoff. A timestamp it
+ * refuses (clock_skew) teaches the edge the cloud's time; the request is
+ * re-sent once, signed with it. */
 static void on_signed_http(const cmn_http_result_t *res, void *ud)
 {
     http_ctx_t *ctx = ud;
@@ -691,13 +697,20 @@ static void on_signed_http(const cmn_http_result_t *res, void *ud)
     proto_error_t e;
 
     if (up->state != EDGE_UPLOAD_CLOSING && res->err == 0 && res->status == 401 &&
-        res->body.data && proto_error_decode(res->body.data, res->body.len, &e) == 0 &&
-        strncmp(e.code, "token_", 6) == 0) {
-        edge_token_invalidate(up->token, ctx->token_id);
-        if (!ctx->resent) {
+        res->body.data && proto_error_decode(res->body.data, res->body.len, &e) == 0) {
+        bool again = false;
+        if (strncmp(e.code, "token_", 6) == 0) {
+            edge_token_invalidate(up->token, ctx->token_id);
+            again = true;
+            if (!ctx->resent)
+                CMN_LOG_I("upload", "cloud refused the token (%s): getting a new one sop=%s",
+                          e.code, ctx->job->item.sop_uid);
+        } else if (strcmp(e.code, "clock_skew") == 0) {
+            again = edge_token_clock_skew(up->token, ctx->signed_at, ctx->offset_at,
+                                          e.server_time);
+        }
+        if (again && !ctx->resent) {
             ctx->resent = true;
-            CMN_LOG_I("upload", "cloud refused the token (%s): getting a new one sop=%s",
-                      e.code, ctx->job->item.sop_uid);
             if (signed_dispatch(ctx) == 0)
                 return;
         }
@@ -812,6 +825,7 @@ static void live_update(edge_upload_t *up)
     up->live.pacing = up->npacing;
     up->live.preparing = up->prep_inflight;
     up->live.tokens = (int64_t)up->tokens;
+    up->live.clock_offset_s = up->token ? edge_token_clock_offset(up->token) : 0;
     pthread_mutex_unlock(&up->live_mu);
 }
 

@@ -471,6 +471,13 @@ char *proto_error_encode(const char *code, const char *message)
                           message ? message : ""));
 }
 
+char *proto_clock_skew_encode(int64_t server_time, const char *message)
+{
+    return dump(json_pack("{s:i, s:s, s:s, s:I}", "v", PROTO_VERSION, "error", "clock_skew",
+                          "message", message ? message : "", "server_time",
+                          (json_int_t)server_time));
+}
+
 int proto_error_decode(const char *json, size_t len, proto_error_t *e)
 {
     char err[64];
@@ -484,6 +491,9 @@ int proto_error_decode(const char *json, size_t len, proto_error_t *e)
         json_t *m = json_object_get(root, "message");
         if (json_is_string(m))
             snprintf(e->message, sizeof(e->message), "%s", json_string_value(m));
+        json_t *t = json_object_get(root, "server_time");
+        if (json_is_integer(t) && json_integer_value(t) > 0)
+            e->server_time = (int64_t)json_integer_value(t);
         r = 0;
     }
     json_decref(root);

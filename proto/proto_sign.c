@@ -135,11 +135,11 @@ proto_sig_check_t proto_verify(const uint8_t *secret, size_t secretlen, const pr
         !hex_of_len(r->body_sha256, PROTO_HEX256) || !r->edge_id || !*r->edge_id ||
         strlen(r->edge_id) > PROTO_EDGE_ID_MAX)
         return PROTO_SIG_MALFORMED;
-    if (r->timestamp < now - max_skew || r->timestamp > now + max_skew)
-        return PROTO_SIG_STALE;
     if (proto_sign(secret, secretlen, r, want) < 0)
         return PROTO_SIG_MALFORMED;
     if (cmn_memeq_ct(want, signature, PROTO_HEX256) != 0)
         return PROTO_SIG_BAD;
+    if (r->timestamp < now - max_skew || r->timestamp > now + max_skew)
+        return PROTO_SIG_STALE;
     return PROTO_SIG_OK;
 }

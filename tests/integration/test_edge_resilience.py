@@ -516,6 +516,59 @@ def upload_waits_for_object_files_the_disk_refused():
         cloud.stop()
 
 
+@h.test
+def edge_with_a_wrong_clock_signs_with_the_clouds_time():
+    """Hospital edges often lack working time sync. An edge whose clock is an
+    hour behind is refused once (401 clock_skew, with the cloud's time), signs
+    with the cloud's time from then on, and everything arrives; its status
+    page, /status.json and /metrics raise the clock alarm with the difference.
+    When its clock then jumps (half an hour ahead of the cloud's now) while
+    its token is still valid, the next upload request is refused the same
+    way, the edge learns the new difference and re-sends: nothing is lost."""
+    m, files = gen_ct(12, seed=37)
+    sent = sop_uids(files)
+    cloud = h.Cloud(tls=True)
+    skew = os.path.join(h.tempdir("yy-res-skew-"), "skew")
+    with open(skew, "w") as f:
+        f.write("-3600\n")
+    try:
+        edge = Edge(cloud.url, cloud.edge_id, cloud.secret, upload={"compress": False},
+                    env={"YY_EDGE_TEST_SKEW_FILE": skew})
+        store_all(edge, files[:6])
+        h.wait_until(lambda: edge.counts()["DONE"] == 6, timeout=120,
+                     what="the first images uploaded by the edge an hour behind")
+        st = edge.status()
+        off = st["live"]["clock_offset_s"]
+        h.check(3590 <= off <= 3610, f"learnt offset {off} s, the edge is 3600 s behind")
+        h.eq(st["clock_alarm"], True, "clock alarm in status.json")
+        mt = edge.metrics()
+        h.eq(mt.get('yy_edge_alarm{kind="clock"}'), 1.0, "clock alarm in /metrics")
+        h.eq(mt.get("yy_edge_cloud_clock_offset_seconds"), float(off), "offset in /metrics")
+        with urllib.request.urlopen(edge.url("/"), timeout=10) as resp:
+            page = resp.read().decode()
+        h.check("ALARM" in page and f"clock is {off} s behind" in page, "alarm on the status page")
+        h.eq(cloud.log_text().count("code=clock_skew"), 1,
+             "requests refused for their timestamp (only the first token request)")
+
+        with open(skew, "w") as f:            # the clock jumps 1.5 h forward
+            f.write("1800\n")
+        store_all(edge, files[6:])
+        h.wait_until(lambda: edge.counts()["DONE"] == len(files), timeout=120,
+                     what="the rest uploaded after the edge's clock jumped")
+        verify_exactly_once(cloud, edge, m["study_uid"], sent)
+        st = edge.status()
+        off = st["live"]["clock_offset_s"]
+        h.check(-1810 <= off <= -1790, f"offset learnt again: {off} s (the edge is 1800 s ahead)")
+        h.eq(st["errors"].get("auth", 0), 0, "no upload failed on authentication")
+        h.check(cloud.log_text().count("code=clock_skew") >= 2,
+                "an upload request refused for its timestamp after the jump")
+        h.check("differs from the edge's by +" in edge.all_logs() and
+                "differs from the edge's by -" in edge.all_logs(), "both differences logged")
+        h.eq(edge.stop(), 0, "edge exit code")
+    finally:
+        cloud.stop()
+
+
 if __name__ == "__main__":
     if os.environ.get("YY_KEEP"):      # keep temp dirs (logs) for debugging
         h._cleanup_all = lambda: [p.stop() for p in list(h._procs)]

@@ -92,6 +92,7 @@ typedef struct {
 typedef struct {
     char code[32];                     /* machine-readable, e.g. "bad_signature" */
     char message[256];
+    int64_t server_time;               /* "clock_skew": the cloud's Unix time; else 0 */
 } proto_error_t;
 
 /*
@@ -116,6 +117,9 @@ char *proto_commit_encode(const proto_commit_t *c);
 int proto_commit_decode(const char *json, size_t len, proto_commit_t *c, char *err, size_t errlen);
 
 char *proto_error_encode(const char *code, const char *message);
+/* 401 clock_skew: a correctly signed request whose timestamp is outside the
+ * window; server_time is the cloud's Unix time, for the edge to sign with. */
+char *proto_clock_skew_encode(int64_t server_time, const char *message);
 int proto_error_decode(const char *json, size_t len, proto_error_t *e);
 
 /* ------------------------------------------------------------- bundles */
@@ -319,13 +323,15 @@ int proto_sign(const uint8_t *secret, size_t secretlen, const proto_req_t *r,
 typedef enum {
     PROTO_SIG_OK = 0,
     PROTO_SIG_MALFORMED = 1,            /* missing or malformed header values */
-    PROTO_SIG_STALE = 2,                /* timestamp outside now +/- max_skew */
+    PROTO_SIG_STALE = 2,                /* correctly signed, timestamp outside now +/- max_skew */
     PROTO_SIG_BAD = 3,                  /* signature does not match */
 } proto_sig_check_t;
 
 /**
- * Checks a signature (constant-time compare) and the timestamp against now.
- * Nonce reuse is the caller's to check (it needs shared storage).
+ * Checks a signature (constant-time compare), then the timestamp against
+ * now: PROTO_SIG_STALE only for a signature that matches, so that only the
+ * holder of the key learns its clock is off. Nonce reuse is the caller's to
+ * check (it needs shared storage).
  */
 proto_sig_check_t proto_verify(const uint8_t *secret, size_t secretlen, const proto_req_t *r,
                                const char *signature, int64_t now, int64_t max_skew);

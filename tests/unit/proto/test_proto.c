@@ -122,6 +122,12 @@ static void test_commit_error(void **state)
     assert_int_equal(proto_error_decode(json, strlen(json), &e), 0);
     assert_string_equal(e.code, "bad_signature");
     assert_string_equal(e.message, "signature mismatch");
+    assert_true(e.server_time == 0);
+    free(json);
+    json = proto_clock_skew_encode(1764340000, "sign with server_time");
+    assert_int_equal(proto_error_decode(json, strlen(json), &e), 0);
+    assert_string_equal(e.code, "clock_skew");
+    assert_true(e.server_time == 1764340000);
     free(json);
 }
 
@@ -183,11 +189,13 @@ static void test_sign_verify(void **state)
     /* Stale and future timestamps. */
     assert_int_equal(proto_verify(secret, 32, &r, sig, 1700000301, 300), PROTO_SIG_STALE);
     assert_int_equal(proto_verify(secret, 32, &r, sig, 1699999699, 300), PROTO_SIG_STALE);
-    /* Any single changed signature byte fails. */
+    /* Any single changed signature byte fails, stale or not: only the key's
+     * holder learns that its clock is off. */
     for (int i = 0; i < 64; i++) {
         memcpy(bad, sig, sizeof(bad));
         bad[i] = bad[i] == 'a' ? 'b' : 'a';
         assert_int_equal(proto_verify(secret, 32, &r, bad, 1700000000, 300), PROTO_SIG_BAD);
+        assert_int_equal(proto_verify(secret, 32, &r, bad, 1700000301, 300), PROTO_SIG_BAD);
     }
     /* Every signed field matters. */
     r.method = "GET";
