@@ -37,6 +37,8 @@ typedef struct {
     long long min_free_mb;       /* refuse new instances (A700) below this much free space */
     long long max_gb;            /* quota on bytes waiting for upload, GiB; 0 = none */
     long long max_mb;            /* the same in MiB (wins over max_gb when set); 0 = none */
+    long long keep_days;         /* uploaded images kept this long (the hot cache) */
+    long long evict_headroom_mb; /* evicted early below min_free_mb + this; 0 = never */
 } edge_conf_spool_t;
 
 typedef struct {

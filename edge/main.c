@@ -440,6 +440,11 @@ int main(int argc, char **argv)
                                       ? (uint64_t)e.conf.spool.max_mb << 20
                                       : (uint64_t)e.conf.spool.max_gb << 30);
     edge_spool_set_urgent(e.spool, e.conf.upload.urgent_calling_aes);
+    edge_spool_set_cache(e.spool, (int64_t)e.conf.spool.keep_days * 86400000,
+                         e.conf.spool.evict_headroom_mb > 0
+                             ? (uint64_t)(e.conf.spool.min_free_mb + e.conf.spool.evict_headroom_mb)
+                                   << 20
+                             : 0);
 
     e.store.spool = e.spool;
     e.store.stored = stored_notify;

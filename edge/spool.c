@@ -146,6 +146,14 @@ const cmn_conf_opt_t edge__spool_opts[] = {
                      "and the quota alarm is raised (0 = no quota)"),
     CMN_CONF_OPT_INT(edge_conf_spool_t, max_mb, 0, 0, 1LL << 30,
                      "the same quota in MiB; wins over max_gb when not 0"),
+    CMN_CONF_OPT_INT(edge_conf_spool_t, keep_days, 30, 0, 36500,
+                     "uploaded images stay in the spool (the hot cache) this many days after"
+                     " the cloud confirmed them, then their files are deleted; 0 = as soon as"
+                     " it is safe (10 minutes)"),
+    CMN_CONF_OPT_INT(edge_conf_spool_t, evict_headroom_mb, 3072, 0, 1LL << 30,
+                     "when less than min_free_mb plus this many MiB are free, uploaded images"
+                     " leave the spool early, oldest first, so that uploaded data never makes"
+                     " the edge refuse new images; 0 = only keep_days"),
 };
 const size_t edge__spool_nopts = CMN_ARRAY_SIZE(edge__spool_opts);
 
@@ -176,6 +184,8 @@ struct edge_spool {
     uint64_t max_bytes;              /* quota on pending_bytes; 0 = none */
     uint64_t pending_bytes;          /* sum(size) of rows not DONE */
     bool quota_full, disk_low;       /* alarms, as of the last has_space */
+    int64_t keep_ms;                 /* the hot cache (edge_spool_set_cache) */
+    uint64_t evict_below;            /* free bytes under which uploaded files go early; 0 = never */
     int64_t last_alarm_log_ms;       /* rate limit of the alarm log line */
     int nurgent;
     char urgent[URGENT_MAX][17];     /* calling AE titles with priority 1 */
@@ -254,6 +264,11 @@ static const char *const migrations[] = {
 
     /* 4: the XXH3-128 checksum taken at receipt; sha256 is '' on such rows. */
     "ALTER TABLE instances ADD COLUMN xxh128 TEXT;",
+
+    /* 5: the hot cache - when an uploaded row's files were deleted. */
+    "ALTER TABLE instances ADD COLUMN evicted_at INTEGER;"       /* unix ms */
+    "CREATE INDEX instances_cached ON instances(done_at, id)"
+    " WHERE state='DONE' AND evicted_at IS NULL;",
 };
 
 const char *edge_spool_state_name(edge_spool_state_t s)
@@ -1326,6 +1341,19 @@ static int journal_replay_one(void *ud, uint64_t seq, const char *meta, size_t m
         return 1;
     bool sha = f[0][0] == '1';     /* an old record: SHA-256 */
     snprintf(final, sizeof(final), "%s/objects/%s.dcm", sp->dir, f[7]);
+    /* Uploaded and evicted since (the hot cache): neither file nor row to restore. */
+    sqlite3_stmt *ev;
+    bool evicted = false;
+    pthread_mutex_lock(&sp->mu);
+    if (cmn_db_prepare(sp->db, "SELECT 1 FROM instances WHERE jseq=?1 AND evicted_at IS NOT NULL",
+                       &ev) == 0) {
+        sqlite3_bind_int64(ev, 1, (sqlite3_int64)jseq_of(l, seq));
+        evicted = sqlite3_step(ev) == SQLITE_ROW;
+        sqlite3_finalize(ev);
+    }
+    pthread_mutex_unlock(&sp->mu);
+    if (evicted)
+        return 0;
     fd = open(final, O_RDONLY | O_CLOEXEC);
     bool intact = false;
     if (fd >= 0) {
@@ -1986,6 +2014,16 @@ int edge_spool_stats(edge_spool_t *sp, int64_t now_ms, edge_spool_stats_t *st)
     st->done_bytes_60s = v[0];
     st->done_bytes_300s = v[1];
     st->done_orig_bytes_60s = v[2];
+    memset(v, 0, sizeof(v));
+    rc = query_i64(sp, "SELECT COUNT(*), COALESCE(SUM(COALESCE(up_size, size) +"
+                   " (up_path IS NOT NULL AND up_path <> path) * size),0),"
+                   " COALESCE(MIN(done_at),0) FROM instances"
+                   " WHERE state='DONE' AND evicted_at IS NULL AND ?1 = ?1", 0, v, 3);
+    if (rc < 0)
+        goto out_rollback;
+    st->cached_instances = v[0];
+    st->cached_bytes = v[1];
+    st->oldest_cached_ms = v[2];
     rc = cmn_db_prepare(sp->db, "SELECT name, value FROM counters ORDER BY name", &q);
     if (rc < 0)
         goto out_rollback;
@@ -1999,6 +2037,7 @@ int edge_spool_stats(edge_spool_t *sp, int64_t now_ms, edge_spool_stats_t *st)
         else if (!strcmp(name, "uploaded_bytes")) st->uploaded_bytes = val;
         else if (!strcmp(name, "original_bytes_done")) st->original_bytes_done = val;
         else if (!strcmp(name, "bytes_sent")) st->bytes_sent = val;
+        else if (!strcmp(name, "evicted_instances")) st->evicted_instances = val;
         else if (!strncmp(name, "err.", 4) && st->nerr < EDGE_SPOOL_MAX_ERR_KINDS) {
             snprintf(st->err[st->nerr].kind, sizeof(st->err[0].kind), "%s", name + 4);
             st->err[st->nerr].count = val;
@@ -2017,6 +2056,149 @@ out_rollback:
     cmn_db_exec(sp->db, "COMMIT");
 out_unlock:
     pthread_mutex_unlock(&sp->mu);
+    return rc;
+}
+
+/* ------------------------------------------------------------ hot cache */
+
+/* Uploaded files younger than this stay whatever the disk says: their
+ * journal records are long checkpointed by then (a replay never brings an
+ * evicted file back), and a study being read right after its upload is not
+ * pulled from under the reader. */
+#define EVICT_GRACE_MS (10 * 60 * 1000)
+#define EVICT_BATCH 256
+
+void edge_spool_set_cache(edge_spool_t *sp, int64_t keep_ms, uint64_t evict_below_free)
+{
+    pthread_mutex_lock(&sp->mu);
+    sp->keep_ms = keep_ms > EVICT_GRACE_MS ? keep_ms : EVICT_GRACE_MS;
+    sp->evict_below = evict_below_free;
+    pthread_mutex_unlock(&sp->mu);
+}
+
+static uint64_t free_bytes(const edge_spool_t *sp)
+{
+    struct statvfs vfs;
+    return statvfs(sp->dir, &vfs) < 0 ? UINT64_MAX
+                                       : (uint64_t)vfs.f_bavail * (uint64_t)vfs.f_frsize;
+}
+
+static int unlink_quiet(const char *path)
+{
+    return path[0] && unlink(path) < 0 && errno != ENOENT ? -errno : 0;
+}
+
+/*
+ * Deletes the files of up to EVICT_BATCH uploaded rows done before
+ * before_ms, oldest first, and marks them evicted. *n: rows evicted (0 =
+ * none left). A row whose file cannot be deleted stays as it is (logged
+ * once per pass).
+ */
+static int evict_batch(edge_spool_t *sp, int64_t now_ms, int64_t before_ms, int *n,
+                       uint64_t *bytes, bool *logged)
+{
+    struct victim {
+        int64_t id, size;
+        char path[PATH_MAX + 128], up_path[PATH_MAX + 128];
+    } *v = cmn_xcalloc(EVICT_BATCH, sizeof(*v));
+    int64_t ids[EVICT_BATCH];
+    sqlite3_stmt *st;
+    int nv = 0, ne = 0, rc;
+
+    *n = 0;
+    pthread_mutex_lock(&sp->mu);
+    rc = cmn_db_prepare(sp->db, "SELECT id, COALESCE(up_size, size) + (up_path IS NOT NULL AND"
+                        " up_path <> path) * size, path, COALESCE(up_path, '') FROM instances"
+                        " WHERE state='DONE' AND evicted_at IS NULL AND done_at < ?1"
+                        " ORDER BY done_at, id LIMIT ?2", &st);
+    if (rc == 0) {
+        sqlite3_bind_int64(st, 1, before_ms);
+        sqlite3_bind_int(st, 2, EVICT_BATCH);
+        while (nv < EVICT_BATCH && sqlite3_step(st) == SQLITE_ROW) {
+            v[nv].id = sqlite3_column_int64(st, 0);
+            v[nv].size = sqlite3_column_int64(st, 1);
+            copy_col(v[nv].path, sizeof(v[nv].path), st, 2);
+            copy_col(v[nv].up_path, sizeof(v[nv].up_path), st, 3);
+            nv++;
+        }
+        sqlite3_finalize(st);
+    }
+    pthread_mutex_unlock(&sp->mu);
+    if (rc < 0 || nv == 0) {
+        free(v);
+        return rc;
+    }
+    for (int i = 0; i < nv; i++) {
+        int e = unlink_quiet(v[i].path);
+        if (e == 0 && strcmp(v[i].up_path, v[i].path) != 0)
+            e = unlink_quiet(v[i].up_path);
+        if (e < 0) {
+            if (!*logged)
+                CMN_LOG_E("spool", "hot cache: cannot delete %s: %s (kept; retried at the next"
+                          " pass)", v[i].path, cmn_strerror(e));
+            *logged = true;
+            continue;
+        }
+        ids[ne++] = v[i].id;
+        *bytes += (uint64_t)v[i].size;
+    }
+    if (ne > 0) {
+        pthread_mutex_lock(&sp->mu);
+        rc = cmn_db_exec(sp->db, "BEGIN IMMEDIATE");
+        if (rc == 0 && (rc = cmn_db_prepare(sp->db, "UPDATE instances SET evicted_at=?2"
+                                            " WHERE id=?1", &st)) == 0) {
+            for (int i = 0; i < ne && rc == 0; i++) {
+                sqlite3_bind_int64(st, 1, ids[i]);
+                sqlite3_bind_int64(st, 2, now_ms);
+                rc = step_done(sp, st, 0);
+                sqlite3_reset(st);
+            }
+            sqlite3_finalize(st);
+        }
+        if (rc == 0)
+            rc = counter_add(sp, "evicted_instances", ne, false);
+        if (rc == 0)
+            rc = cmn_db_exec(sp->db, "COMMIT");
+        if (rc < 0)
+            cmn_db_exec(sp->db, "ROLLBACK");    /* files gone, rows not: the next pass marks them */
+        pthread_mutex_unlock(&sp->mu);
+    }
+    free(v);
+    *n = rc < 0 ? 0 : (ne > 0 ? ne : -1);      /* -1: only undeletable ones left */
+    return rc;
+}
+
+int edge_spool_evict(edge_spool_t *sp, int64_t now_ms, edge_spool_evicted_t *out)
+{
+    int64_t keep_ms;
+    uint64_t below;
+    bool logged = false;
+    int n, rc = 0;
+
+    memset(out, 0, sizeof(*out));
+    if (sp->readonly)
+        return 0;
+    pthread_mutex_lock(&sp->mu);
+    keep_ms = sp->keep_ms;
+    below = sp->evict_below;
+    pthread_mutex_unlock(&sp->mu);
+    if (keep_ms <= 0)
+        return 0;                      /* no policy set */
+    /* Past keep_days: all of them. */
+    do {
+        rc = evict_batch(sp, now_ms, now_ms - keep_ms, &n, &out->bytes, &logged);
+        if (n > 0)
+            out->aged += n;
+    } while (rc == 0 && n > 0);
+    /* Short of space: the oldest of the rest, as long as it lasts. */
+    while (rc == 0 && below > 0 && free_bytes(sp) < below) {
+        rc = evict_batch(sp, now_ms, now_ms - EVICT_GRACE_MS, &n, &out->bytes, &logged);
+        if (n <= 0) {
+            out->still_short = true;
+            break;
+        }
+        out->early += n;
+    }
     return rc;
 }
 

@@ -267,6 +267,10 @@ typedef struct {
     int64_t done_bytes_60s;          /* uploaded file bytes DONE in the last 60 s */
     int64_t done_bytes_300s;         /* ... in the last 300 s */
     int64_t done_orig_bytes_60s;     /* original bytes DONE in the last 60 s */
+    int64_t cached_instances;        /* DONE, files still in the spool (the hot cache) */
+    int64_t cached_bytes;            /* their files' bytes */
+    int64_t oldest_cached_ms;        /* done_at of the oldest of them; 0 = none */
+    int64_t evicted_instances;       /* DONE rows whose files left the spool, ever */
     int nerr;
     struct {
         char kind[32];
@@ -288,6 +292,26 @@ void edge_spool_count_refused(edge_spool_t *sp, unsigned status);
 
 /** Fills st as of now_ms (unix ms). 0 or CMN_EDB. */
 int edge_spool_stats(edge_spool_t *sp, int64_t now_ms, edge_spool_stats_t *st);
+
+/*
+ * The hot cache (R-3.7): uploaded images stay in the spool for in-hospital
+ * reading, and leave along the time axis once safely in the cloud - their
+ * files are deleted keep_ms after the cloud confirmed them, or earlier,
+ * oldest first, while the spool's file system has less than
+ * evict_below_free bytes free (never within 10 minutes of the upload).
+ * Rows stay (state DONE, evicted_at set): the study's history and manifest.
+ */
+void edge_spool_set_cache(edge_spool_t *sp, int64_t keep_ms, uint64_t evict_below_free);
+
+typedef struct {
+    int aged;                        /* rows evicted for their age */
+    int early;                       /* rows evicted early for space */
+    uint64_t bytes;                  /* their files' bytes */
+    bool still_short;                /* below evict_below_free with nothing left to evict */
+} edge_spool_evicted_t;
+
+/** One pass of the hot cache's policy as of now_ms (unix ms). 0 or CMN_EDB. */
+int edge_spool_evict(edge_spool_t *sp, int64_t now_ms, edge_spool_evicted_t *out);
 
 const char *edge_spool_state_name(edge_spool_state_t s);
 

@@ -179,6 +179,12 @@ static void report(const edge_conf_t *conf, const edge_schedule_t *sched, const 
     if (s->sched.change_in_ms >= 0)
         cmn_buf_appendf(b, ", changes in %s", fmt_age(s->sched.change_in_ms, t1, sizeof(t1)));
     cmn_buf_appendf(b, "\n");
+    cmn_buf_appendf(b, "hot cache:        %" PRId64 " uploaded instance(s) kept, %.1f MiB",
+                    sp->cached_instances, mib(sp->cached_bytes));
+    if (sp->oldest_cached_ms > 0)
+        cmn_buf_appendf(b, ", the oldest uploaded %s",
+                        fmt_time(sp->oldest_cached_ms, t1, sizeof(t1)));
+    cmn_buf_appendf(b, "; %" PRId64 " left the spool\n", sp->evicted_instances);
     if (s->quota_bytes > 0)
         cmn_buf_appendf(b, "spool quota:      %.1f of %.1f MiB used (%.0f%%)\n",
                        mib(sp->pending_bytes), mib((int64_t)s->quota_bytes),
@@ -323,6 +329,14 @@ static void metrics_text(const snap_t *s, cmn_buf_t *b)
     metric(b, "yy_edge_alarm", NULL, NULL, "{kind=\"object_write\"}",
            s->object_write_failing ? 1 : 0);
     metric(b, "yy_edge_alarm", NULL, NULL, "{kind=\"clock\"}", s->clock_off ? 1 : 0);
+    metric(b, "yy_edge_cache_instances", "gauge",
+           "Uploaded instances whose files are still in the spool (the hot cache).", NULL,
+           (double)sp->cached_instances);
+    metric(b, "yy_edge_cache_bytes", "gauge", "Their files' bytes.", NULL,
+           (double)sp->cached_bytes);
+    metric(b, "yy_edge_evicted_instances_total", "counter",
+           "Uploaded instances whose files left the spool (spool.keep_days, disk space).", NULL,
+           (double)sp->evicted_instances);
     metric(b, "yy_edge_objects_unwritten", "gauge",
            "Acknowledged instances whose object file is not written yet (kept in memory,"
            " written just after the acknowledgement).", NULL, (double)s->objects_unwritten);
@@ -371,7 +385,9 @@ static void json_text(const snap_t *s, cmn_buf_t *b)
                    ",\"bytes_sent\":%" PRId64 ",\"throughput_bps_60s\":%.1f"
                    ",\"quota_full\":%s,\"disk_low\":%s,\"object_write_failing\":%s"
                    ",\"clock_alarm\":%s"
-                   ",\"objects_unwritten\":%d,\"schedule_open\":%s"
+                   ",\"objects_unwritten\":%d,\"cached_instances\":%" PRId64
+                   ",\"cached_bytes\":%" PRId64 ",\"evicted_instances\":%" PRId64
+                   ",\"schedule_open\":%s"
                    ",\"rate_limit_bps\":%" PRId64 ",\"errors\":{",
                    s->now_ms, sp->counts.pending, sp->counts.uploading, sp->counts.failed,
                    sp->counts.done, sp->unprepared, sp->urgent_pending, sp->upload_pending_bytes,
@@ -379,7 +395,8 @@ static void json_text(const snap_t *s, cmn_buf_t *b)
                    sp->uploaded_instances, sp->uploaded_bytes, sp->bytes_sent,
                    (double)sp->done_bytes_60s / 60.0, s->quota_full ? "true" : "false",
                    s->disk_low ? "true" : "false", s->object_write_failing ? "true" : "false",
-                   s->clock_off ? "true" : "false", s->objects_unwritten, s->sched.open ? "true" : "false",
+                   s->clock_off ? "true" : "false", s->objects_unwritten, sp->cached_instances,
+                   sp->cached_bytes, sp->evicted_instances, s->sched.open ? "true" : "false",
                    s->sched.open ? s->sched.rate_bps : 0);
     for (int i = 0; i < sp->nerr; i++)
         cmn_buf_appendf(b, "%s\"%s\":%" PRId64, i ? "," : "", sp->err[i].kind, sp->err[i].count);
@@ -392,10 +409,12 @@ static void json_text(const snap_t *s, cmn_buf_t *b)
         cmn_buf_appendf(b, ",\"live\":{\"jobs\":%d,\"pacing\":%d,\"preparing\":%d,\"tokens\":%"
                        PRId64 ",\"bytes_sent\":%" PRIu64 ",\"jpegls_files\":%" PRIu64
                        ",\"jpegls_bytes_in\":%" PRIu64 ",\"jpegls_bytes_out\":%" PRIu64
-                       ",\"originals\":%" PRIu64 ",\"clock_offset_s\":%" PRId64 "}",
+                       ",\"originals\":%" PRIu64 ",\"clock_offset_s\":%" PRId64
+                       ",\"cache_pass_ms\":%" PRId64 "}",
                        s->live.jobs, s->live.pacing, s->live.preparing, s->live.tokens,
                        s->live.bytes_sent, s->live.jpegls_files, s->live.jpegls_bytes_in,
-                       s->live.jpegls_bytes_out, s->live.originals, s->live.clock_offset_s);
+                       s->live.jpegls_bytes_out, s->live.originals, s->live.clock_offset_s,
+                       s->live.cache_pass_ms);
     cmn_buf_appendf(b, "}\n");
 }
 

@@ -404,7 +404,15 @@ struct edge_upload {
     edge_job_t *hash_head, *hash_tail;   /* jobs waiting for a hashing slot, FIFO */
     int nhashing, hash_max;          /* hash_work in flight, at most hash_max */
     bool token_prefetch;             /* a token wait of our own is pending */
-    int handles_open;                /* wake + timer + pace_timer + manifest_timer */
+    int handles_open;                /* wake + timer + pace_timer + manifest_timer + cache_timer */
+    /* the hot cache: uploaded files leave the spool (edge_spool_evict) */
+    uv_timer_t cache_timer;
+    uv_work_t cache_work;
+    bool caching;                    /* cache_work in flight (also while CLOSING) */
+    int cache_rc;
+    int64_t cache_now;               /* the pass's time (edge clock, unix ms) */
+    edge_spool_evicted_t cache_res;
+    uint64_t cache_short_log_ms;     /* edge__now_ms() of the last "still short" warning */
     /* study manifests */
     uv_timer_t manifest_timer;
     edge_job_t *manifest_job;        /* the one manifest job in flight, not in jobs */
@@ -448,6 +456,12 @@ static void manifest_poke(edge_upload_t *up);
 static void manifest_finished(edge_upload_t *up, edge_job_t *job);
 static void hash_run(edge_upload_t *up);
 static void on_pace_timer(uv_timer_t *t);
+static void cache_kick(edge_upload_t *up);
+static void on_cache_timer(uv_timer_t *t);
+
+/* The hot cache's pass: soon after start, then every minute. */
+#define CACHE_FIRST_MS 5000
+#define CACHE_EVERY_MS 60000
 
 static const char *job_state_name(edge_job_state_t s)
 {
@@ -2307,6 +2321,57 @@ static void on_wake(uv_async_t *a)
     edge_upload_t *up = container_of(a, edge_upload_t, wake);
     prep_pump(up);
     pump(up);
+    if (edge__clock_is_fake())
+        cache_kick(up);               /* tests move the clock: the cache follows at once */
+}
+
+/* ------------------------------------------------------------ hot cache */
+
+static void cache_work_fn(uv_work_t *w)
+{
+    edge_upload_t *up = container_of(w, edge_upload_t, cache_work);
+    up->cache_now = edge__wall_ms();
+    up->cache_rc = edge_spool_evict(up->spool, up->cache_now, &up->cache_res);
+}
+
+static void cache_done(uv_work_t *w, int status)
+{
+    edge_upload_t *up = container_of(w, edge_upload_t, cache_work);
+    const edge_spool_evicted_t *r = &up->cache_res;
+
+    (void)status;
+    up->caching = false;
+    pthread_mutex_lock(&up->live_mu);
+    up->live.cache_pass_ms = up->cache_now;
+    pthread_mutex_unlock(&up->live_mu);
+    if (up->cache_rc < 0)
+        CMN_LOG_E("upload", "hot cache: pass failed: %s", cmn_strerror(up->cache_rc));
+    if (r->aged + r->early > 0)
+        CMN_LOG_I("upload", "hot cache: %d uploaded instance(s) left the spool (%d past"
+                  " spool.keep_days, %d early for disk space), %.1f MiB freed", r->aged + r->early,
+                  r->aged, r->early, (double)r->bytes / 1048576.0);
+    if (r->still_short && edge__now_ms() - up->cache_short_log_ms >= 600000u) {
+        up->cache_short_log_ms = edge__now_ms();
+        CMN_LOG_W("upload", "hot cache: the spool's disk has less than spool.min_free_mb +"
+                  " spool.evict_headroom_mb free and no image uploaded over 10 minutes ago is"
+                  " left to remove");
+    }
+    if (up->state == EDGE_UPLOAD_CLOSING)
+        maybe_closed(up);
+}
+
+/* One pass of the hot cache's policy on the threadpool, unless one runs. */
+static void cache_kick(edge_upload_t *up)
+{
+    if (up->caching || up->state == EDGE_UPLOAD_CLOSING)
+        return;
+    if (uv_queue_work(up->loop, &up->cache_work, cache_work_fn, cache_done) == 0)
+        up->caching = true;
+}
+
+static void on_cache_timer(uv_timer_t *t)
+{
+    cache_kick(container_of(t, edge_upload_t, cache_timer));
 }
 
 static void on_timer(uv_timer_t *t)
@@ -2403,7 +2468,8 @@ int edge_upload_create(uv_loop_t *loop, const edge_conf_upload_t *conf, edge_spo
     uv_timer_init(loop, &up->timer);
     uv_timer_init(loop, &up->pace_timer);
     uv_timer_init(loop, &up->manifest_timer);
-    up->handles_open = 4;
+    uv_timer_init(loop, &up->cache_timer);
+    up->handles_open = 5;
     up->preps = cmn_xcalloc((size_t)conf->compress_parallel, sizeof(*up->preps));
     *out = up;
     /* First pump from the loop, after the caller set the schedule. */
@@ -2415,6 +2481,7 @@ int edge_upload_create(uv_loop_t *loop, const edge_conf_upload_t *conf, edge_spo
         up->manifest_next_ms = edge__now_ms() + 100;
         uv_timer_start(&up->manifest_timer, on_manifest_timer, 100, 0);
     }
+    uv_timer_start(&up->cache_timer, on_cache_timer, CACHE_FIRST_MS, CACHE_EVERY_MS);
     return 0;
 
 out_free_claimed:
@@ -2438,7 +2505,7 @@ static void on_handle_closed(uv_handle_t *h)
 static void maybe_closed(edge_upload_t *up)
 {
     if (up->handles_open > 0 || up->claiming || up->njobs > 0 || up->prep_listing ||
-        up->prep_inflight > 0 || up->manifest_job)
+        up->prep_inflight > 0 || up->manifest_job || up->caching)
         return;
     /* Jobs can only be waiting on the threadpool now; none are left. */
     void (*done)(void *) = up->done;
@@ -2462,6 +2529,7 @@ void edge_upload_close(edge_upload_t *up, void (*done)(void *ud), void *ud)
     uv_timer_stop(&up->timer);
     uv_timer_stop(&up->pace_timer);
     uv_timer_stop(&up->manifest_timer);
+    uv_timer_stop(&up->cache_timer);
     up->wake.data = up;
     up->timer.data = up;
     up->pace_timer.data = up;
@@ -2470,6 +2538,8 @@ void edge_upload_close(edge_upload_t *up, void (*done)(void *ud), void *ud)
     uv_close((uv_handle_t *)&up->timer, on_handle_closed);
     uv_close((uv_handle_t *)&up->pace_timer, on_handle_closed);
     uv_close((uv_handle_t *)&up->manifest_timer, on_handle_closed);
+    up->cache_timer.data = up;
+    uv_close((uv_handle_t *)&up->cache_timer, on_handle_closed);
     /* Jobs waiting for tokens have nothing in flight: finish them (their
      * rows stay UPLOADING and are recovered at the next start). */
     while (up->pace_head) {

@@ -569,6 +569,112 @@ def edge_with_a_wrong_clock_signs_with_the_clouds_time():
         cloud.stop()
 
 
+DAY_MS = 86400000
+
+
+def evicted_at(edge):
+    con = sqlite3.connect(f"file:{edge.db}?mode=ro", uri=True, timeout=10)
+    try:
+        return dict(con.execute("SELECT sop_uid, evicted_at FROM instances").fetchall())
+    finally:
+        con.close()
+
+
+def cache_pass(edge, at_ms):
+    """Waits for a pass of the hot cache at (edge clock) at_ms or later."""
+    h.wait_until(lambda: edge.status()["live"]["cache_pass_ms"] >= at_ms, timeout=60,
+                 what=f"a hot cache pass at {at_ms}")
+
+
+@h.test
+def uploaded_images_leave_the_spool_after_keep_days_or_for_space():
+    """R-3.7: the edge keeps uploaded images (the hot cache) and they leave
+    along the time axis once safely in the cloud - spool.keep_days after the
+    cloud confirmed them, or earlier, oldest first, when the spool's disk is
+    within spool.evict_headroom_mb of min_free_mb; never an image not yet
+    uploaded, never one uploaded less than 10 minutes ago. Rows stay."""
+    ma, a = gen_ct(6, seed=38)
+    mb, b = gen_ct(3, seed=39)
+    mc, c = gen_ct(2, seed=40)
+    sa, sb, sc = sop_uids(a), sop_uids(b), sop_uids(c)
+    cloud = h.Cloud()
+    proxy = FaultProxy(cloud.port)
+    t0 = utc_ms(2026, 12, 1, 8, 0)
+    try:
+        edge = Edge(via_proxy(proxy, cloud), cloud.edge_id, cloud.secret,
+                    upload={"compress": True}, spool={"keep_days": 2, "evict_headroom_mb": 0},
+                    env={"YY_EDGE_TEST_CLOCK": str(t0)})
+        store_all(edge, a)
+        h.wait_until(lambda: edge.counts()["DONE"] == 6, timeout=120, what="study A uploaded")
+        proxy.down()
+        store_all(edge, b)                      # the cloud is out of reach: B waits
+
+        def files(sops):
+            return sorted({p for r in edge.rows() if r[0] in sops for p in (r[3], r[5]) if p})
+        fa, fb = files(sa), files(sb)
+        h.eq(len(fa), 12, "A: the original and the JPEG-LS file of each image")
+        h.check(all(os.path.exists(p) for p in fa + fb), "files kept after the upload")
+
+        edge.set_clock(t0 + DAY_MS)             # within keep_days: nothing leaves
+        cache_pass(edge, t0 + DAY_MS)
+        h.check(all(os.path.exists(p) for p in fa), "A kept one day after its upload")
+
+        edge.set_clock(t0 + 3 * DAY_MS)         # past keep_days: A leaves, B (not uploaded) stays
+        cache_pass(edge, t0 + 3 * DAY_MS)
+        h.eq([p for p in fa if os.path.exists(p)], [], "A's files after keep_days")
+        h.check(all(os.path.exists(p) for p in fb), "B, not uploaded yet, is kept")
+        ev = evicted_at(edge)
+        h.eq({s for s in sa if ev[s]}, set(sa), "A's rows stay, marked evicted")
+        h.eq({s for s in sb if ev[s]}, set(), "B's rows not evicted")
+        st = edge.status()
+        h.eq((st["cached_instances"], st["evicted_instances"], st["pending"] + st["uploading"]),
+             (0, 6, 3), "status: cached, evicted, waiting for the cloud")
+        h.eq(edge.metrics().get("yy_edge_evicted_instances_total"), 6.0, "evicted in /metrics")
+        h.check("6 uploaded instance(s) left the spool (6 past spool.keep_days" in edge.all_logs(),
+                "the pass is logged")
+
+        proxy.up()                              # B uploads at t0 + 3 days + 1 minute
+        edge.set_clock(t0 + 3 * DAY_MS + 60000)  # (its retries are due on the edge's clock)
+        h.wait_until(lambda: edge.counts()["DONE"] == 9, timeout=120, what="study B uploaded")
+        h.eq(edge.stop(), 0, "edge exit code")
+
+        # The disk short of space (a headroom no disk has): uploaded images
+        # leave early, oldest first - but only 10 minutes after their upload.
+        with open(edge.config) as f:
+            cfg = json.load(f)
+        cfg["spool"].update({"keep_days": 3650, "evict_headroom_mb": 1 << 29})
+        with open(edge.config, "w") as f:
+            json.dump(cfg, f)
+        edge.env["YY_EDGE_TEST_CLOCK"] = str(t0 + 3 * DAY_MS + 5 * 60000)
+        edge.start()
+        cache_pass(edge, t0 + 3 * DAY_MS + 5 * 60000)
+        h.check(all(os.path.exists(p) for p in fb), "B kept: uploaded 4 minutes ago")
+        edge.set_clock(t0 + 3 * DAY_MS + 12 * 60000)
+        store_all(edge, c)                      # uploaded at +12 min
+        h.wait_until(lambda: edge.counts()["DONE"] == 11, timeout=120, what="study C uploaded")
+        fc = files(sc)
+        edge.set_clock(t0 + 3 * DAY_MS + 12 * 60000 + 1000)   # a pass after C's upload
+        cache_pass(edge, t0 + 3 * DAY_MS + 12 * 60000 + 1000)
+        h.wait_until(lambda: not any(os.path.exists(p) for p in fb), timeout=60,
+                     what="B's files gone early for space")
+        h.check(all(os.path.exists(p) for p in fc), "C kept: uploaded less than 10 minutes ago")
+        h.eq(edge.status()["evicted_instances"], 9, "evicted: A and B")
+        logs = edge.all_logs()
+        h.check("3 early for disk space" in logs, "the early eviction is logged")
+        h.check("no image uploaded over 10 minutes ago is left" in logs,
+                "the disk still short of space is logged")
+        # Every image is in the cloud exactly once.
+        rows, conflicts = cloud_instances(cloud, ma["study_uid"])
+        h.eq(sorted(r[0] for r in rows), sorted(sa), "A in the cloud")
+        for m, s in ((mb, sb), (mc, sc)):
+            rows, _ = cloud_instances(cloud, m["study_uid"])
+            h.eq(sorted(r[0] for r in rows), sorted(s), "B and C in the cloud")
+        h.eq(edge.stop(), 0, "edge exit code")
+    finally:
+        proxy.close()
+        cloud.stop()
+
+
 if __name__ == "__main__":
     if os.environ.get("YY_KEEP"):      # keep temp dirs (logs) for debugging
         h._cleanup_all = lambda: [p.stop() for p in list(h._procs)]
