@@ -10,6 +10,11 @@
 #        BASE_EDGE=path  an older yunying-edge binary measured as "before"
 #        COSTS=1  also the durability cost table (edge variants, see below)
 #
+# Reported per engine: images/s (median over rounds), the CPU its process
+# spent per image while they arrived (user + system, all threads; less
+# disturbed by the VM's speed swings), and the edge's peak RSS. Ratios:
+# of the medians, and the median of the per-round ratios.
+#
 # Every DCMTK process runs with TCP_NODELAY=1 (c-stack.md). storescp and
 # Orthanc are measured with their default receive PDU (16 KiB) and storescp
 # also with -pdu 131072, the size the edge offers.
@@ -109,6 +114,14 @@ send() {
     echo "$t0 $t1" | awk '{printf "%.3f", $2 - $1}'
 }
 rec() { echo "$1 $2 $3" >>"$w/results"; }   # NAME MODE SECONDS
+# CPU (user + system, all threads) a server spent per image while the
+# images arrived: less disturbed by the VM's speed swings than images/s.
+hz=$(getconf CLK_TCK)
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rec_cpu() {   # NAME MODE TICKS_BEFORE TICKS_AFTER
+    echo "$3 $4" | awk -v hz="$hz" -v n="$nfiles" '{printf "%.3f\n", ($2 - $1) * 1000 / hz / n}' \
+        >>"$w/cpu.$1.$2"
+}
 
 edge_run() {    # NAME MODE BIN [ENV...]
     name=$1 mode=$2 bin=$3; shift 3
@@ -139,7 +152,9 @@ J
     epid=$(cat "$w/edge.pid")
     n=0; until grep -q listening "$w/edge.out"; do n=$((n+1)); [ $n -gt 600 ] && { cat "$w/edge.log"; inns ss -ltnp; exit 1; }; sleep 0.1; done
     sync    # the previous run's files reach the disk before this one starts
+    c0=$(ticks "$epid")
     s=$(send YUNYING 11113 "$mode")
+    rec_cpu "$name" "$mode" "$c0" "$(ticks "$epid")"
     rss=$(sed -n 's/VmHWM:[ \t]*\([0-9]*\).*/\1/p' /proc/$epid/status)
     rows=$(sqlite3 "file:$sp/spool.db?mode=ro" "SELECT COUNT(*) FROM instances" 2>/dev/null || echo "?")
     stop "$w/edge.pid"
@@ -153,7 +168,9 @@ storescp_run() {  # NAME MODE [OPTS]
     spawn "$w/scp.pid" env TCP_NODELAY=1 storescp "$@" -od "$w/scp" -aet STORESCP 11114 >/dev/null 2>&1
     wait_port 11114
     sync
+    c0=$(ticks "$(cat "$w/scp.pid")")
     s=$(send STORESCP 11114 "$mode")
+    rec_cpu "$name" "$mode" "$c0" "$(ticks "$(cat "$w/scp.pid")")"
     stop "$w/scp.pid"
     rec "$name" "$mode" "$s"; echo "  $name mode=$mode: $s s" >&2
 }
@@ -167,7 +184,9 @@ J
     spawn "$w/orthanc.pid" env TCP_NODELAY=1 Orthanc "$w/orthanc.json" >"$w/orthanc.log" 2>&1
     wait_port 11115
     sync
+    c0=$(ticks "$(cat "$w/orthanc.pid")")
     s=$(send ORTHANC 11115 "$1")
+    rec_cpu orthanc "$1" "$c0" "$(ticks "$(cat "$w/orthanc.pid")")"
     stop "$w/orthanc.pid"
     rec orthanc "$1" "$s"; echo "  orthanc mode=$1: $s s" >&2
 }
@@ -204,6 +223,10 @@ for mode in 1 P; do
         all=$(grep "^$name $mode " "$w/results" | awk -v n="$nfiles" '{printf "%.0f ", n / $3}')
         rss=""
         if [ -f "$w/rss.$name.$mode" ]; then rss="peak RSS $(sort -n "$w/rss.$name.$mode" | tail -1) kB"; fi
+        if [ -f "$w/cpu.$name.$mode" ]; then
+            median <"$w/cpu.$name.$mode" >"$w/cpumed.$name.$mode"
+            rss="cpu $(cat "$w/cpumed.$name.$mode") ms/img $rss"
+        fi
         printf "%-18s %6.0f img/s (median; runs: %s) %s\n" "$name" "$(echo "$m" | awk -v n="$nfiles" '{print n / $1}')" "$all" "$rss"
         echo "$m" >"$w/med.$name.$mode"
     done
@@ -216,9 +239,10 @@ for mode in 1 P; do
             # minute to minute disturbs less than the ratio of medians.
             grep "^$a $mode " "$w/results" | awk '{print $3}' >"$w/t.anchor"
             paste "$w/t.anchor" "$w/t.edge" | awk '{print $1 / $2}' | sort -n >"$w/t.ratio"
-            printf "edge / %-16s = %.2f  (per round: median %.2f, %.2f-%.2f)\n" "$a" \
+            printf "edge / %-16s = %.2f  (per round: median %.2f, %.2f-%.2f; its CPU per image %.2fx the edge's)\n" "$a" \
                 "$(echo "$(cat "$w/med.$a.$mode") $e" | awk '{print $1 / $2}')" \
-                "$(median <"$w/t.ratio")" "$(head -n1 "$w/t.ratio")" "$(tail -n1 "$w/t.ratio")"
+                "$(median <"$w/t.ratio")" "$(head -n1 "$w/t.ratio")" "$(tail -n1 "$w/t.ratio")" \
+                "$(echo "$(cat "$w/cpumed.$a.$mode") $(cat "$w/cpumed.edge.$mode")" | awk '{print $1 / $2}')"
         fi
     done
 done
