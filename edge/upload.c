@@ -409,6 +409,7 @@ struct edge_upload {
     uv_timer_t cache_timer;
     uv_work_t cache_work;
     bool caching;                    /* cache_work in flight (also while CLOSING) */
+    bool cache_again;                /* kicked meanwhile: another pass when it ends */
     int cache_rc;
     int64_t cache_now;               /* the pass's time (edge clock, unix ms) */
     edge_spool_evicted_t cache_res;
@@ -2356,15 +2357,25 @@ static void cache_done(uv_work_t *w, int status)
                   " spool.evict_headroom_mb free and no image uploaded over 10 minutes ago is"
                   " left to remove");
     }
-    if (up->state == EDGE_UPLOAD_CLOSING)
+    if (up->state == EDGE_UPLOAD_CLOSING) {
         maybe_closed(up);
+        return;
+    }
+    if (up->cache_again)
+        cache_kick(up);
 }
 
-/* One pass of the hot cache's policy on the threadpool, unless one runs. */
+/* One pass of the hot cache's policy on the threadpool; one more after the
+ * running one, if one runs (its time may be older than the caller's). */
 static void cache_kick(edge_upload_t *up)
 {
-    if (up->caching || up->state == EDGE_UPLOAD_CLOSING)
+    if (up->state == EDGE_UPLOAD_CLOSING)
         return;
+    if (up->caching) {
+        up->cache_again = true;
+        return;
+    }
+    up->cache_again = false;
     if (uv_queue_work(up->loop, &up->cache_work, cache_work_fn, cache_done) == 0)
         up->caching = true;
 }
