@@ -79,7 +79,8 @@ static int map_curl_error(CURLcode rc, bool overflow)
     case CURLE_WRITE_ERROR: return overflow ? CMN_ETOOBIG : CMN_EHTTP;
     case CURLE_FILESIZE_EXCEEDED: return CMN_ETOOBIG;
     case CURLE_OPERATION_TIMEDOUT: return CMN_ETIMEOUT;
-    case CURLE_COULDNT_CONNECT: return -ECONNREFUSED;
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_PROXY: return -ECONNREFUSED;      /* the proxy refused the tunnel */
     case CURLE_COULDNT_RESOLVE_HOST:
     case CURLE_COULDNT_RESOLVE_PROXY: return -EHOSTUNREACH;
     case CURLE_OUT_OF_MEMORY: return -ENOMEM;
@@ -403,6 +404,10 @@ int cmn_http_client_send(cmn_http_client_t *cl, const cmn_http_client_req_t *req
     curl_easy_setopt(e, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
     if (req->ca_file)
         curl_easy_setopt(e, CURLOPT_CAINFO, req->ca_file);
+    if (req->proxy) {
+        curl_easy_setopt(e, CURLOPT_PROXY, req->proxy);
+        curl_easy_setopt(e, CURLOPT_NOPROXY, "");      /* no exceptions, not even loopback */
+    }
     if (req->pinned_pubkey &&
         curl_easy_setopt(e, CURLOPT_PINNEDPUBLICKEY, req->pinned_pubkey) != CURLE_OK) {
         err = CMN_ECRYPTO;

@@ -14,7 +14,7 @@ PKGS="build-essential pkg-config g++ make ca-certificates openssl curl
  chromium iproute2
  libpq-dev postgresql python3-psycopg2
  swift swift-proxy swift-object swift-container swift-account python3-swift memcached
- nginx"
+ nginx tinyproxy"
 
 missing=""
 for p in $PKGS; do

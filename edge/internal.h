@@ -47,6 +47,7 @@ typedef struct {
     char *secret_file;           /* file holding the shared secret, hex */
     char *ca_file;               /* PEM CA bundle for the cloud's certificate; "" = system */
     char *pinned_pubkey;         /* "" or "sha256//<base64>[;...]" */
+    char *proxy;                 /* "" or the hospital's proxy, "http://host:port" */
     char *client_cert_file;      /* "" or PEM client certificate (mutual TLS) */
     char *client_key_file;       /* "" or its PEM key ("" = inside client_cert_file) */
     long long parallel;          /* instances in flight */

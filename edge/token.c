@@ -36,7 +36,7 @@ struct edge_token {
     uint8_t secret[128];         /* wiped at close */
     size_t secret_len;
     long timeout_ms;
-    const char *ca_file, *pinned_pubkey, *client_cert_file, *client_key_file;
+    const char *ca_file, *pinned_pubkey, *client_cert_file, *client_key_file, *proxy;
     proto_token_t tok;           /* valid in READY; wiped when dropped */
     uint64_t use_until_ms;       /* monotonic: rotate after this */
     char *body;                  /* owned: token request body, held until the answer */
@@ -114,6 +114,7 @@ int edge_token_create(cmn_http_client_t *http, const edge_token_opts_t *o, edge_
     t->timeout_ms = o->timeout_ms;
     t->ca_file = o->ca_file && *o->ca_file ? o->ca_file : NULL;
     t->pinned_pubkey = o->pinned_pubkey && *o->pinned_pubkey ? o->pinned_pubkey : NULL;
+    t->proxy = o->proxy && *o->proxy ? o->proxy : NULL;
     t->client_cert_file = o->client_cert_file && *o->client_cert_file ? o->client_cert_file : NULL;
     t->client_key_file = o->client_key_file && *o->client_key_file ? o->client_key_file : NULL;
     const char *skew = getenv("YY_EDGE_TEST_SKEW_FILE");
@@ -317,6 +318,7 @@ static int fetch(edge_token_t *t)
         .max_response = 16 << 10,
         .ca_file = t->ca_file,
         .pinned_pubkey = t->pinned_pubkey,
+        .proxy = t->proxy,
         .client_cert_file = t->client_cert_file,
         .client_key_file = t->client_key_file,
     };

@@ -48,10 +48,12 @@ typedef struct {
     const uint8_t *secret;       /* the edge secret (copied; wiped at close) */
     size_t secret_len;
     long timeout_ms;             /* per token request */
-    /* TLS settings for the token request, as in cmn_http_client_req_t; the
-     * strings must outlive the token object (they live in the config). */
+    /* TLS and proxy settings for the token request, as in
+     * cmn_http_client_req_t; the strings must outlive the token object (they
+     * live in the config). */
     const char *ca_file;
     const char *pinned_pubkey;
+    const char *proxy;
     const char *client_cert_file;
     const char *client_key_file;
 } edge_token_opts_t;

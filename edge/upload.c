@@ -115,6 +115,10 @@ const cmn_conf_opt_t edge__upload_opts[] = {
                      "CA bundle (PEM) that verifies the cloud's certificate; empty = system store"),
     CMN_CONF_OPT_STR(edge_conf_upload_t, pinned_pubkey, "",
                      "optional pin of the cloud's public key: sha256//<base64>[;sha256//...]"),
+    CMN_CONF_OPT_STR(edge_conf_upload_t, proxy, "",
+                     "the hospital's outbound proxy, http://host:port (https://, socks5h:// too);"
+                     " HTTPS to the cloud goes through it in a CONNECT tunnel, verified end to end;"
+                     " empty = direct (or the https_proxy environment variable)"),
     CMN_CONF_OPT_STR(edge_conf_upload_t, client_cert_file, "",
                      "client certificate (PEM) for mutual TLS; its CN must be edge_id"),
     CMN_CONF_OPT_STR(edge_conf_upload_t, client_key_file, "",
@@ -224,6 +228,11 @@ static int upload_tls_check(const edge_conf_upload_t *c, char *err, size_t errle
     if (c->client_key_file && *c->client_key_file &&
         !(c->client_cert_file && *c->client_cert_file)) {
         snprintf(err, errlen, "upload.client_key_file: set only with upload.client_cert_file");
+        return CMN_ECONFIG;
+    }
+    if (c->proxy && *c->proxy && strncmp(c->proxy, "http://", 7) != 0 &&
+        strncmp(c->proxy, "https://", 8) != 0 && strncmp(c->proxy, "socks5h://", 10) != 0) {
+        snprintf(err, errlen, "upload.proxy: must start with http://, https:// or socks5h://");
         return CMN_ECONFIG;
     }
     if (c->pinned_pubkey && *c->pinned_pubkey && strncmp(c->pinned_pubkey, "sha256//", 8) != 0) {
@@ -655,6 +664,7 @@ static int signed_send_now(http_ctx_t *ctx, const proto_token_t *tok)
         .max_response = 1 << 20,
         .ca_file = c->ca_file && *c->ca_file ? c->ca_file : NULL,
         .pinned_pubkey = c->pinned_pubkey && *c->pinned_pubkey ? c->pinned_pubkey : NULL,
+        .proxy = c->proxy && *c->proxy ? c->proxy : NULL,
         .client_cert_file = c->client_cert_file && *c->client_cert_file ? c->client_cert_file
                                                                           : NULL,
         .client_key_file = c->client_key_file && *c->client_key_file ? c->client_key_file : NULL,
@@ -2465,6 +2475,7 @@ int edge_upload_create(uv_loop_t *loop, const edge_conf_upload_t *conf, edge_spo
         .timeout_ms = (long)conf->timeout_ms,
         .ca_file = conf->ca_file,
         .pinned_pubkey = conf->pinned_pubkey,
+        .proxy = conf->proxy,
         .client_cert_file = conf->client_cert_file,
         .client_key_file = conf->client_key_file,
     };

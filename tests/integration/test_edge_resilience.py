@@ -23,6 +23,7 @@ import io
 import json
 import os
 import random
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -566,6 +567,82 @@ def edge_with_a_wrong_clock_signs_with_the_clouds_time():
                 "differs from the edge's by -" in edge.all_logs(), "both differences logged")
         h.eq(edge.stop(), 0, "edge exit code")
     finally:
+        cloud.stop()
+
+
+class TinyProxy:
+    """Debian's tinyproxy on 127.0.0.1: a hospital's outbound HTTP proxy that
+    only tunnels (CONNECT) to connect_port."""
+
+    def __init__(self, connect_port, port=None):
+        d = h.tempdir("yy-res-proxy-")
+        self.port = port or h.free_port()
+        self.log = os.path.join(d, "tinyproxy.log")
+        conf = os.path.join(d, "tinyproxy.conf")
+        with open(conf, "w") as f:
+            f.write(f"Port {self.port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 60\n"
+                    f"MaxClients 64\nConnectPort {connect_port}\nLogFile \"{self.log}\"\n"
+                    "LogLevel Connect\n")
+        self.out = open(os.path.join(d, "stderr.log"), "wb")
+        self.proc = subprocess.Popen(["tinyproxy", "-d", "-c", conf], stdout=self.out,
+                                     stderr=self.out, start_new_session=True)
+
+        def listening():
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+                return True
+            except OSError:
+                return self.proc.poll() is not None   # died: fail below
+        h.wait_until(listening, timeout=30, what="tinyproxy listening")
+        h.eq(self.proc.poll(), None, "tinyproxy running")
+
+    def tunnels(self):
+        with open(self.log, errors="replace") as f:
+            return f.read().count(" CONNECT ")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.out.close()
+
+
+@h.test
+def upload_through_the_hospitals_proxy():
+    """Hospitals often reach the internet only through an HTTP proxy
+    (R-2.2: the edge bridges the intranet and the internet). With
+    upload.proxy, every request - token and uploads - goes through it in a
+    CONNECT tunnel, TLS verified end to end; there is no way around it: with
+    the proxy down nothing leaves, and the upload resumes once it is back."""
+    m, files = gen_ct(6, seed=41)
+    sent = sop_uids(files)
+    cloud = h.Cloud(tls=True)
+    proxy = TinyProxy(cloud.port)
+    try:
+        edge = Edge(cloud.url, cloud.edge_id, cloud.secret,
+                    upload={"compress": True, "proxy": f"http://127.0.0.1:{proxy.port}"})
+        store_all(edge, files[:3])
+        h.wait_until(lambda: edge.counts()["DONE"] == 3, timeout=120,
+                     what="uploaded through the proxy")
+        h.check(proxy.tunnels() >= 1, "CONNECT tunnels in the proxy's log")
+        n = proxy.tunnels()
+        proxy.stop()
+        store_all(edge, files[3:])
+        h.wait_until(lambda: edge.status()["errors"].get("connect", 0) >= 1, timeout=60,
+                     what="a connect error with the proxy down")
+        h.eq(edge.counts()["DONE"], 3, "nothing uploaded around the proxy")
+        proxy2 = TinyProxy(cloud.port, port=proxy.port)     # the proxy is back
+        try:
+            h.wait_until(lambda: edge.counts()["DONE"] == 6, timeout=120,
+                         what="the rest uploaded through the proxy once it is back")
+            h.check(proxy2.tunnels() >= 1, "tunnels once the proxy is back")
+        finally:
+            proxy2.stop()
+        verify_exactly_once(cloud, edge, m["study_uid"], sent, sample=1)
+        h.check(n >= 1, "first proxy used")
+        h.eq(edge.stop(), 0, "edge exit code")
+    finally:
+        if proxy.proc.poll() is None:
+            proxy.stop()
         cloud.stop()
 
 

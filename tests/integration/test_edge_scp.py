@@ -220,7 +220,13 @@ def is_failure(status):
 @h.test
 def bad_config_names_the_key():
     d = h.tempdir()
+    secret = os.path.join(d, "edge.secret")
+    with open(secret, "w") as f:
+        f.write("ab" * 32 + "\n")
     cases = [
+        ({"upload": {"cloud_url": "https://cloud.example", "edge_id": "e", "secret_file": secret,
+                     "proxy": "ftp://proxy.example:21"}}, "upload.proxy"),
+        ({"spool": {"keep_days": -1}}, "spool.keep_days"),
         ({"scp": {"ae_titel": "X"}}, "scp.ae_titel"),
         ({"scp": {"port": 70000}}, "scp.port"),
         ({"scp": {"ae_title": "A" * 17}}, "scp.ae_title"),

@@ -201,6 +201,10 @@ typedef struct {
                                   * server's public key must also match one of them */
     const char *client_cert_file; /* client certificate (PEM) for mutual TLS, or NULL */
     const char *client_key_file; /* its private key (PEM); NULL = in client_cert_file */
+    /* NULL = direct (libcurl's https_proxy etc. environment variables still
+     * apply); else the proxy URL, e.g. "http://proxy.example:3128": https://
+     * requests go through it in a CONNECT tunnel, TLS still end to end. */
+    const char *proxy;
 } cmn_http_client_req_t;
 
 typedef struct {
