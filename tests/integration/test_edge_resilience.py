@@ -696,6 +696,23 @@ def uploaded_images_leave_the_spool_after_keep_days_or_for_space():
         cache_pass(edge, t0 + DAY_MS)
         h.check(all(os.path.exists(p) for p in fa), "A kept one day after its upload")
 
+        # Past keep_days, but objects/ refuses deletions (chattr +i, which
+        # stops root too): nothing is marked, the error is logged, the next
+        # pass retries.
+        objects = os.path.join(edge.dir, "spool", "objects")
+        immutable = subprocess.run(["chattr", "+i", objects], capture_output=True).returncode == 0
+        if immutable:
+            try:
+                edge.set_clock(t0 + 3 * DAY_MS - 1000)
+                cache_pass(edge, t0 + 3 * DAY_MS - 1000)
+                h.check(all(os.path.exists(p) for p in fa), "A's files, undeletable, still there")
+                h.eq({s for s, v in evicted_at(edge).items() if v}, set(), "no row marked evicted")
+                h.check("hot cache: cannot delete" in edge.all_logs(), "the failure is logged")
+            finally:
+                subprocess.run(["chattr", "-i", objects], check=True)
+        else:
+            print("    (chattr +i not supported here: the undeletable case is skipped)")
+
         edge.set_clock(t0 + 3 * DAY_MS)         # past keep_days: A leaves, B (not uploaded) stays
         cache_pass(edge, t0 + 3 * DAY_MS)
         h.eq([p for p in fa if os.path.exists(p)], [], "A's files after keep_days")
@@ -709,6 +726,8 @@ def uploaded_images_leave_the_spool_after_keep_days_or_for_space():
         h.eq(edge.metrics().get("yy_edge_evicted_instances_total"), 6.0, "evicted in /metrics")
         h.check("6 uploaded instance(s) left the spool (6 past spool.keep_days" in edge.all_logs(),
                 "the pass is logged")
+        h.check("hot cache:        0 uploaded instance(s) kept" in edge.cli_status() and
+                "; 6 left the spool" in edge.cli_status(), "hot cache in `yunying-edge status`")
 
         proxy.up()                              # B uploads at t0 + 3 days + 1 minute
         edge.set_clock(t0 + 3 * DAY_MS + 60000)  # (its retries are due on the edge's clock)
