@@ -225,6 +225,10 @@ static int writer_start(edge_spool_t *sp);
 static void writer_stop(edge_spool_t *sp);
 static int counter_add(edge_spool_t *sp, const char *name, int64_t delta, bool set);
 
+/* Bytes a DONE row keeps in the hot cache: its upload file, and the original
+ * when that is another file (transcoded). */
+#define CACHED_BYTES_SQL "COALESCE(up_size, size) + (up_path IS NOT NULL AND up_path <> path) * size"
+
 static const char *const migrations[] = {
     "CREATE TABLE instances ("
     "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
@@ -265,10 +269,16 @@ static const char *const migrations[] = {
     /* 4: the XXH3-128 checksum taken at receipt; sha256 is '' on such rows. */
     "ALTER TABLE instances ADD COLUMN xxh128 TEXT;",
 
-    /* 5: the hot cache - when an uploaded row's files were deleted. */
+    /* 5: the hot cache - when an uploaded row's files were deleted; what
+     * it holds, counted (the status page must not sum a month of rows). */
     "ALTER TABLE instances ADD COLUMN evicted_at INTEGER;"       /* unix ms */
     "CREATE INDEX instances_cached ON instances(done_at, id)"
-    " WHERE state='DONE' AND evicted_at IS NULL;",
+    " WHERE state='DONE' AND evicted_at IS NULL;"
+    "INSERT OR REPLACE INTO counters(name, value)"
+    " SELECT 'cached_instances', COUNT(*) FROM instances WHERE state='DONE';"
+    "INSERT OR REPLACE INTO counters(name, value)"
+    " SELECT 'cached_bytes', COALESCE(SUM(" CACHED_BYTES_SQL "), 0) FROM instances"
+    " WHERE state='DONE';",
 };
 
 const char *edge_spool_state_name(edge_spool_state_t s)
@@ -1844,16 +1854,16 @@ static int mark(edge_spool_t *sp, mark_t how, int64_t id, int64_t next_at_ms, co
     static const char *const sql[] = {
         [MARK_DONE] = "UPDATE instances SET state='DONE', updated_at=?2, done_at=?2,"
                       " last_error=NULL WHERE id=?1 AND state <> 'DONE'"
-                      " RETURNING size, COALESCE(up_size, size)",
+                      " RETURNING size, COALESCE(up_size, size), " CACHED_BYTES_SQL,
         [MARK_RETRY] = "UPDATE instances SET state='PENDING', attempts=attempts+1, updated_at=?2,"
-                       " next_attempt_at=?3, last_error=?4 WHERE id=?1 RETURNING 0, 0",
+                       " next_attempt_at=?3, last_error=?4 WHERE id=?1 RETURNING 0, 0, 0",
         [MARK_RELEASE] = "UPDATE instances SET state='PENDING', updated_at=?2,"
-                         " next_attempt_at=0 WHERE id=?1 RETURNING 0, 0",
+                         " next_attempt_at=0 WHERE id=?1 RETURNING 0, 0, 0",
         [MARK_FAILED] = "UPDATE instances SET state='FAILED', attempts=attempts+1, updated_at=?2,"
-                        " last_error=?4 WHERE id=?1 RETURNING 0, 0",
+                        " last_error=?4 WHERE id=?1 RETURNING 0, 0, 0",
     };
     sqlite3_stmt *st = NULL;
-    int64_t now = now_wall_ms(), orig = 0, up = 0;
+    int64_t now = now_wall_ms(), orig = 0, up = 0, cache = 0;
     bool changed = false;
     char name[48];
     int rc;
@@ -1876,6 +1886,7 @@ static int mark(edge_spool_t *sp, mark_t how, int64_t id, int64_t next_at_ms, co
         changed = true;
         orig = sqlite3_column_int64(st, 0);
         up = sqlite3_column_int64(st, 1);
+        cache = sqlite3_column_int64(st, 2);
         s = sqlite3_step(st);
     }
     sqlite3_finalize(st);
@@ -1890,7 +1901,9 @@ static int mark(edge_spool_t *sp, mark_t how, int64_t id, int64_t next_at_ms, co
         if ((rc = counter_add(sp, "last_success_ms", now, true)) < 0 ||
             (rc = counter_add(sp, "uploaded_instances", 1, false)) < 0 ||
             (rc = counter_add(sp, "uploaded_bytes", up, false)) < 0 ||
-            (rc = counter_add(sp, "original_bytes_done", orig, false)) < 0)
+            (rc = counter_add(sp, "original_bytes_done", orig, false)) < 0 ||
+            (rc = counter_add(sp, "cached_instances", 1, false)) < 0 ||
+            (rc = counter_add(sp, "cached_bytes", cache, false)) < 0)
             goto out_rollback;
     }
     if (how == MARK_RETRY && kind && kind[0]) {
@@ -2015,15 +2028,11 @@ int edge_spool_stats(edge_spool_t *sp, int64_t now_ms, edge_spool_stats_t *st)
     st->done_bytes_300s = v[1];
     st->done_orig_bytes_60s = v[2];
     memset(v, 0, sizeof(v));
-    rc = query_i64(sp, "SELECT COUNT(*), COALESCE(SUM(COALESCE(up_size, size) +"
-                   " (up_path IS NOT NULL AND up_path <> path) * size),0),"
-                   " COALESCE(MIN(done_at),0) FROM instances"
-                   " WHERE state='DONE' AND evicted_at IS NULL AND ?1 = ?1", 0, v, 3);
+    rc = query_i64(sp, "SELECT COALESCE(MIN(done_at),0) FROM instances"       /* the index's first */
+                   " WHERE state='DONE' AND evicted_at IS NULL AND ?1 = ?1", 0, v, 1);
     if (rc < 0)
         goto out_rollback;
-    st->cached_instances = v[0];
-    st->cached_bytes = v[1];
-    st->oldest_cached_ms = v[2];
+    st->oldest_cached_ms = v[0];
     rc = cmn_db_prepare(sp->db, "SELECT name, value FROM counters ORDER BY name", &q);
     if (rc < 0)
         goto out_rollback;
@@ -2038,6 +2047,8 @@ int edge_spool_stats(edge_spool_t *sp, int64_t now_ms, edge_spool_stats_t *st)
         else if (!strcmp(name, "original_bytes_done")) st->original_bytes_done = val;
         else if (!strcmp(name, "bytes_sent")) st->bytes_sent = val;
         else if (!strcmp(name, "evicted_instances")) st->evicted_instances = val;
+        else if (!strcmp(name, "cached_instances")) st->cached_instances = val;
+        else if (!strcmp(name, "cached_bytes")) st->cached_bytes = val;
         else if (!strncmp(name, "err.", 4) && st->nerr < EDGE_SPOOL_MAX_ERR_KINDS) {
             snprintf(st->err[st->nerr].kind, sizeof(st->err[0].kind), "%s", name + 4);
             st->err[st->nerr].count = val;
@@ -2101,16 +2112,15 @@ static int evict_batch(edge_spool_t *sp, int64_t now_ms, int64_t before_ms, int 
         int64_t id, size;
         char path[PATH_MAX + 128], up_path[PATH_MAX + 128];
     } *v = cmn_xcalloc(EVICT_BATCH, sizeof(*v));
-    int64_t ids[EVICT_BATCH];
+    int64_t ids[EVICT_BATCH], freed = 0;
     sqlite3_stmt *st;
     int nv = 0, ne = 0, rc;
 
     *n = 0;
     pthread_mutex_lock(&sp->mu);
-    rc = cmn_db_prepare(sp->db, "SELECT id, COALESCE(up_size, size) + (up_path IS NOT NULL AND"
-                        " up_path <> path) * size, path, COALESCE(up_path, '') FROM instances"
-                        " WHERE state='DONE' AND evicted_at IS NULL AND done_at < ?1"
-                        " ORDER BY done_at, id LIMIT ?2", &st);
+    rc = cmn_db_prepare(sp->db, "SELECT id, " CACHED_BYTES_SQL ", path, COALESCE(up_path, '')"
+                        " FROM instances WHERE state='DONE' AND evicted_at IS NULL"
+                        " AND done_at < ?1 ORDER BY done_at, id LIMIT ?2", &st);
     if (rc == 0) {
         sqlite3_bind_int64(st, 1, before_ms);
         sqlite3_bind_int(st, 2, EVICT_BATCH);
@@ -2140,7 +2150,7 @@ static int evict_batch(edge_spool_t *sp, int64_t now_ms, int64_t before_ms, int 
             continue;
         }
         ids[ne++] = v[i].id;
-        *bytes += (uint64_t)v[i].size;
+        freed += v[i].size;
     }
     if (ne > 0) {
         pthread_mutex_lock(&sp->mu);
@@ -2155,8 +2165,9 @@ static int evict_batch(edge_spool_t *sp, int64_t now_ms, int64_t before_ms, int 
             }
             sqlite3_finalize(st);
         }
-        if (rc == 0)
-            rc = counter_add(sp, "evicted_instances", ne, false);
+        if (rc == 0 && (rc = counter_add(sp, "evicted_instances", ne, false)) == 0 &&
+            (rc = counter_add(sp, "cached_instances", -ne, false)) == 0)
+            rc = counter_add(sp, "cached_bytes", -freed, false);
         if (rc == 0)
             rc = cmn_db_exec(sp->db, "COMMIT");
         if (rc < 0)
@@ -2164,6 +2175,8 @@ static int evict_batch(edge_spool_t *sp, int64_t now_ms, int64_t before_ms, int 
         pthread_mutex_unlock(&sp->mu);
     }
     free(v);
+    if (rc == 0)
+        *bytes += (uint64_t)freed;
     *n = rc < 0 ? 0 : (ne > 0 ? ne : -1);      /* -1: only undeletable ones left */
     return rc;
 }
@@ -2378,7 +2391,7 @@ out_unlock:
 int edge_spool_mark_done_many(edge_spool_t *sp, const int64_t *ids, int n, uint64_t bytes_sent)
 {
     sqlite3_stmt *st = NULL, *del = NULL;
-    int64_t now = now_wall_ms(), orig = 0, up = 0, changed = 0;
+    int64_t now = now_wall_ms(), orig = 0, up = 0, cache = 0, changed = 0;
     int rc;
 
     pthread_mutex_lock(&sp->mu);
@@ -2390,7 +2403,8 @@ int edge_spool_mark_done_many(edge_spool_t *sp, const int64_t *ids, int n, uint6
     if ((rc = cmn_db_prepare(sp->db,
                              "UPDATE instances SET state='DONE', updated_at=?2, done_at=?2,"
                              " last_error=NULL WHERE id=?1 AND state <> 'DONE'"
-                             " RETURNING size, COALESCE(up_size, size)", &st)) < 0 ||
+                             " RETURNING size, COALESCE(up_size, size), " CACHED_BYTES_SQL,
+                             &st)) < 0 ||
         (rc = cmn_db_prepare(sp->db, "DELETE FROM upload_groups WHERE id=?1", &del)) < 0)
         goto out_rollback;
     for (int i = 0; i < n; i++) {
@@ -2402,6 +2416,7 @@ int edge_spool_mark_done_many(edge_spool_t *sp, const int64_t *ids, int n, uint6
             changed++;
             orig += sqlite3_column_int64(st, 0);
             up += sqlite3_column_int64(st, 1);
+            cache += sqlite3_column_int64(st, 2);
             s = sqlite3_step(st);
         }
         if (s != SQLITE_DONE) {
@@ -2420,7 +2435,9 @@ int edge_spool_mark_done_many(edge_spool_t *sp, const int64_t *ids, int n, uint6
     if (changed && ((rc = counter_add(sp, "last_success_ms", now, true)) < 0 ||
                     (rc = counter_add(sp, "uploaded_instances", changed, false)) < 0 ||
                     (rc = counter_add(sp, "uploaded_bytes", up, false)) < 0 ||
-                    (rc = counter_add(sp, "original_bytes_done", orig, false)) < 0))
+                    (rc = counter_add(sp, "original_bytes_done", orig, false)) < 0 ||
+                    (rc = counter_add(sp, "cached_instances", changed, false)) < 0 ||
+                    (rc = counter_add(sp, "cached_bytes", cache, false)) < 0))
         goto out_rollback;
     sqlite3_finalize(st);
     sqlite3_finalize(del);

@@ -754,7 +754,10 @@ def uploaded_images_leave_the_spool_after_keep_days_or_for_space():
         h.wait_until(lambda: not any(os.path.exists(p) for p in fb), timeout=60,
                      what="B's files gone early for space")
         h.check(all(os.path.exists(p) for p in fc), "C kept: uploaded less than 10 minutes ago")
-        h.eq(edge.status()["evicted_instances"], 9, "evicted: A and B")
+        st = edge.status()
+        h.eq((st["evicted_instances"], st["cached_instances"]), (9, 2), "evicted: A and B; kept: C")
+        h.eq(st["cached_bytes"], sum(os.path.getsize(p) for p in fc),
+             "the cache's bytes: C's originals and JPEG-LS files")
         logs = edge.all_logs()
         h.check("3 early for disk space" in logs, "the early eviction is logged")
         h.check("no image uploaded over 10 minutes ago is left" in logs,
