@@ -172,6 +172,11 @@ static void check_multi_info(cmn_http_client_t *cl)
             curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &res.status);
             curl_easy_getinfo(r->easy, CURLINFO_CONTENT_TYPE, &ctype);
             res.content_type = ctype;
+            struct curl_header *d;
+            if (curl_easy_header(r->easy, "Date", 0, CURLH_HEADER, -1, &d) == CURLHE_OK) {
+                time_t t = curl_getdate(d->value, NULL);
+                res.date = t > 0 ? (int64_t)t : 0;
+            }
         }
         if (res.err)
             CMN_LOG_D(SUBSYS, "client request failed: %s", res.errmsg);

@@ -66,6 +66,7 @@
 #include <strings.h>
 #include <sys/sendfile.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "llhttp.h"
@@ -239,6 +240,8 @@ struct cmn_http_server {
     uint64_t plain_http_log_ms;   /* uv_now() of the last plain-HTTP warning */
     unsigned plain_http_quiet;    /* plain-HTTP connections not warned about since */
     bool plain_http_logged;       /* plain_http_log_ms is set */
+    time_t date_sec;              /* the second date_hdr was formatted for */
+    char date_hdr[48];            /* "Date: <IMF-fixdate>\r\n" */
     conn_t *conns;                /* list of live connections */
     int nconns;
     bool closing;
@@ -828,6 +831,27 @@ static int write_bufs(conn_t *c, uv_buf_t *bufs, unsigned n)
     return 0;
 }
 
+/* "Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n" (RFC 9110 5.6.7, which an origin
+ * server with a clock must send), formatted once a second; C names, not the
+ * locale's. */
+static const char *date_header(cmn_http_server_t *srv)
+{
+    static const char days[7][4] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+    static const char months[12][4] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                       "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+    time_t now = time(NULL);
+    struct tm tm;
+
+    if (now != srv->date_sec && gmtime_r(&now, &tm)) {
+        snprintf(srv->date_hdr, sizeof(srv->date_hdr),
+                 "Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n", days[tm.tm_wday % 7],
+                 tm.tm_mday, months[tm.tm_mon % 12], tm.tm_year + 1900, tm.tm_hour, tm.tm_min,
+                 tm.tm_sec);
+        srv->date_sec = now;
+    }
+    return srv->date_hdr;
+}
+
 static void build_head(conn_t *c)
 {
     cmn_http_resp_t *r = &c->resp;
@@ -836,7 +860,8 @@ static void build_head(conn_t *c)
     int err;
 
     cmn_buf_init(h, 0);
-    err = cmn_buf_appendf(h, "HTTP/1.1 %d %s\r\n", status, reason_phrase(status));
+    err = cmn_buf_appendf(h, "HTTP/1.1 %d %s\r\n%s", status, reason_phrase(status),
+                          date_header(c->srv));
     if (err == 0 && r->headers.len)
         err = cmn_buf_append(h, r->headers.data, r->headers.len);
     if (err == 0)

@@ -202,9 +202,10 @@ static void report(const edge_conf_t *conf, const edge_schedule_t *sched, const 
                            s->live.jpegls_usec ? (double)s->live.jpegls_bytes_in /
                                                      (double)s->live.jpegls_usec : 0.0,
                            s->live.originals);
-        if (s->live.clock_offset_s != 0)
-            cmn_buf_appendf(b, "cloud clock:      %+" PRId64 " s from the edge's clock (requests"
-                           " are signed with the cloud's time)\n", s->live.clock_offset_s);
+        if (s->live.clock_offset_s > 2 || s->live.clock_offset_s < -2)
+            cmn_buf_appendf(b, "cloud clock:      %+" PRId64 " s from the edge's clock (beyond"
+                           " the cloud's window, requests are signed with the cloud's time)\n",
+                           s->live.clock_offset_s);
     }
     if (s->quota_full)
         cmn_buf_appendf(b, "ALARM:            spool quota full - new images are refused (A700)\n");
@@ -367,7 +368,7 @@ static void metrics_text(const snap_t *s, cmn_buf_t *b)
                "Instances sent as received (not transcodable or compression off).", NULL,
                (double)s->live.originals);
         metric(b, "yy_edge_cloud_clock_offset_seconds", "gauge",
-               "The cloud's clock minus the edge's, as the cloud answered (0 = never said).",
+               "The cloud's clock minus the edge's, from its last answer (0 = none yet).",
                NULL, (double)s->live.clock_offset_s);
     }
 }

@@ -44,6 +44,8 @@ struct edge_token {
     int64_t body_offset;         /* offset_s then */
     bool skew_resent;            /* this fetch is the re-sent one after clock_skew */
     int64_t offset_s;            /* cloud clock minus ours, learnt from clock_skew */
+    int64_t seen_s;              /* cloud clock minus ours, from the last Date header */
+    bool seen;
     char *test_skew_file;        /* YY_EDGE_TEST_SKEW_FILE (tests): seconds our clock is made wrong by */
     waiter_t *waiters;           /* callers waiting for FETCHING to end; order does not matter */
 };
@@ -152,6 +154,19 @@ int64_t edge_token_clock_offset(const edge_token_t *t)
     return t->offset_s;
 }
 
+void edge_token_clock_seen(edge_token_t *t, int64_t cloud_date)
+{
+    if (cloud_date <= 0)
+        return;
+    t->seen_s = cloud_date - ((int64_t)time(NULL) + test_skew(t));
+    t->seen = true;
+}
+
+int64_t edge_token_clock_diff(const edge_token_t *t)
+{
+    return t->seen ? t->seen_s : t->offset_s;
+}
+
 bool edge_token_clock_skew(edge_token_t *t, int64_t signed_at, int64_t offset_at,
                            int64_t server_time)
 {
@@ -221,6 +236,8 @@ static void on_fetched(const cmn_http_result_t *res, void *ud)
         token_free(t);
         return;
     }
+    if (res->err == 0)
+        edge_token_clock_seen(t, res->date);
     if (res->err < 0) {
         snprintf(why, sizeof(why), "token: transport: %s",
                  res->errmsg ? res->errmsg : cmn_strerror(res->err));

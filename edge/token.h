@@ -94,8 +94,20 @@ int64_t edge_token_time(const edge_token_t *t);
 bool edge_token_clock_skew(edge_token_t *t, int64_t signed_at, int64_t offset_at,
                            int64_t server_time);
 
-/** The difference learnt (cloud minus edge clock, seconds; 0 = none). */
+/** The difference learnt (cloud minus edge clock, seconds; 0 = none): what
+ * edge_token_time adds. */
 int64_t edge_token_clock_offset(const edge_token_t *t);
+
+/** A response from the cloud carried its clock (the Date header, Unix s). */
+void edge_token_clock_seen(edge_token_t *t, int64_t cloud_date);
+
+/**
+ * The cloud's clock minus the edge's as last seen, seconds: from the last
+ * response's Date header (to a second or two), else the learnt difference.
+ * For the status page; a difference under the cloud's window shows here
+ * before any request is refused.
+ */
+int64_t edge_token_clock_diff(const edge_token_t *t);
 
 /** Beyond this difference (seconds) the status page raises a clock alarm. */
 #define EDGE_CLOCK_ALARM_S 60

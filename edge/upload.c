@@ -721,6 +721,8 @@ static void on_signed_http(const cmn_http_result_t *res, void *ud)
     edge_upload_t *up = ctx->job->up;
     proto_error_t e;
 
+    if (res->err == 0)
+        edge_token_clock_seen(up->token, res->date);
     if (up->state != EDGE_UPLOAD_CLOSING && res->err == 0 && res->status == 401 &&
         res->body.data && proto_error_decode(res->body.data, res->body.len, &e) == 0) {
         bool again = false;
@@ -850,7 +852,7 @@ static void live_update(edge_upload_t *up)
     up->live.pacing = up->npacing;
     up->live.preparing = up->prep_inflight;
     up->live.tokens = (int64_t)up->tokens;
-    up->live.clock_offset_s = up->token ? edge_token_clock_offset(up->token) : 0;
+    up->live.clock_offset_s = up->token ? edge_token_clock_diff(up->token) : 0;
     pthread_mutex_unlock(&up->live_mu);
 }
 

@@ -37,7 +37,7 @@ typedef struct {
     uint64_t jpegls_bytes_out;       /* their JPEG-LS file bytes */
     uint64_t jpegls_usec;            /* time spent transcoding */
     uint64_t originals;              /* prepared as the original (skipped or compress off) */
-    int64_t clock_offset_s;          /* the cloud's clock minus the edge's, as the cloud said */
+    int64_t clock_offset_s;          /* the cloud's clock minus the edge's (edge_token_clock_diff) */
     int64_t cache_pass_ms;           /* unix ms (edge clock) of the hot cache's last pass; 0 = none */
 } edge_upload_live_t;
 

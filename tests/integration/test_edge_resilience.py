@@ -570,6 +570,41 @@ def edge_with_a_wrong_clock_signs_with_the_clouds_time():
         cloud.stop()
 
 
+@h.test
+def edge_clock_off_within_the_window_raises_the_alarm():
+    """An edge two minutes behind is still inside the cloud's window (5
+    minutes): nothing is refused, but the cloud's Date header shows the
+    difference, and the status page raises the clock alarm before it grows
+    into refusals."""
+    m, files = gen_ct(2, seed=42)
+    cloud = h.Cloud()
+    skew = os.path.join(h.tempdir("yy-res-skew-"), "skew")
+    with open(skew, "w") as f:
+        f.write("-120\n")
+    try:
+        edge = Edge(cloud.url, cloud.edge_id, cloud.secret, upload={"compress": False},
+                    env={"YY_EDGE_TEST_SKEW_FILE": skew})
+        store_all(edge, files)
+        h.wait_until(lambda: edge.counts()["DONE"] == 2, timeout=120, what="uploaded")
+        st = edge.status()
+        h.check(117 <= st["live"]["clock_offset_s"] <= 123,
+                f"difference from the cloud's Date: {st['live']['clock_offset_s']} s")
+        h.eq(st["clock_alarm"], True, "clock alarm")
+        h.eq(cloud.log_text().count("code=clock_skew"), 0, "nothing refused for its timestamp")
+        with urllib.request.urlopen(edge.url("/"), timeout=10) as resp:
+            h.check("clock is" in resp.read().decode(), "alarm on the status page")
+        with open(skew, "w") as f:           # the clock is fixed
+            f.write("0\n")
+        store_all(edge, gen_ct(1, seed=43)[1])
+        h.wait_until(lambda: edge.counts()["DONE"] == 3, timeout=120, what="uploaded after the fix")
+        st = edge.status()
+        h.check(abs(st["live"]["clock_offset_s"]) <= 2, f"difference {st['live']['clock_offset_s']}")
+        h.eq(st["clock_alarm"], False, "alarm cleared")
+        h.eq(edge.stop(), 0, "edge exit code")
+    finally:
+        cloud.stop()
+
+
 class TinyProxy:
     """Debian's tinyproxy on 127.0.0.1: a hospital's outbound HTTP proxy that
     only tunnels (CONNECT) to connect_port."""

@@ -213,6 +213,7 @@ typedef struct {
     long status;                 /* HTTP status, 0 on transport failure */
     cmn_buf_t body;              /* response body; owned by the client, valid during cb */
     const char *content_type;    /* NULL when absent */
+    int64_t date;                /* the response's Date header, Unix seconds; 0 when absent */
 } cmn_http_result_t;
 
 typedef void (*cmn_http_client_cb)(const cmn_http_result_t *res, void *ud);

@@ -563,6 +563,18 @@ static void test_keep_alive_and_close(void **state)
     assert_int_equal(r.status, 200);
     assert_string_equal(r.body, "GET /info ? n=1 | 0 | 127.0.0.1");
     assert_null(strcasestr(r.head, "Connection: close"));
+    {
+        /* Date (RFC 9110 5.6.7): IMF-fixdate, GMT, this second give or take. */
+        const char *d = strstr(r.head, "\r\nDate: ");
+        struct tm tm;
+        memset(&tm, 0, sizeof(tm));
+        assert_non_null(d);
+        const char *end = strptime(d + 8, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+        assert_non_null(end);
+        assert_memory_equal(end, "\r\n", 2);
+        time_t t = timegm(&tm);
+        assert_true(t >= time(NULL) - 5 && t <= time(NULL) + 1);
+    }
     raw_resp_free(&r);
 
     /* Same socket, second request, with a body. */
