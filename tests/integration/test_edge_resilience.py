@@ -87,8 +87,8 @@ class Edge:
         cfg = {
             "log": {"level": log_level},
             "scp": {"ae_title": ae, "bind": "127.0.0.1", "port": self.port},
-            "spool": dict({"dir": os.path.join(self.dir, "spool"), "min_free_mb": 0},
-                          **(spool or {})),
+            "spool": dict({"dir": os.path.join(self.dir, "spool"), "min_free_mb": 0,
+                           "evict_headroom_mb": 0}, **(spool or {})),
             "upload": dict({"cloud_url": cloud_url, "edge_id": edge_id,
                             "secret_file": secret_file, "retry_min_ms": 100,
                             "retry_max_ms": 1000}, **(upload or {})),

@@ -596,7 +596,10 @@ class Edge:
         cfg = {
             "log": {"level": "info"},
             "scp": {"ae_title": ae, "bind": "127.0.0.1", "port": self.port},
-            "spool": {"dir": os.path.join(self.dir, "spool")},
+            # No early eviction for disk space (the hot cache): a test machine
+            # with little free disk would otherwise remove uploaded files that
+            # tests read back. keep_days stays at its default.
+            "spool": {"dir": os.path.join(self.dir, "spool"), "evict_headroom_mb": 0},
             "upload": {"cloud_url": cloud_url or cloud.url,
                        "edge_id": edge_id or cloud.edge_id, "secret_file": secret_file,
                        "retry_min_ms": 100, "retry_max_ms": 2000},
