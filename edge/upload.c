@@ -423,6 +423,8 @@ struct edge_upload {
     int64_t cache_now;               /* the pass's time (edge clock, unix ms) */
     edge_spool_evicted_t cache_res;
     uint64_t cache_short_log_ms;     /* edge__now_ms() of the last "still short" warning */
+    uint64_t unwritten_log_ms;       /* edge__now_ms() of the last "waits for its object file" */
+    int unwritten_quiet;             /* such waits not logged since */
     /* study manifests */
     uv_timer_t manifest_timer;
     edge_job_t *manifest_job;        /* the one manifest job in flight, not in jobs */
@@ -2007,10 +2009,19 @@ static void prep_done(uv_work_t *w, int status)
 
     (void)status;
     up->prep_inflight--;
-    if (p->unwritten)
-        CMN_LOG_W("upload", "id=%lld sop=%s waits for its object file (the spool's writer"
-                  " retries it)", (long long)p->item.id, p->item.sop_uid);
-    else if (p->rc < 0)
+    if (p->unwritten) {
+        /* Every received image may list it again while the disk refuses
+         * writes: one line per 10 s says so. */
+        if (up->unwritten_log_ms == 0 || edge__now_ms() - up->unwritten_log_ms >= 10000u) {
+            CMN_LOG_W("upload", "id=%lld sop=%s waits for its object file (the spool's writer"
+                      " retries it; %d more such waits since the last line)",
+                      (long long)p->item.id, p->item.sop_uid, up->unwritten_quiet);
+            up->unwritten_log_ms = edge__now_ms();
+            up->unwritten_quiet = 0;
+        } else {
+            up->unwritten_quiet++;
+        }
+    } else if (p->rc < 0)
         CMN_LOG_E("upload", "cannot record the prepared file id=%lld: %s", (long long)p->item.id,
                   cmn_strerror(p->rc));
     else if (p->compressed)
