@@ -45,19 +45,25 @@ int cmn_fsync_dir(const char *path)
     return rc;
 }
 
-/* write() (off < 0: at the file position) or pwrite() all len bytes. */
-static int write_loop(int fd, const void *buf, size_t len, int64_t off)
+/* write() (off < 0: at the file position) or pwrite() all len bytes of
+ * wbuf, or - rbuf set - pread() them into rbuf. */
+static int io_loop(int fd, const void *wbuf, void *rbuf, size_t len, int64_t off)
 {
-    const char *p = buf;
+    size_t done = 0;
 
-    while (len > 0) {
-        ssize_t n = off < 0 ? write(fd, p, len) : pwrite(fd, p, len, (off_t)off);
+    while (done < len) {
+        ssize_t n;
+        if (rbuf)
+            n = pread(fd, (char *)rbuf + done, len - done, (off_t)off);
+        else if (off < 0)
+            n = write(fd, (const char *)wbuf + done, len - done);
+        else
+            n = pwrite(fd, (const char *)wbuf + done, len - done, (off_t)off);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
             return n < 0 ? -errno : -EIO;
-        p += n;
-        len -= (size_t)n;
+        done += (size_t)n;
         if (off >= 0)
             off += n;
     }
@@ -66,12 +72,17 @@ static int write_loop(int fd, const void *buf, size_t len, int64_t off)
 
 int cmn_write_all(int fd, const void *buf, size_t len)
 {
-    return write_loop(fd, buf, len, -1);
+    return io_loop(fd, buf, NULL, len, -1);
 }
 
 int cmn_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
 {
-    return write_loop(fd, buf, len, (int64_t)off);
+    return io_loop(fd, buf, NULL, len, (int64_t)off);
+}
+
+int cmn_pread_all(int fd, void *buf, size_t len, uint64_t off)
+{
+    return io_loop(fd, NULL, buf, len, (int64_t)off);
 }
 
 int cmn_file_chunks(const char *path, void (*cb)(void *ud, const void *p, size_t n), void *ud,

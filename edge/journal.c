@@ -160,21 +160,6 @@ static int64_t mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int pread_all(int fd, void *buf, size_t len, uint64_t off)
-{
-    char *p = buf;
-    while (len > 0) {
-        ssize_t n = pread(fd, p, len, (off_t)off);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return n < 0 ? -errno : -EIO;
-        p += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
-    }
-    return 0;
-}
 
 /* Copies len bytes of src (from 0) to the ring at off: copy_file_range
  * stays in the kernel; plain read/write when the file system refuses. */
@@ -201,7 +186,7 @@ static int copy_data(int src, int dst, uint64_t len, uint64_t off)
             return -ENOMEM;
         while (left > 0) {
             size_t chunk = left < (1 << 16) ? (size_t)left : (1 << 16);
-            int rc = pread_all(src, buf, chunk, (uint64_t)in);
+            int rc = cmn_pread_all(src, buf, chunk, (uint64_t)in);
             if (rc == 0)
                 rc = cmn_pwrite_all(dst, buf, chunk, (uint64_t)out);
             if (rc < 0) {
@@ -226,7 +211,7 @@ static int copy_within(int fd, uint64_t src, uint64_t dst, uint64_t len)
         return -ENOMEM;
     for (uint64_t done = 0; done < len;) {
         size_t chunk = len - done < (1 << 16) ? (size_t)(len - done) : (1 << 16);
-        int rc = pread_all(fd, buf, chunk, src + done);
+        int rc = cmn_pread_all(fd, buf, chunk, src + done);
         if (rc == 0)
             rc = cmn_pwrite_all(fd, buf, chunk, dst + done);
         if (rc < 0) {
@@ -424,13 +409,13 @@ uint64_t edge_journal_max_data(const edge_journal_t *j)
 /* Reads and checks the header + meta at off; 1 valid, 0 not. */
 static int read_rec(edge_journal_t *j, uint64_t off, uint64_t seq, j_hdr_t *h, char *meta)
 {
-    if (off + J_HDR > j->size || pread_all(j->fd, h, sizeof(*h), off) < 0)
+    if (off + J_HDR > j->size || cmn_pread_all(j->fd, h, sizeof(*h), off) < 0)
         return 0;
     if (h->magic != J_MAGIC || h->version != J_VERSION || h->seq != seq ||
         h->meta_len > J_MAX_META || h->data_len > j->size ||
         off + rec_bytes(h->meta_len, h->data_len) > j->size)
         return 0;
-    if (pread_all(j->fd, meta, h->meta_len, off + J_HDR) < 0)
+    if (cmn_pread_all(j->fd, meta, h->meta_len, off + J_HDR) < 0)
         return 0;
     meta[h->meta_len] = '\0';
     return hdr_crc(*h, meta, h->meta_len) == h->crc;

@@ -517,6 +517,16 @@ def upload_waits_for_object_files_the_disk_refused():
         cloud.stop()
 
 
+def wrong_clock_edge(cloud, seconds):
+    """An edge whose clock is off by seconds (YY_EDGE_TEST_SKEW_FILE; write
+    another value into the returned file to move it)."""
+    skew = os.path.join(h.tempdir("yy-res-skew-"), "skew")
+    with open(skew, "w") as f:
+        f.write(f"{seconds}\n")
+    return Edge(cloud.url, cloud.edge_id, cloud.secret, upload={"compress": False},
+                env={"YY_EDGE_TEST_SKEW_FILE": skew}), skew
+
+
 @h.test
 def edge_with_a_wrong_clock_signs_with_the_clouds_time():
     """Hospital edges often lack working time sync. An edge whose clock is an
@@ -529,12 +539,8 @@ def edge_with_a_wrong_clock_signs_with_the_clouds_time():
     m, files = gen_ct(12, seed=37)
     sent = sop_uids(files)
     cloud = h.Cloud(tls=True)
-    skew = os.path.join(h.tempdir("yy-res-skew-"), "skew")
-    with open(skew, "w") as f:
-        f.write("-3600\n")
     try:
-        edge = Edge(cloud.url, cloud.edge_id, cloud.secret, upload={"compress": False},
-                    env={"YY_EDGE_TEST_SKEW_FILE": skew})
+        edge, skew = wrong_clock_edge(cloud, -3600)
         store_all(edge, files[:6])
         h.wait_until(lambda: edge.counts()["DONE"] == 6, timeout=120,
                      what="the first images uploaded by the edge an hour behind")
@@ -578,12 +584,8 @@ def edge_clock_off_within_the_window_raises_the_alarm():
     into refusals."""
     m, files = gen_ct(2, seed=42)
     cloud = h.Cloud()
-    skew = os.path.join(h.tempdir("yy-res-skew-"), "skew")
-    with open(skew, "w") as f:
-        f.write("-120\n")
     try:
-        edge = Edge(cloud.url, cloud.edge_id, cloud.secret, upload={"compress": False},
-                    env={"YY_EDGE_TEST_SKEW_FILE": skew})
+        edge, skew = wrong_clock_edge(cloud, -120)
         store_all(edge, files)
         h.wait_until(lambda: edge.counts()["DONE"] == 2, timeout=120, what="uploaded")
         st = edge.status()

@@ -22,6 +22,9 @@ int cmn_fsync_dir(const char *path);
 int cmn_write_all(int fd, const void *buf, size_t len);
 /** The same with pwrite() at off (the file position is left alone). */
 int cmn_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
+/** pread()s all len bytes at off (again after EINTR and short reads). 0, -errno, or -EIO
+ * when the file ends first. */
+int cmn_pread_all(int fd, void *buf, size_t len, uint64_t off);
 
 /**
  * Reads path from start to end in 64 KiB pieces, handing each to cb (to
